@@ -1,0 +1,1 @@
+"""HTTP blueprints: /v1 (OpenAI), health, the OpenAPI document."""

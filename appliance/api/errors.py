@@ -1,0 +1,150 @@
+"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import Flask, Response, current_app, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+M = TypeVar("M", bound=BaseModel)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def error_response(err: ApiError) -> Response:
+    resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
+    for key, value in err.headers.items():
+        resp.headers[key] = value
+    return resp
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or an ApiError saying exactly what is wrong."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw:
+        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8 text", code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400,
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400,
+            f"request body must be a JSON object, got {type(data).__name__}",
+            code="invalid_json",
+        )
+    return data
+
+
+def parse_body(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            message = f"unrecognized request argument supplied: {param}"
+            code = "unknown_parameter"
+        elif first["type"] == "missing":
+            message = f"missing required parameter: {param}"
+            code = "missing_required_parameter"
+        else:
+            message = f"invalid value for {param}: {first['msg']} (got {_short(first['input'])})"
+            code = "invalid_value"
+        raise ApiError(400, message, param=param, code=code) from None
+
+
+def register(app: Flask) -> None:
+    """Every error the app can raise, in the OpenAI shape, never an HTML page."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: RequestEntityTooLarge) -> Response:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        length = request.content_length
+        got = f"{length} bytes" if length is not None else "more than that"
+        return error_response(
+            ApiError(
+                413,
+                f"request body is {got}; the limit is {limit} bytes (max_body_bytes)",
+                code="request_too_large",
+            )
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 404:
+            message = f"no route {request.method} {request.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        return error_response(ApiError(status, message))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        current_app.logger.exception("unhandled error")
+        return error_response(
+            ApiError(500, "internal error; see the server log", code="internal_error")
+        )

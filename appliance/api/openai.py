@@ -1,0 +1,449 @@
+"""/v1: the OpenAI API (chat completions, completions, models), so that the `openai`
+SDK works unchanged. Request path: validate -> model -> prompt and bounds -> admission
+-> stream or collect the job's events."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g
+
+from appliance.api.errors import ApiError, error_body, parse_body, read_json_object
+from appliance.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from appliance.config import Settings
+from appliance.engines.base import (
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    PromptError,
+    SamplingParams,
+    TextDelta,
+)
+from appliance.scheduler import Job, QueueFull
+from appliance.serving import ServedModel, get_pool
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+KEEPALIVE_SECONDS = 5.0
+MAX_STOPS = 4
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.config["APPLIANCE_SETTINGS"]
+    return settings
+
+
+def _served(name: str) -> ServedModel:
+    pool = get_pool(current_app)
+    if name in pool.served:
+        return pool.served[name]
+    if name in pool.refused:
+        raise ApiError(503, pool.refused[name], param="model", code="model_unavailable")
+    available = ", ".join(sorted(pool.served)) or "none"
+    raise ApiError(
+        404,
+        f"model {name!r} does not exist; available: {available}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _refuse_unsupported(checks: dict[str, tuple[bool, str]]) -> None:
+    for param, (present, why) in checks.items():
+        if present:
+            raise ApiError(
+                400,
+                f"{param} is not supported by this appliance: {why}",
+                param=param,
+                code="unsupported_parameter",
+            )
+
+
+def _common_unsupported(
+    req: ChatCompletionRequest | CompletionRequest,
+) -> dict[str, tuple[bool, str]]:
+    return {
+        "n": (
+            req.n not in (None, 1),
+            f"n is {req.n}; only n=1 is served, send one request per answer",
+        ),
+        "logprobs": (req.logprobs not in (None, False, 0), "log probabilities are not returned"),
+        "logit_bias": (bool(req.logit_bias), "token biases are not applied"),
+    }
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOPS:
+        raise ApiError(
+            400,
+            f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed",
+            param="stop",
+            code="invalid_value",
+        )
+    return tuple(s for s in stops if s)
+
+
+def _sampling(
+    req: ChatCompletionRequest | CompletionRequest,
+    requested: int | None,
+    prompt_tokens: int,
+    model: ServedModel,
+    prompt_param: str,
+    grammar: str | None = None,
+) -> SamplingParams:
+    limit = _settings().max_tokens
+    n_ctx = model.engine.info.n_ctx
+    if requested is not None and requested > limit:
+        raise ApiError(
+            400,
+            f"max_tokens is {requested}; this appliance allows at most {limit} "
+            "(setting max_tokens)",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    if prompt_tokens == 0:
+        raise ApiError(400, "the prompt is empty", param=prompt_param, code="invalid_value")
+    if prompt_tokens >= n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_tokens} tokens; the context window of "
+            f"{model.manifest.name} is {n_ctx} tokens",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    max_tokens = requested if requested is not None else min(limit, n_ctx - prompt_tokens)
+    if prompt_tokens + max_tokens > n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} tokens exceed the context window of "
+            f"{model.manifest.name}, {n_ctx} tokens",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if req.ignore_eos and grammar is not None:
+        raise ApiError(
+            400,
+            "ignore_eos cannot be combined with response_format json",
+            param="ignore_eos",
+            code="invalid_value",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=_stops(req.stop),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        grammar=grammar,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def _submit(model: ServedModel, generation: Generation) -> Job:
+    try:
+        return model.scheduler.submit(generation)
+    except QueueFull as exc:
+        raise ApiError(
+            503, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+        ) from None
+
+
+def _events(job: Job) -> Iterator[Event | None]:
+    """The job's events; None every few seconds while nothing happens (keep-alive)."""
+    while True:
+        try:
+            event = job.events.get(timeout=KEEPALIVE_SECONDS)
+        except queue.Empty:
+            yield None
+            continue
+        yield event
+        if isinstance(event, Finished | Failed):
+            return
+
+
+def _note(fields: dict[str, Any], done: Finished) -> None:
+    fields.update(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        cached_tokens=done.cached_tokens,
+        finish_reason=done.reason,
+    )
+
+
+def _collect(job: Job) -> tuple[str, Finished]:
+    parts = []
+    try:
+        for event in _events(job):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                _note(g.log_fields, event)
+                return "".join(parts), event
+            elif isinstance(event, Failed):
+                raise ApiError(500, event.message, code="generation_failed")
+    finally:
+        job.cancel()
+    raise AssertionError("event stream ended without an outcome")
+
+
+def _usage(done: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _stream(
+    job: Job, chunk: dict[str, Any], put_text: Any, include_usage: bool, fields: dict[str, Any]
+) -> Iterator[bytes]:
+    """Server-sent events for one job. ``chunk`` is the event template; ``put_text``
+    writes text or a finish reason into a choice. Closing the generator (the client
+    went away) cancels the job, which frees the model at the next token."""
+    try:
+        usage_key = {"usage": None} if include_usage else {}
+        for event in _events(job):
+            if event is None:
+                yield b": keep-alive\n\n"
+            elif isinstance(event, TextDelta):
+                yield _sse({**chunk, "choices": [put_text(event.text, None)], **usage_key})
+            elif isinstance(event, Finished):
+                _note(fields, event)
+                reason = "length" if event.reason == "length" else "stop"
+                yield _sse({**chunk, "choices": [put_text(None, reason)], **usage_key})
+                if include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": _usage(event).model_dump()})
+                yield b"data: [DONE]\n\n"
+            elif isinstance(event, Failed):
+                fields.update(finish_reason="failed")
+                yield _sse(error_body(500, event.message, code="generation_failed"))
+    finally:
+        job.cancel()
+
+
+def _start_stream(
+    job: Job, chunk: dict[str, Any], put_text: Any, include_usage: bool, first: bytes = b""
+) -> Response:
+    fields = g.log_fields
+
+    def body() -> Iterator[bytes]:
+        if first:
+            yield first
+        yield from _stream(job, chunk, put_text, include_usage, fields)
+
+    resp = Response(body(), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    messages = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+def _grammar(req: ChatCompletionRequest, model: ServedModel) -> str | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        if fmt.type == "json_object":
+            return model.engine.json_grammar(None)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(
+                400,
+                "response_format json_schema needs json_schema.schema",
+                param="response_format.json_schema",
+                code="missing_required_parameter",
+            )
+        return model.engine.json_grammar(fmt.json_schema.schema_)
+    except PromptError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    req = parse_body(ChatCompletionRequest, read_json_object())
+    _refuse_unsupported(
+        {
+            **_common_unsupported(req),
+            "tools": (bool(req.tools), "tool calling is not offered"),
+            "tool_choice": (req.tool_choice not in (None, "none"), "tool calling is not offered"),
+            "functions": (bool(req.functions), "function calling is not offered"),
+            "function_call": (
+                req.function_call not in (None, "none"),
+                "function calling is not offered",
+            ),
+            "top_logprobs": (bool(req.top_logprobs), "log probabilities are not returned"),
+        }
+    )
+    model = _served(req.model)
+    g.log_fields["model"] = model.manifest.name
+    grammar = _grammar(req, model)
+    try:
+        prompt = model.engine.chat_prompt(_chat_messages(req))
+    except PromptError as exc:
+        raise ApiError(400, str(exc), param=exc.param or "messages", code="invalid_value") from None
+    requested = req.max_completion_tokens or req.max_tokens
+    params = _sampling(req, requested, len(prompt), model, "messages", grammar)
+    job = _submit(model, Generation(prompt, params))
+    ident, created = "chatcmpl-" + g.request_id, int(time.time())
+    if req.stream:
+        chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model.manifest.name,
+        }
+
+        def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text is not None else {}
+            return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        first = _sse(
+            {
+                **chunk,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                        "logprobs": None,
+                    }
+                ],
+                **({"usage": None} if include else {}),
+            }
+        )
+        return _start_stream(job, chunk, put_text, include, first)
+    text, done = _collect(job)
+    answer = ChatCompletion(
+        id=ident,
+        created=created,
+        model=model.manifest.name,
+        usage=_usage(done),
+        choices=[
+            ChatChoice(
+                index=0,
+                message=AssistantMessage(content=text),
+                finish_reason="length" if done.reason == "length" else "stop",
+            )
+        ],
+    )
+    return Response(answer.model_dump_json(), mimetype="application/json")
+
+
+def _one_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+    """The one prompt of a request: text or token ids; a batch of one is one prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if all(isinstance(p, int) for p in prompt):
+        return [p for p in prompt if isinstance(p, int)]
+    if len(prompt) == 1 and isinstance(prompt[0], str | list):
+        return prompt[0]
+    raise ApiError(
+        400,
+        f"prompt holds {len(prompt)} prompts; this appliance takes one prompt per request",
+        param="prompt",
+        code="unsupported_parameter",
+    )
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    req = parse_body(CompletionRequest, read_json_object())
+    prompt_in = _one_prompt(req.prompt)
+    _refuse_unsupported(
+        {
+            **_common_unsupported(req),
+            "best_of": (req.best_of not in (None, 1), "only best_of=1 is served"),
+            "echo": (req.echo, "the prompt is not echoed"),
+            "suffix": (req.suffix is not None, "insertion (suffix) is not offered"),
+        }
+    )
+    model = _served(req.model)
+    g.log_fields["model"] = model.manifest.name
+    try:
+        prompt = model.engine.text_prompt(prompt_in)
+    except PromptError as exc:
+        raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
+    params = _sampling(req, req.max_tokens, len(prompt), model, "prompt")
+    job = _submit(model, Generation(prompt, params))
+    ident, created = "cmpl-" + g.request_id, int(time.time())
+    if req.stream:
+        chunk = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model.manifest.name,
+        }
+
+        def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
+            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return _start_stream(job, chunk, put_text, include)
+    text, done = _collect(job)
+    answer = Completion(
+        id=ident,
+        created=created,
+        model=model.manifest.name,
+        usage=_usage(done),
+        choices=[
+            CompletionChoice(
+                index=0, text=text, finish_reason="length" if done.reason == "length" else "stop"
+            )
+        ],
+    )
+    return Response(answer.model_dump_json(), mimetype="application/json")
+
+
+def _card(model: ServedModel) -> ModelCard:
+    path = _settings().models_path / model.manifest.file
+    return ModelCard(
+        id=model.manifest.name,
+        created=int(path.stat().st_mtime),
+        owned_by="appliance",
+        n_ctx=model.engine.info.n_ctx,
+        **model.manifest.public(),
+    )
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    pool = get_pool(current_app)
+    cards = [_card(m) for _, m in sorted(pool.served.items())]
+    return Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
+
+
+@bp.get("/models/<path:name>")
+def get_model(name: str) -> Response:
+    return Response(_card(_served(name)).model_dump_json(), mimetype="application/json")

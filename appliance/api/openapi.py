@@ -1,0 +1,123 @@
+"""/openapi.json, generated from the pydantic models that validate the requests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from appliance import __version__
+from appliance.api import schemas
+
+bp = Blueprint("openapi", __name__)
+
+_REF = "#/components/schemas/{model}"
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "content": {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+    }
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"description": "error", **_body(schemas.ErrorResponse)} for c in codes}
+
+
+def _stream_or(model: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "description": f"{model.__name__}, or with stream=true server-sent events of "
+        f"{chunk.__name__} ending with 'data: [DONE]'",
+        "content": {
+            "application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}},
+            "text/event-stream": {"schema": {"$ref": _REF.format(model=chunk.__name__)}},
+        },
+    }
+
+
+def build_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [
+        schemas.ChatCompletionRequest,
+        schemas.CompletionRequest,
+        schemas.ChatCompletion,
+        schemas.ChatCompletionChunk,
+        schemas.Completion,
+        schemas.ModelCard,
+        schemas.ModelList,
+        schemas.ErrorResponse,
+    ]
+    modes = [
+        (m, "validation" if m.__name__.endswith("Request") else "serialization") for m in models
+    ]
+    _, defs = models_json_schema(modes, ref_template=_REF)  # type: ignore[arg-type]
+    infer_errors = _errors(400, 404, 413, 503)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Inference appliance", "version": __version__},
+        "paths": {
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "Chat completion (OpenAI)",
+                    "requestBody": {"required": True, **_body(schemas.ChatCompletionRequest)},
+                    "responses": {
+                        "200": _stream_or(schemas.ChatCompletion, schemas.ChatCompletionChunk),
+                        **infer_errors,
+                    },
+                }
+            },
+            "/v1/completions": {
+                "post": {
+                    "summary": "Text completion (OpenAI)",
+                    "requestBody": {"required": True, **_body(schemas.CompletionRequest)},
+                    "responses": {
+                        "200": _stream_or(schemas.Completion, schemas.Completion),
+                        **infer_errors,
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "Models being served, with their manifests",
+                    "responses": {"200": {"description": "list", **_body(schemas.ModelList)}},
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "model", **_body(schemas.ModelCard)},
+                        **_errors(404, 503),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: every model verified and loaded",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready, with reasons"},
+                    },
+                }
+            },
+        },
+        "components": {"schemas": defs["$defs"]},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return Response(json.dumps(build_document()), mimetype="application/json")

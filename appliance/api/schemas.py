@@ -1,0 +1,196 @@
+"""The OpenAI request and response shapes as pydantic models: they validate requests
+and they are the source of /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Temperature = Field(default=None, ge=0.0, le=2.0, description="0 is greedy decoding.")
+TopP = Field(default=None, gt=0.0, le=1.0)
+Penalty = Field(default=None, ge=-2.0, le=2.0)
+Seed = Field(default=None, ge=-(2**63), lt=2**64)
+MaxTokens = Field(default=None, ge=1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(_Strict):
+    model: str = Field(min_length=1, max_length=128)
+    temperature: float | None = Temperature
+    top_p: float | None = TopP
+    stop: str | list[str] | None = Field(
+        default=None, description="Up to 4 strings; generation stops before any of them."
+    )
+    seed: int | None = Seed
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Penalty
+    frequency_penalty: float | None = Penalty
+    n: int | None = Field(default=None, ge=1, description="Only 1 is supported.")
+    logprobs: Any = Field(default=None, description="Not supported.")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
+    user: str | None = None
+    ignore_eos: bool = Field(
+        default=False,
+        description="Extension (as in llama.cpp and vLLM): never stop at end-of-sequence; "
+        "for benchmarks.",
+    )
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = MaxTokens
+    max_completion_tokens: int | None = MaxTokens
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    tools: list[Any] | None = Field(default=None, description="Not supported.")
+    tool_choice: Any = Field(default=None, description="Not supported.")
+    functions: list[Any] | None = Field(default=None, description="Not supported.")
+    function_call: Any = Field(default=None, description="Not supported.")
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = Field(default=False, description="Only false is supported.")
+    best_of: int | None = Field(default=None, ge=1, description="Only 1 is supported.")
+    suffix: str | None = Field(default=None, description="Not supported.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A completion; also the shape of each streamed event (with usage null)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    name: str
+    file: str
+    sha256: str
+    format: str
+    quantization: str
+    parameters: int | None
+    context_length: int | None
+    domain: str
+    license: str
+    source: str
+    description: str
+    size_bytes: int | None
+    default: bool
+    n_ctx: int = Field(description="The context window this appliance gives the model.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

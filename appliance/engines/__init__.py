@@ -1,0 +1,1 @@
+"""Runtimes behind one small interface: a request in, a stream of events out."""

@@ -1,0 +1,83 @@
+"""What every language-model engine takes and gives, independent of the runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: str | None = None  # GBNF, already checked to compile
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request for an engine: prompt tokens in, text out."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = TextDelta | Finished | Failed
+
+
+class PromptError(ValueError):
+    """The prompt cannot be run: the message says what and the numbers involved."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class EngineInfo:
+    n_ctx: int
+    threads: int
+    gpu_layers: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class TextEngine(Protocol):
+    """A language model. ``generate`` runs on the scheduler's thread only; the prompt
+    methods are safe from request threads (they only read the vocabulary)."""
+
+    info: EngineInfo
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def text_prompt(self, prompt: str | list[int]) -> list[int]: ...
+
+    def json_grammar(self, schema: dict[str, object] | None) -> str: ...
+
+    def generate(self, job: Generation, cancelled: Callable[[], bool]) -> Iterator[Event]: ...
+
+    def close(self) -> None: ...

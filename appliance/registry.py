@@ -1,0 +1,402 @@
+"""Model manifests (``models/*.toml`` shipped, STATE_DIR/manifests imported): load them,
+verify each model file against its pinned SHA-256, import new models.
+
+A model whose file is missing or does not match is refused with a message that names
+the file, the expected and the actual hash; the other models are unaffected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from appliance import gguf
+from appliance.config import Settings
+from appliance.tomlfmt import dumps_flat
+
+FORMATS = ("gguf", "onnx")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed; the message names the manifest file."""
+
+
+class ImportRefused(ValueError):
+    """`models import` cannot proceed; the message says why."""
+
+
+@dataclass(frozen=True)
+class FetchSpec:
+    """Where the default model comes from: a wheel on the package index, and its member."""
+
+    pip: str
+    member: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    file: str
+    sha256: str
+    format: str
+    quantization: str
+    parameters: int | None
+    context_length: int | None
+    domain: str
+    license: str
+    source: str
+    description: str
+    size_bytes: int | None = None
+    default: bool = False
+    fetch: FetchSpec | None = None
+    origin: str = field(default="", compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """The manifest's fields as clients see them (CLI --json, /v1/models)."""
+        data = asdict(self)
+        data.pop("fetch")
+        data.pop("origin")
+        return data
+
+
+def builtin_manifest_dir() -> Path:
+    """The shipped manifests: inside the wheel, or the repository's models/ when the
+    package runs from a checkout."""
+    packaged = Path(__file__).parent / "builtin_models"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def _require(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ManifestError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
+    name = _require(data, "name", str, where)
+    if not NAME_RE.match(name):
+        raise ManifestError(
+            f"{where}: name {name!r} must match {NAME_RE.pattern} (lowercase, digits, ._-)"
+        )
+    file = _require(data, "file", str, where)
+    if "/" in file or "\\" in file or file in ("", ".", "..") or file.startswith("."):
+        raise ManifestError(f"{where}: file {file!r} must be a plain file name")
+    sha = _require(data, "sha256", str, where).lower()
+    if not SHA256_RE.match(sha):
+        raise ManifestError(f"{where}: sha256 {sha!r} is not 64 hex digits")
+    fmt = _require(data, "format", str, where)
+    if fmt not in FORMATS:
+        raise ManifestError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    fetch = data.get("fetch")
+    fetch_spec = None
+    if fetch is not None:
+        if not isinstance(fetch, dict):
+            raise ManifestError(f"{where}: [fetch] must be a table")
+        fetch_spec = FetchSpec(
+            pip=_require(fetch, "pip", str, where + " [fetch]"),
+            member=_require(fetch, "member", str, where + " [fetch]"),
+        )
+    optional_ints = {}
+    for key in ("parameters", "context_length", "size_bytes"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ManifestError(f"{where}: '{key}' must be an integer, got {value!r}")
+        optional_ints[key] = value
+    return Manifest(
+        name=name,
+        file=file,
+        sha256=sha,
+        format=fmt,
+        quantization=str(data.get("quantization", "unknown")),
+        domain=str(data.get("domain", "general")),
+        license=str(data.get("license", "unknown")),
+        source=str(data.get("source", "")),
+        description=str(data.get("description", "")),
+        default=bool(data.get("default", False)),
+        fetch=fetch_spec,
+        origin=where,
+        **optional_ints,
+    )
+
+
+def _read_manifest_dir(directory: Path) -> list[Manifest]:
+    if not directory.is_dir():
+        return []
+    manifests = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+        manifests.append(parse_manifest(data, str(path)))
+    return manifests
+
+
+def load_manifests(settings: Settings) -> dict[str, Manifest]:
+    """Every known manifest by name; a name given twice is an error naming both files."""
+    builtin = settings.manifest_dir or builtin_manifest_dir()
+    found: dict[str, Manifest] = {}
+    for directory in (builtin, settings.imported_manifests_path):
+        for manifest in _read_manifest_dir(directory):
+            if manifest.name in found:
+                raise ManifestError(
+                    f"model name {manifest.name!r} is declared twice: "
+                    f"{found[manifest.name].origin} and {manifest.origin}"
+                )
+            found[manifest.name] = manifest
+    return found
+
+
+def hash_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def file_identity(path: Path) -> list[int]:
+    """What must be unchanged for a cached hash to stand. ctime is in it because
+    userland cannot set it back, unlike mtime."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class HashCache:
+    """SHA-256 of model files keyed by path and identity, so an unchanged file is not
+    rehashed on every restart. A JSON file in the cache directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            self.entries: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def lookup(self, path: Path, identity: list[int]) -> str | None:
+        entry = self.entries.get(str(path))
+        if isinstance(entry, dict) and entry.get("identity") == identity:
+            sha = entry.get("sha256")
+            return sha if isinstance(sha, str) else None
+        return None
+
+    def store(self, path: Path, identity: list[int], sha256: str) -> None:
+        self.entries[str(path)] = {"identity": identity, "sha256": sha256}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+@dataclass(frozen=True)
+class Verification:
+    name: str
+    path: str
+    ok: bool
+    state: str  # verified | missing | mismatch | unreadable
+    expected: str
+    actual: str | None
+    message: str
+    identity: list[int] | None = None
+    cached: bool = False
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("identity")
+        return data
+
+
+def verify_model(
+    manifest: Manifest,
+    model_dir: Path,
+    cache: HashCache | None = None,
+    progress: Progress | None = None,
+) -> Verification:
+    """Check the manifest's file against its SHA-256; with no cache, always rehash."""
+    path = model_dir / manifest.file
+
+    def result(state: str, actual: str | None, message: str, **extra: Any) -> Verification:
+        return Verification(
+            name=manifest.name,
+            path=str(path),
+            ok=state == "verified",
+            state=state,
+            expected=manifest.sha256,
+            actual=actual,
+            message=message,
+            **extra,
+        )
+
+    try:
+        identity = file_identity(path)
+    except FileNotFoundError:
+        return result(
+            "missing",
+            None,
+            f"model {manifest.name!r} refused: file {path} is missing "
+            f"(expected sha256 {manifest.sha256})",
+        )
+    except OSError as exc:
+        return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
+    cached = cache.lookup(path, identity) if cache else None
+    try:
+        actual = cached or hash_file(path, progress)
+    except OSError as exc:
+        return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
+    if cache and not cached:
+        cache.store(path, identity, actual)
+    if actual != manifest.sha256:
+        return result(
+            "mismatch",
+            actual,
+            f"model {manifest.name!r} refused: file {path} has sha256 {actual}, "
+            f"expected {manifest.sha256}",
+            identity=identity,
+        )
+    return result(
+        "verified",
+        actual,
+        f"model {manifest.name!r} verified: {path}",
+        identity=identity,
+        cached=cached is not None,
+    )
+
+
+def verify_all(
+    settings: Settings,
+    manifests: Iterable[Manifest],
+    use_cache: bool = True,
+    progress_for: Callable[[Manifest, int], Progress | None] | None = None,
+) -> list[Verification]:
+    cache = HashCache(settings.cache_path / "sha256.json") if use_cache else None
+    results = []
+    for manifest in manifests:
+        path = settings.models_path / manifest.file
+        size = path.stat().st_size if path.is_file() else 0
+        progress = progress_for(manifest, size) if progress_for else None
+        results.append(verify_model(manifest, settings.models_path, cache, progress))
+    if not use_cache:
+        # A full rehash refreshes the cache for the next start.
+        fresh = HashCache(settings.cache_path / "sha256.json")
+        for v in results:
+            if v.actual and v.identity:
+                fresh.store(Path(v.path), v.identity, v.actual)
+    return results
+
+
+def _copy_hashing(fin: IO[bytes], dst: Path, progress: Progress | None) -> str:
+    digest = hashlib.sha256()
+    with dst.open("xb") as fout:
+        while chunk := fin.read(CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+            if progress:
+                progress(len(chunk))
+        fout.flush()
+        os.fsync(fout.fileno())
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == gguf.MAGIC:
+        return "gguf"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    raise ImportRefused(f"{path} is neither a GGUF file (no GGUF magic) nor an ONNX file (.onnx)")
+
+
+def import_model(
+    settings: Settings,
+    source: Path,
+    name: str,
+    domain: str = "general",
+    description: str = "",
+    license: str | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Copy ``source`` into the model directory and write its manifest with the hash."""
+    if not NAME_RE.match(name):
+        raise ImportRefused(f"name {name!r} must match {NAME_RE.pattern}")
+    if not source.is_file():
+        raise ImportRefused(f"{source} is not a file")
+    existing = load_manifests(settings)
+    if name in existing:
+        raise ImportRefused(f"a model named {name!r} exists already ({existing[name].origin})")
+    fmt = detect_format(source)
+    target = settings.models_path / source.name
+    taken = {m.file for m in existing.values()}
+    if target.exists() or source.name in taken:
+        raise ImportRefused(f"{target} exists already; rename the file to import it")
+    info = gguf.read_info(source) if fmt == "gguf" else None
+    settings.models_path.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        with source.open("rb") as fin:
+            sha = _copy_hashing(fin, partial, progress)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    manifest_data: dict[str, Any] = {
+        "name": name,
+        "file": target.name,
+        "sha256": sha,
+        "format": fmt,
+        "quantization": (info.quantization if info else None) or "unknown",
+        "parameters": info.parameters if info else None,
+        "context_length": info.context_length if info else None,
+        "domain": domain,
+        "license": license or (info.license if info else None) or "unknown",
+        "source": f"imported from {source.resolve()}",
+        "description": description,
+        "size_bytes": target.stat().st_size,
+    }
+    settings.imported_manifests_path.mkdir(parents=True, exist_ok=True)
+    manifest_path = settings.imported_manifests_path / f"{name}.toml"
+    manifest_path.write_text(dumps_flat(manifest_data), encoding="utf-8")
+    return parse_manifest(manifest_data, str(manifest_path))
+
+
+def install_verified(
+    source: IO[bytes],
+    described_as: str,
+    manifest: Manifest,
+    model_dir: Path,
+    progress: Progress | None = None,
+) -> Path:
+    """Copy ``source`` into place only if it matches the manifest's SHA-256."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = model_dir / manifest.file
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        sha = _copy_hashing(source, partial, progress)
+        if sha != manifest.sha256:
+            raise ImportRefused(
+                f"{described_as} has sha256 {sha}, expected {manifest.sha256} "
+                f"(manifest {manifest.origin}); nothing installed"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,124 @@
+"""Bounded admission per model: a fixed number of slots that run, a bounded line of
+requests that wait, and a clear refusal (503 with Retry-After) past that.
+
+One worker thread per model owns the engine: it is the only thread that touches the
+model's context. A request is a Job whose events the request thread reads from a
+queue. The batching scheduler of a later issue replaces the worker's one-job loop
+with a loop that steps several jobs at once; the Job and submit() stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from appliance.engines.base import Event, Failed, Finished, Generation, TextEngine
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, model: str, depth: int, retry_after: int) -> None:
+        super().__init__(
+            f"model {model!r} is busy: {depth} request(s) already waiting "
+            f"(queue_depth {depth}); retry in {retry_after} s"
+        )
+        self.depth = depth
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    generation: Generation
+    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class ModelScheduler:
+    def __init__(self, name: str, engine: TextEngine, queue_depth: int, slots: int = 1):
+        self.name = name
+        self.engine = engine
+        self.queue_depth = queue_depth
+        self.slots = slots
+        self._waiting: deque[Job] = deque()
+        self._running = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._avg_seconds = 2.0  # first guess for Retry-After; then a moving average
+        self.completed = 0
+        self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, generation: Generation) -> Job:
+        job = Job(generation)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(self.name, len(self._waiting), 5)
+            if self._running + len(self._waiting) >= self.slots + self.queue_depth:
+                raise QueueFull(self.name, len(self._waiting), self._retry_after())
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def _retry_after(self) -> int:
+        ahead = len(self._waiting) + self._running
+        return max(1, min(600, math.ceil(self._avg_seconds * ahead / self.slots)))
+
+    def snapshot(self) -> dict[str, int | bool]:
+        with self._cond:
+            return {
+                "busy": self._running > 0,
+                "running": self._running,
+                "queued": len(self._waiting),
+                "slots": self.slots,
+                "queue_depth": self.queue_depth,
+                "completed": self.completed,
+                "alive": self._thread.is_alive(),
+            }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if not self._waiting:
+                return None
+            self._running += 1
+            return self._waiting.popleft()
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            started = time.monotonic()
+            try:
+                if job.cancelled.is_set():
+                    job.events.put(Finished("cancelled", len(job.generation.prompt_tokens), 0))
+                    continue
+                job.started.set()
+                for event in self.engine.generate(job.generation, job.cancelled.is_set):
+                    job.events.put(event)
+            except Exception as exc:  # never let one request kill the worker
+                log.exception("model worker error")
+                job.events.put(Failed(f"internal error in the model worker: {exc}"))
+            finally:
+                elapsed = time.monotonic() - started
+                with self._cond:
+                    self._running -= 1
+                    self.completed += 1
+                    self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed

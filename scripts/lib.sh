@@ -1,0 +1,23 @@
+# Shared by scripts/run and scripts/test.
+
+# llama-cpp-python is built from source by pip (then cached as a wheel): it needs a C
+# and C++ compiler and cmake's build tools; libgomp1 (OpenMP) comes with gcc.
+ensure_build_tools() {
+    if command -v cc >/dev/null && command -v c++ >/dev/null; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential python3-venv
+    else
+        echo "a C/C++ compiler is needed to build llama-cpp-python:" >&2
+        echo "  sudo apt-get install -y build-essential python3-venv" >&2
+        exit 1
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+}
