@@ -43,6 +43,20 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def cancel_and_settle(self, timeout: float = 2.0) -> Finished | Failed | None:
+        """Cancel, then wait for the worker's last word (it stops at the next token) so
+        that what the request cost is known; None if the worker did not answer."""
+        self.cancel()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self.events.get(timeout=left)
+            except queue.Empty:
+                return None
+            if isinstance(event, Finished | Failed):
+                return event
+        return None
+
 
 class ModelScheduler:
     def __init__(self, name: str, engine: TextEngine, queue_depth: int, slots: int = 1):

@@ -76,9 +76,15 @@ def read_json_object() -> dict[str, Any]:
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ApiError(400, "request body is not UTF-8 text", code="invalid_json") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400,
+            f"request body is not UTF-8 text (bad byte at offset {exc.start})",
+            code="invalid_json",
+        ) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,

@@ -225,6 +225,7 @@ def _stream(
     """Server-sent events for one job. ``chunk`` is the event template; ``put_text``
     writes text or a finish reason into a choice. Closing the generator (the client
     went away) cancels the job, which frees the model at the next token."""
+    settled = False
     try:
         usage_key = {"usage": None} if include_usage else {}
         for event in _events(job):
@@ -233,6 +234,7 @@ def _stream(
             elif isinstance(event, TextDelta):
                 yield _sse({**chunk, "choices": [put_text(event.text, None)], **usage_key})
             elif isinstance(event, Finished):
+                settled = True
                 _note(fields, event)
                 reason = "length" if event.reason == "length" else "stop"
                 yield _sse({**chunk, "choices": [put_text(None, reason)], **usage_key})
@@ -240,10 +242,16 @@ def _stream(
                     yield _sse({**chunk, "choices": [], "usage": _usage(event).model_dump()})
                 yield b"data: [DONE]\n\n"
             elif isinstance(event, Failed):
+                settled = True
                 fields.update(finish_reason="failed")
                 yield _sse(error_body(500, event.message, code="generation_failed"))
     finally:
-        job.cancel()
+        if not settled:  # the client went away before the end
+            fields["client_disconnected"] = True
+            last = job.cancel_and_settle()
+            if isinstance(last, Finished):
+                _note(fields, last)
+            fields["finish_reason"] = "cancelled"
 
 
 def _start_stream(

