@@ -214,10 +214,13 @@ def docs_markdown() -> str:
         "|---|---|---|---|---|",
     ]
     for spec in schema():
-        default = "(derived)" if spec.name == "state_dir" else spec.default
-        lines.append(
-            f"| `{spec.name}` | `{spec.env}` | `{spec.flag}` | `{default}` | {spec.help} |"
-        )
+        if spec.name == "state_dir":
+            default = "`$XDG_STATE_HOME/appliance` or `~/.local/state/appliance`"
+        elif spec.default is None:
+            default = "unset"
+        else:
+            default = f"`{spec.default}`"
+        lines.append(f"| `{spec.name}` | `{spec.env}` | `{spec.flag}` | {default} | {spec.help} |")
     return "\n".join(lines) + "\n"
 
 
