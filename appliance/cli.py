@@ -87,12 +87,40 @@ def main() -> None:
     """On-prem inference appliance: specialist models served locally, audited, measured."""
 
 
+@contextmanager
+def _verification_bars(quiet: bool) -> Iterator[Callable[[Manifest, int], Progress | None]]:
+    """A progress bar per big model file being hashed, on stderr."""
+    bars: list[Any] = []
+
+    def progress_for(manifest: Manifest, size: int) -> Progress | None:
+        if quiet or size < BIG_FILE:
+            return None
+        bar = click.progressbar(length=size, label=f"hashing {manifest.file}", file=sys.stderr)
+        bars.append(bar)
+        return bar.__enter__().update
+
+    try:
+        yield progress_for
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+
+
 @main.command()
 @settings_options()
 def serve(settings: Settings) -> None:
     """Serve the verified models over HTTP (gunicorn; SIGTERM stops gracefully)."""
+    from appliance.registry import load_manifests, verify_all
     from appliance.server import serve as run_server
 
+    # Hash before the server starts, with progress bars: the worker then finds the
+    # results in the cache instead of hashing big files inside its boot timeout.
+    try:
+        manifests = load_manifests(settings)
+    except ManifestError:
+        manifests = {}  # the server reports it as not ready, with the reason
+    with _verification_bars(quiet=False) as progress_for:
+        verify_all(settings, manifests.values(), progress_for=progress_for)
     run_server(settings)
 
 
@@ -171,18 +199,8 @@ def models_verify(name: str | None, settings: Settings, as_json: bool) -> None:
             f"no model named {name!r}; known: {', '.join(sorted(manifests)) or 'none'}"
         )
     chosen = [manifests[name]] if name else list(manifests.values())
-    bars: list[Any] = []
-
-    def progress_for(manifest: Manifest, size: int) -> Progress | None:
-        if as_json or size < BIG_FILE:
-            return None
-        bar = click.progressbar(length=size, label=f"hashing {manifest.file}", file=sys.stderr)
-        bars.append(bar.__enter__())
-        return bars[-1].update  # type: ignore[no-any-return]
-
-    results = verify_all(settings, chosen, use_cache=False, progress_for=progress_for)
-    for bar in bars:
-        bar.__exit__(None, None, None)
+    with _verification_bars(quiet=as_json) as progress_for:
+        results = verify_all(settings, chosen, use_cache=False, progress_for=progress_for)
     if as_json:
         _print_json([r.public() for r in results])
     else:

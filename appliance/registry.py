@@ -202,7 +202,9 @@ class HashCache:
         self.entries[str(path)] = {"identity": identity, "sha256": sha256}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1), encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(self.entries, fh, indent=1)
         os.replace(tmp, self.path)
 
 
