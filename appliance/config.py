@@ -22,8 +22,14 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names it and the value."""
 
 
-def _setting(default: Any, help: str, *, minimum: int | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: int | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum, "choices": choices})
 
 
 def _default_state_dir() -> Path:
@@ -72,7 +78,45 @@ class Settings:
     shutdown_grace: int = _setting(
         30, "Seconds in-flight requests get to finish on SIGTERM.", minimum=0
     )
-    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    log_level: str = _setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    audit_db: Path | None = _setting(
+        None, "Audit database (SQLite); default: STATE_DIR/audit/audit.db."
+    )
+    audit_content: str = _setting(
+        "full",
+        "What the audit keeps of prompts and answers: full (encrypted), digest "
+        "(SHA-256 only) or none.",
+        choices=("full", "digest", "none"),
+    )
+    master_key_file: Path | None = _setting(
+        None,
+        "Audit master key (wraps the data keys; mode 0600); default: "
+        "STATE_DIR/keys/audit-master.key. A systemd credential audit-master-key wins.",
+    )
+    signing_key_file: Path | None = _setting(
+        None,
+        "Ed25519 key that signs audit checkpoints (public half beside it, .pub); default: "
+        "STATE_DIR/keys/audit-signing.key. A systemd credential audit-signing-key wins.",
+    )
+    checkpoint_file: Path | None = _setting(
+        None,
+        "File the signed checkpoints are appended to; put it on another disk or host. "
+        "Default: STATE_DIR/audit/checkpoints.jsonl.",
+    )
+    checkpoint_records: int = _setting(
+        1000, "Seal a signed checkpoint after this many records.", minimum=1
+    )
+    checkpoint_seconds: int = _setting(
+        300, "Seal a signed checkpoint at least this often, idle or not.", minimum=1
+    )
+    audit_write_timeout: int = _setting(
+        5, "Seconds a request waits for its audit record to be durable; then 503.", minimum=1
+    )
+    data_key_max_uses: int = _setting(
+        1 << 30,
+        "Encryptions under one data key before it is rotated (AES-GCM's limit is 2^32).",
+        minimum=1,
+    )
 
     @property
     def models_path(self) -> Path:
@@ -85,6 +129,26 @@ class Settings:
     @property
     def cache_path(self) -> Path:
         return self.state_dir / "cache"
+
+    @property
+    def audit_db_path(self) -> Path:
+        return self.audit_db or self.state_dir / "audit" / "audit.db"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or self.state_dir / "keys" / "audit-master.key"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key_file or self.state_dir / "keys" / "audit-signing.key"
+
+    @property
+    def signing_public_key_path(self) -> Path:
+        return self.signing_key_path.with_suffix(".pub")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_file or self.state_dir / "audit" / "checkpoints.jsonl"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +168,7 @@ class SettingSpec:
     default: Any
     help: str
     minimum: int | None
+    choices: tuple[str, ...] | None
 
     @property
     def env(self) -> str:
@@ -134,6 +199,7 @@ def schema() -> list[SettingSpec]:
                 default=f.default,
                 help=f.metadata["help"],
                 minimum=f.metadata["minimum"],
+                choices=f.metadata["choices"],
             )
         )
     return specs
@@ -160,6 +226,10 @@ def _coerce(spec: SettingSpec, value: Any, source: str) -> Any:
         return number
     if not isinstance(value, str | Path):
         raise SettingsError(f"{spec.name} ({source}) must be a string, got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise SettingsError(
+            f"{spec.name} ({source}) must be one of {', '.join(spec.choices)}; got {value!r}"
+        )
     return Path(value).expanduser() if spec.kind is Path else str(value)
 
 
@@ -199,12 +269,7 @@ def load_settings(
             values[spec.name] = _coerce(spec, env[spec.env], spec.env)
         elif spec.name in file_values:
             values[spec.name] = _coerce(spec, file_values[spec.name], str(config_file))
-    settings = Settings(**values)
-    if settings.log_level not in ("debug", "info", "warning", "error"):
-        raise SettingsError(
-            f"log_level must be one of debug, info, warning, error; got {settings.log_level!r}"
-        )
-    return settings
+    return Settings(**values)
 
 
 def docs_markdown() -> str:
@@ -220,7 +285,10 @@ def docs_markdown() -> str:
             default = "unset"
         else:
             default = f"`{spec.default}`"
-        lines.append(f"| `{spec.name}` | `{spec.env}` | `{spec.flag}` | {default} | {spec.help} |")
+        meaning = spec.help
+        if spec.choices:
+            meaning += f" One of: {', '.join(spec.choices)}."
+        lines.append(f"| `{spec.name}` | `{spec.env}` | `{spec.flag}` | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 
-from appliance.app import create_app
+from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
 from appliance.fetch import default_manifest, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
@@ -53,7 +53,7 @@ def shared_settings(tmp_path_factory: pytest.TempPathFactory, model_file: Path) 
 def app(shared_settings: Settings) -> Iterator[Flask]:
     app = create_app(shared_settings)
     yield app
-    app.extensions["appliance.models"].close()
+    close_app(app)
 
 
 @pytest.fixture

@@ -58,7 +58,8 @@ def test_state_dir_env_and_model_dir(tmp_path: Path) -> None:
             {"APPLIANCE_QUEUE_DEPTH": "-1"},
             "queue_depth (APPLIANCE_QUEUE_DEPTH) must be at least 0, got -1",
         ),
-        ({"APPLIANCE_LOG_LEVEL": "loud"}, "log_level must be one of"),
+        ({"APPLIANCE_LOG_LEVEL": "loud"}, "log_level (APPLIANCE_LOG_LEVEL) must be one of"),
+        ({"APPLIANCE_AUDIT_CONTENT": "all"}, "audit_content (APPLIANCE_AUDIT_CONTENT) must be one"),
     ],
 )
 def test_bad_env_values_are_named(env: dict[str, str], expected: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, has_request_context, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -59,6 +59,8 @@ def error_body(
 
 
 def error_response(err: ApiError) -> Response:
+    if has_request_context() and "log_fields" in g:
+        g.log_fields.setdefault("error_type", err.code or _TYPES.get(err.status, "error"))
     resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
     for key, value in err.headers.items():
         resp.headers[key] = value

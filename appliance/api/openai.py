@@ -25,6 +25,7 @@ from appliance.api.schemas import (
     ModelList,
     Usage,
 )
+from appliance.audit.trail import open_inference
 from appliance.config import Settings
 from appliance.engines.base import (
     Event,
@@ -192,7 +193,7 @@ def _note(fields: dict[str, Any], done: Finished) -> None:
 
 
 def _collect(job: Job) -> tuple[str, Finished]:
-    parts = []
+    parts: list[str] = g.audit.output  # the audit's outcome record keeps the answer
     try:
         for event in _events(job):
             if isinstance(event, TextDelta):
@@ -220,7 +221,12 @@ def _sse(data: dict[str, Any]) -> bytes:
 
 
 def _stream(
-    job: Job, chunk: dict[str, Any], put_text: Any, include_usage: bool, fields: dict[str, Any]
+    job: Job,
+    chunk: dict[str, Any],
+    put_text: Any,
+    include_usage: bool,
+    fields: dict[str, Any],
+    output: list[str],
 ) -> Iterator[bytes]:
     """Server-sent events for one job. ``chunk`` is the event template; ``put_text``
     writes text or a finish reason into a choice. Closing the generator (the client
@@ -232,6 +238,7 @@ def _stream(
             if event is None:
                 yield b": keep-alive\n\n"
             elif isinstance(event, TextDelta):
+                output.append(event.text)
                 yield _sse({**chunk, "choices": [put_text(event.text, None)], **usage_key})
             elif isinstance(event, Finished):
                 settled = True
@@ -257,12 +264,12 @@ def _stream(
 def _start_stream(
     job: Job, chunk: dict[str, Any], put_text: Any, include_usage: bool, first: bytes = b""
 ) -> Response:
-    fields = g.log_fields
+    fields, output = g.log_fields, g.audit.output
 
     def body() -> Iterator[bytes]:
         if first:
             yield first
-        yield from _stream(job, chunk, put_text, include_usage, fields)
+        yield from _stream(job, chunk, put_text, include_usage, fields, output)
 
     resp = Response(body(), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"
@@ -299,7 +306,8 @@ def _grammar(req: ChatCompletionRequest, model: ServedModel) -> str | None:
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
-    req = parse_body(ChatCompletionRequest, read_json_object())
+    body = read_json_object()
+    req = parse_body(ChatCompletionRequest, body)
     _refuse_unsupported(
         {
             **_common_unsupported(req),
@@ -322,6 +330,7 @@ def chat_completions() -> Response:
         raise ApiError(400, str(exc), param=exc.param or "messages", code="invalid_value") from None
     requested = req.max_completion_tokens or req.max_tokens
     params = _sampling(req, requested, len(prompt), model, "messages", grammar)
+    open_inference(model.manifest.name, model.manifest.sha256, body)
     job = _submit(model, Generation(prompt, params))
     ident, created = "chatcmpl-" + g.request_id, int(time.time())
     if req.stream:
@@ -387,7 +396,8 @@ def _one_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | 
 
 @bp.post("/completions")
 def completions() -> Response:
-    req = parse_body(CompletionRequest, read_json_object())
+    body = read_json_object()
+    req = parse_body(CompletionRequest, body)
     prompt_in = _one_prompt(req.prompt)
     _refuse_unsupported(
         {
@@ -404,6 +414,7 @@ def completions() -> Response:
     except PromptError as exc:
         raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
     params = _sampling(req, req.max_tokens, len(prompt), model, "prompt")
+    open_inference(model.manifest.name, model.manifest.sha256, body)
     job = _submit(model, Generation(prompt, params))
     ident, created = "cmpl-" + g.request_id, int(time.time())
     if req.stream:

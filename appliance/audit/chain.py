@@ -1,0 +1,363 @@
+"""Signed checkpoints and verification of the audit log, with no decryption key.
+
+A checkpoint seals (origin, size, head hash, time) with Ed25519; it is stored in the
+database and appended to an external file. Verification walks every record (hash and
+link), every checkpoint (signature and head), then the database against the external
+file, and names the first bad sequence number and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from appliance.audit import crypto
+from appliance.audit.records import FIELDS, GENESIS, record_hash
+
+CHECKPOINT_FORMAT = b"appliance-audit-checkpoint-v1\n"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    origin: str
+    size: int
+    head: str
+    ts: str
+    key: str
+    signature: str = ""
+
+    def message(self) -> bytes:
+        body = {
+            "origin": self.origin,
+            "size": self.size,
+            "head": self.head,
+            "ts": self.ts,
+            "key": self.key,
+        }
+        return CHECKPOINT_FORMAT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> Checkpoint:
+        return Checkpoint(
+            self.origin,
+            self.size,
+            self.head,
+            self.ts,
+            self.key,
+            crypto.b64(key.sign(self.message())),
+        )
+
+    def valid_under(self, key: Ed25519PublicKey) -> bool:
+        try:
+            signature = crypto.unb64(self.signature)
+        except ValueError:
+            return False
+        return crypto.verify_signature(key, signature, self.message())
+
+    def line(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def append_to_file(path: Path, checkpoint: Checkpoint) -> None:
+    """Append durably: the external copy must survive a crash of this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        os.write(fd, (checkpoint.line() + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path) -> tuple[list[Checkpoint], list[str]]:
+    """Checkpoints in the file, and the lines that are not checkpoints."""
+    found, bad = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            found.append(
+                Checkpoint(
+                    **{k: data[k] for k in ("origin", "size", "head", "ts", "key", "signature")}
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            bad.append(f"line {n}")
+    return found, bad
+
+
+@dataclass
+class Problem:
+    seq: int | None
+    kind: str  # modified | inserted | deleted | reordered | truncated | rolled back | ...
+    detail: str
+
+
+@dataclass
+class Report:
+    ok: bool = True
+    records: int = 0
+    first_seq: int | None = None
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    checkpoints: int = 0
+    external_checkpoints: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    problem: Problem | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def fail(self, seq: int | None, kind: str, detail: str) -> Report:
+        if self.problem is None:
+            self.ok = False
+            self.problem = Problem(seq, kind, detail)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _classify_bad_row(rows: list[tuple[Any, ...]], i: int) -> tuple[str, int, str]:
+    """A row whose stored hash does not match its content: find out whether it was
+    edited in place, or moved (by an insertion, a deletion or a swap)."""
+    row = list(rows[i][:-1])
+    stored = rows[i][-1]
+    seq = int(row[0])
+    for original in (seq - 1, seq + 1):
+        row[0] = original
+        if record_hash(tuple(row)) != stored:
+            continue
+        if original == seq - 1:
+            return (
+                "inserted",
+                seq - 1,
+                (
+                    f"record {seq - 1} is not the original: the original record {seq - 1} "
+                    f"now sits at {seq}, pushed along by an insertion"
+                ),
+            )
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        if nxt is not None:
+            moved = list(nxt[:-1])
+            moved[0] = seq
+            if record_hash(tuple(moved)) == nxt[-1]:
+                return "reordered", seq, f"records {seq} and {seq + 1} have swapped places"
+        return (
+            "deleted",
+            seq,
+            (f"the original record {seq} is gone: record {seq + 1} was renumbered to {seq}"),
+        )
+    return "modified", seq, f"record {seq} does not match its hash: it was changed"
+
+
+def walk_records(
+    db: sqlite3.Connection, report: Report, anchor_seq: int, anchor_head: str
+) -> dict[int, str]:
+    """Check every record's hash and link. Returns seq -> hash for checkpoint checks."""
+    columns = ", ".join((*FIELDS, "hash"))
+    rows = db.execute(f"SELECT {columns} FROM audit_records ORDER BY seq").fetchall()
+    hashes: dict[int, str] = {}
+    expected, prev = anchor_seq + 1, anchor_head
+    request_ids: dict[str, bool] = {}
+    kind_at = FIELDS.index("kind")
+    rid_at = FIELDS.index("request_id")
+    for i, row in enumerate(rows):
+        seq, stored, link = row[0], row[-1], row[FIELDS.index("prev_hash")]
+        if not isinstance(seq, int):
+            report.fail(expected, "modified", f"record {expected} has sequence number {seq!r}")
+            return hashes
+        if seq < expected:
+            report.fail(seq, "inserted", f"record {seq} lies before the start of the log")
+            return hashes
+        if seq > expected:
+            report.fail(
+                expected, "deleted", f"record {expected} is missing (the next record is {seq})"
+            )
+            return hashes
+        if record_hash(row[:-1]) != stored:
+            kind, at, detail = _classify_bad_row(rows, i)
+            report.fail(at, kind, detail)
+            return hashes
+        if link != prev:
+            report.fail(
+                seq,
+                "inserted",
+                f"record {seq} does not link to record {seq - 1}: it was put in after the fact",
+            )
+            return hashes
+        hashes[seq] = stored
+        if row[kind_at] == "request":
+            request_ids[row[rid_at]] = False
+        elif row[kind_at] == "outcome" and row[rid_at] in request_ids:
+            request_ids[row[rid_at]] = True
+        expected, prev = seq + 1, stored
+    report.records = len(rows)
+    report.first_seq = rows[0][0] if rows else None
+    report.head_seq, report.head_hash = expected - 1, prev
+    report.incomplete = [rid for rid, done in request_ids.items() if not done]
+    return hashes
+
+
+def check_checkpoints(
+    db: sqlite3.Connection,
+    report: Report,
+    hashes: dict[int, str],
+    key: Ed25519PublicKey,
+    origin: str,
+    anchor_seq: int,
+) -> int:
+    """Every stored checkpoint: signed by the trusted key, and its head matches the
+    records. Returns the largest size any stored checkpoint sealed."""
+    largest = 0
+    rows = db.execute(
+        "SELECT origin, size, head, ts, key, signature FROM audit_checkpoints ORDER BY id"
+    ).fetchall()
+    for row in rows:
+        cp = Checkpoint(*row)
+        if not cp.valid_under(key) or cp.origin != origin:
+            report.fail(
+                cp.size,
+                "bad signature",
+                f"checkpoint at size {cp.size} ({cp.ts}) is not signed by the trusted "
+                "key for this log",
+            )
+            return largest
+        largest = max(largest, cp.size)
+        if cp.size > report.head_seq:
+            continue  # judged below, as truncation
+        if cp.size > anchor_seq and hashes.get(cp.size) != cp.head:
+            report.fail(
+                cp.size, "modified", f"record {cp.size} differs from what checkpoint {cp.ts} sealed"
+            )
+            return largest
+    report.checkpoints = len(rows)
+    return largest
+
+
+def check_external(
+    report: Report,
+    external: list[Checkpoint],
+    hashes: dict[int, str],
+    key: Ed25519PublicKey,
+    origin: str,
+    stored_largest: int,
+    anchor_seq: int,
+) -> None:
+    mine = [cp for cp in external if cp.origin == origin]
+    if external and not mine:
+        report.fail(
+            None,
+            "rolled back",
+            "the checkpoint file holds no checkpoint of this log (replaced database?)",
+        )
+        return
+    for cp in mine:
+        if not cp.valid_under(key):
+            report.fail(
+                cp.size,
+                "bad signature",
+                f"external checkpoint at size {cp.size} ({cp.ts}) has a bad signature",
+            )
+            return
+    report.external_checkpoints = len(mine)
+    if not mine:
+        return
+    latest = max(mine, key=lambda cp: (cp.size, cp.ts))
+    if latest.size > report.head_seq:
+        if stored_largest > report.head_seq:
+            report.fail(
+                report.head_seq + 1,
+                "truncated",
+                f"records {report.head_seq + 1}..{latest.size} are missing: "
+                f"the log ends at {report.head_seq}, its checkpoints reach {latest.size}",
+            )
+        else:
+            report.fail(
+                report.head_seq + 1,
+                "rolled back",
+                f"the database ends at {report.head_seq} but the external checkpoint "
+                f"of {latest.ts} sealed {latest.size} records: an older copy",
+            )
+        return
+    for cp in mine:
+        if cp.size > anchor_seq and hashes.get(cp.size) != cp.head:
+            report.fail(
+                cp.size,
+                "rolled back",
+                f"record {cp.size} differs from what the external checkpoint of {cp.ts} sealed",
+            )
+            return
+
+
+def verify(
+    db_path: Path, public_key: Ed25519PublicKey | None, checkpoint_file: Path | None
+) -> Report:
+    report = Report()
+    if not db_path.is_file():
+        return report.fail(None, "missing", f"audit database {db_path} does not exist")
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return report.fail(None, "unreadable", f"{db_path}: {exc}")
+    try:
+        db.execute("PRAGMA trusted_schema=OFF")
+        db.execute("BEGIN")  # one snapshot for the whole check
+        meta = dict(db.execute("SELECT name, value FROM audit_meta").fetchall())
+        origin = meta.get("origin", "")
+        stored_pub = meta.get("signing_public_key")
+        if public_key is None:
+            if stored_pub is None:
+                return report.fail(None, "bad signature", "no public key to check against")
+            public_key = crypto.public_from_raw(bytes.fromhex(stored_pub))
+            report.notes.append(
+                "public key taken from the database itself: a re-signed forgery would pass; "
+                "pass --public-key"
+            )
+        elif stored_pub is not None and stored_pub != crypto.public_raw(public_key).hex():
+            report.notes.append("the database names another signing key than the trusted one")
+        anchor_seq = int(meta.get("anchor_seq", "0"))
+        anchor_head = meta.get("anchor_head", GENESIS)
+        hashes = walk_records(db, report, anchor_seq, anchor_head)
+        if anchor_seq:
+            anchored = db.execute(
+                "SELECT origin, size, head, ts, key, signature FROM audit_checkpoints "
+                "WHERE size = ? AND head = ?",
+                (anchor_seq, anchor_head),
+            ).fetchall()
+            if not any(Checkpoint(*row).valid_under(public_key) for row in anchored):
+                report.fail(
+                    anchor_seq,
+                    "bad signature",
+                    f"the purge point {anchor_seq} is not sealed by a valid checkpoint",
+                )
+        largest = check_checkpoints(db, report, hashes, public_key, origin, anchor_seq)
+        if largest > report.head_seq:
+            report.fail(
+                report.head_seq + 1,
+                "truncated",
+                f"records {report.head_seq + 1}..{largest} are missing: the log ends "
+                f"at {report.head_seq}, its own checkpoints reach {largest}",
+            )
+        if checkpoint_file is not None and checkpoint_file.is_file():
+            external, bad_lines = read_file(checkpoint_file)
+            if bad_lines:
+                report.notes.append(f"unreadable checkpoint lines: {', '.join(bad_lines)}")
+            check_external(report, external, hashes, public_key, origin, largest, anchor_seq)
+        elif checkpoint_file is not None:
+            report.notes.append(
+                f"checkpoint file {checkpoint_file} not found: rollback "
+                "of the whole database cannot be checked"
+            )
+    except (sqlite3.Error, ValueError, TypeError) as exc:
+        report.fail(None, "unreadable", f"the database cannot be read as an audit log: {exc}")
+    finally:
+        db.close()
+    return report

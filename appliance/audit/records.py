@@ -1,0 +1,104 @@
+"""An audit record: its fields, its canonical bytes and its hash.
+
+The hash covers every column (the ciphertext included) and the previous record's
+hash, so verification needs no key. The field order below is part of the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT = b"appliance-audit-v1\n"
+GENESIS = "0" * 64
+
+# The columns, in canonical order; "hash" is computed over all of them.
+FIELDS = (
+    "seq",
+    "ts",
+    "kind",
+    "request_id",
+    "actor_id",
+    "actor_name",
+    "actor_role",
+    "client",
+    "method",
+    "route",
+    "model",
+    "model_sha256",
+    "status",
+    "error_type",
+    "latency_us",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "content_policy",
+    "key_id",
+    "nonce",
+    "ciphertext",
+    "content_digest",
+    "prev_hash",
+)
+KINDS = ("request", "outcome", "event", "admin")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a request: a token or user (id, name, role), or anonymous."""
+
+    id: str | None
+    name: str
+    role: str | None
+
+
+ANONYMOUS = Actor(None, "anonymous", None)
+
+
+@dataclass
+class Entry:
+    """What a caller hands the writer; the writer adds seq, time, sealing and links."""
+
+    kind: str
+    request_id: str | None = None
+    actor: Actor = ANONYMOUS
+    client: str | None = None
+    method: str | None = None
+    route: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    status: int | None = None
+    error_type: str | None = None
+    latency_us: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    content: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return value
+
+
+def canonical(row: dict[str, Any] | tuple[Any, ...]) -> bytes:
+    """The bytes a record's hash is taken over: its fields as a JSON array."""
+    values = [row[f] for f in FIELDS] if isinstance(row, dict) else row
+    return FORMAT + json.dumps(
+        [_plain(v) for v in values], ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def record_hash(row: dict[str, Any] | tuple[Any, ...]) -> str:
+    return hashlib.sha256(canonical(row)).hexdigest()
+
+
+def content_bytes(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def aad(seq: int, ts: str, key_id: str) -> bytes:
+    """Associated data: a ciphertext opens only in its own row."""
+    return f"appliance-audit-v1|{seq}|{ts}|{key_id}".encode()

@@ -1,0 +1,162 @@
+"""The audit trail of HTTP requests.
+
+An inference writes its *request* record (with the input) before the model is asked,
+so it is durable before the first byte of the answer leaves; its *outcome* record is
+written before a plain answer leaves, or when a stream ends. Every other request
+(refusals included) leaves one *event* record before its response leaves. If a record
+cannot be written, the client gets 503 and no answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request
+
+from appliance.api.errors import ApiError, error_response
+from appliance.audit.records import ANONYMOUS, Actor, Entry
+from appliance.audit.store import AuditStore, AuditUnavailable
+
+log = logging.getLogger(__name__)
+EXTENSION = "appliance.audit"
+# Probes carry no data and arrive every few seconds; auditing them would drown the log.
+UNAUDITED = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass
+class RequestAudit:
+    started: float = field(default_factory=time.perf_counter)
+    opened: bool = False  # a request record is durable: an outcome is owed
+    model: str | None = None
+    model_sha256: str | None = None
+    output: list[str] = field(default_factory=list)
+
+
+def get_store(app: Flask) -> AuditStore:
+    store: AuditStore = app.extensions[EXTENSION]
+    return store
+
+
+def _base(kind: str) -> Entry:
+    actor: Actor = g.get("actor") or ANONYMOUS  # set by authentication when there is one
+    return Entry(
+        kind=kind,
+        request_id=g.request_id,
+        actor=actor,
+        client=request.remote_addr,
+        method=request.method,
+        route=request.url_rule.rule if request.url_rule else request.path,
+    )
+
+
+def _append(entry: Entry) -> None:
+    started = time.perf_counter()
+    try:
+        get_store(current_app).append(entry)
+    finally:
+        fields = g.log_fields
+        fields["audit_ms"] = round(
+            fields.get("audit_ms", 0) + (time.perf_counter() - started) * 1000, 3
+        )
+
+
+def unavailable(exc: AuditUnavailable) -> ApiError:
+    return ApiError(
+        503,
+        f"{exc}; the request was not served",
+        code="audit_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def open_inference(model: str, model_sha256: str, body: dict[str, Any]) -> RequestAudit:
+    """The request record, durable before the model is asked anything."""
+    ctx: RequestAudit = g.audit
+    entry = _base("request")
+    entry.model, entry.model_sha256 = model, model_sha256
+    entry.content = {"input": body}
+    try:
+        _append(entry)
+    except AuditUnavailable as exc:
+        raise unavailable(exc) from None
+    ctx.opened, ctx.model, ctx.model_sha256 = True, model, model_sha256
+    return ctx
+
+
+def _outcome(ctx: RequestAudit, fields: dict[str, Any], status: int, kind: str) -> Entry:
+    entry = _base(kind)
+    entry.model = ctx.model or fields.get("model")
+    entry.model_sha256 = ctx.model_sha256
+    entry.status = status
+    entry.error_type = fields.get("error_type")
+    entry.latency_us = int((time.perf_counter() - ctx.started) * 1_000_000)
+    entry.prompt_tokens = fields.get("prompt_tokens")
+    entry.completion_tokens = fields.get("completion_tokens")
+    entry.finish_reason = fields.get("finish_reason")
+    return entry
+
+
+def _request_input() -> dict[str, Any] | None:
+    if request.content_length is None and not request.is_json:
+        return None
+    try:
+        raw = request.get_data(cache=True)
+    except Exception:  # over the body limit: the body was never read
+        return None
+    if not raw:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        return {"input": json.loads(text)}
+    except ValueError:
+        return {"input": text}
+
+
+def init_app(app: Flask, store: AuditStore) -> None:
+    app.extensions[EXTENSION] = store
+
+    @app.before_request
+    def _begin() -> None:
+        g.audit = RequestAudit()
+
+    @app.after_request
+    def _close(response: Response) -> Response:
+        if request.path in UNAUDITED or "audit" not in g:
+            return response
+        ctx: RequestAudit = g.audit
+        fields: dict[str, Any] = g.log_fields
+        if response.is_streamed and ctx.opened:
+            entry = _outcome(ctx, fields, response.status_code, "outcome")
+
+            def finish() -> None:
+                entry.latency_us = int((time.perf_counter() - ctx.started) * 1_000_000)
+                for key in ("prompt_tokens", "completion_tokens", "finish_reason"):
+                    setattr(entry, key, fields.get(key))
+                if fields.get("client_disconnected"):
+                    entry.error_type = "client_disconnected"
+                entry.content = {"output": "".join(ctx.output)}
+                try:
+                    store.append(entry)
+                except AuditUnavailable as exc:  # the answer has left: it stays incomplete
+                    log.error(
+                        "audit outcome lost",
+                        extra={"request_id": entry.request_id, "error": str(exc)},
+                    )
+
+            response.call_on_close(finish)
+            return response
+        if ctx.opened:
+            entry = _outcome(ctx, fields, response.status_code, "outcome")
+            entry.content = {"output": "".join(ctx.output)} if ctx.output else None
+        else:
+            entry = _outcome(ctx, fields, response.status_code, "event")
+            entry.content = _request_input()
+        try:
+            _append(entry)
+        except AuditUnavailable as exc:
+            return error_response(unavailable(exc))
+        return response
