@@ -83,8 +83,7 @@ def server_factory() -> Iterator[ServerFactory]:
     yield factory
     for server in started:
         if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(10)
+            server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,11 @@ class Server:
     def request_logs(self) -> list[dict[str, object]]:
         return [r for r in self.log_records() if r.get("logger") == "appliance.request"]
 
+    def kill(self) -> None:
+        """kill -9 of the whole server (arbiter and worker), as a power cut would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -90,7 +95,12 @@ def start_server(state: Path, *flags: str, env: dict[str, str] | None = None) ->
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     full_env.update(env or {})
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,  # its own process group: kill() takes the worker too
     )
     server = Server(proc, port)
     threading.Thread(target=_drain, args=(proc.stdout, server.stdout), daemon=True).start()

@@ -1,0 +1,204 @@
+"""The audit store on real SQLite files: content policies, no plaintext at rest, keys,
+rotation, concurrency, checkpoints, backup, the schema's migrations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from appliance.audit import chain, crypto
+from appliance.audit.reader import backup, records
+from appliance.audit.records import Entry
+from appliance.audit.schema import metadata
+from appliance.audit.store import AuditStore
+from appliance.config import Settings, load_settings
+
+SECRET_IN = "patient Zebulon Quartermaine, bed 14"
+SECRET_OUT = "suspected Quartermaine syndrome"
+
+
+def settings_for(root: Path, **overrides: object) -> Settings:
+    return load_settings(env={}, overrides={"state_dir": root, **overrides})
+
+
+def raw_bytes(settings: Settings) -> bytes:
+    path = settings.audit_db_path
+    return b"".join(
+        Path(str(path) + suffix).read_bytes()
+        for suffix in ("", "-wal", "-shm")
+        if Path(str(path) + suffix).exists()
+    )
+
+
+def write_pair(store: AuditStore, request_id: str = "req-1") -> None:
+    store.append(
+        Entry(
+            kind="request",
+            request_id=request_id,
+            model="m",
+            content={"input": {"messages": [{"role": "user", "content": SECRET_IN}]}},
+        )
+    )
+    store.append(
+        Entry(kind="outcome", request_id=request_id, status=200, content={"output": SECRET_OUT})
+    )
+
+
+def verify(settings: Settings) -> chain.Report:
+    key = crypto.load_public_key(settings.signing_public_key_path)
+    return chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
+
+
+@pytest.mark.parametrize("policy", ["full", "digest", "none"])
+def test_no_plaintext_at_rest_under_any_policy(tmp_path: Path, policy: str) -> None:
+    settings = settings_for(tmp_path, audit_content=policy)
+    store = AuditStore(settings)
+    write_pair(store)
+    # Look while the WAL still holds the records, then after the checkpoint into the db.
+    assert b"Quartermaine" not in raw_bytes(settings)
+    rows = list(records(store))
+    store.close()
+    blob = raw_bytes(settings)
+    assert b"Quartermaine" not in blob
+    assert verify(settings).ok
+    request = next(r for r in rows if r["kind"] == "request")
+    if policy == "full":
+        assert request["content"]["input"]["messages"][0]["content"] == SECRET_IN
+        assert request["key_id"]
+    elif policy == "digest":
+        assert set(request["content"]) == {"sha256"} and len(request["content"]["sha256"]) == 64
+        assert not settings.master_key_path.exists()  # no key is needed, none is made
+    else:
+        assert request["content"] is None and request["content_digest"] is None
+
+
+def test_master_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    AuditStore(settings).close()
+    os.chmod(settings.master_key_path, 0o644)
+    with pytest.raises(crypto.AuditKeyError, match=r"mode 0644.*chmod 600"):
+        AuditStore(settings)
+
+
+def test_missing_master_key_for_existing_records_is_refused(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    store = AuditStore(settings)
+    write_pair(store)
+    store.close()
+    settings.master_key_path.unlink()
+    with pytest.raises(crypto.AuditKeyError, match="holds records encrypted under it"):
+        AuditStore(settings)
+    assert not settings.master_key_path.exists()  # no new key was made behind its back
+
+
+def test_keys_from_systemd_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    crypto.write_private(creds / crypto.MASTER_CREDENTIAL, os.urandom(32).hex().encode())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = settings_for(tmp_path / "state")
+    store = AuditStore(settings)
+    write_pair(store)
+    assert next(records(store))["content"]["input"]
+    store.close()
+    assert not settings.master_key_path.exists()  # the credential was used, no file made
+
+
+def test_many_threads_give_one_gap_free_chain(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, checkpoint_records=100)
+    store = AuditStore(settings)
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(40):
+                store.append(Entry(kind="event", request_id=f"t{n}-{i}", content={"i": i}))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    assert errors == []
+    with sqlite3.connect(settings.audit_db_path) as conn:
+        seqs = [s for (s,) in conn.execute("SELECT seq FROM audit_records ORDER BY seq")]
+    assert seqs == list(range(1, 32 * 40 + 1))
+    report = verify(settings)
+    assert report.ok and report.records == 32 * 40
+
+
+def test_rotation_by_hand_and_by_count(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, data_key_max_uses=3)
+    store = AuditStore(settings)
+    for i in range(7):
+        store.append(Entry(kind="event", content={"i": i}))
+    manual = store.rotate_key()
+    store.append(Entry(kind="event", content={"i": 7}))
+    rows = list(records(store))
+    store.close()
+    key_ids = [r["key_id"] for r in rows]
+    assert len(set(key_ids)) >= 4  # 3 uses per key, then the manual rotation
+    assert key_ids[-1] == manual
+    assert [r["content"]["i"] for r in rows] == list(range(8))  # older keys still open
+    with sqlite3.connect(settings.audit_db_path) as conn:
+        uses = conn.execute("SELECT MAX(uses) FROM audit_data_keys").fetchone()[0]
+        primaries = conn.execute("SELECT COUNT(*) FROM audit_data_keys WHERE is_primary=1")
+        assert uses <= 3 and primaries.fetchone()[0] == 1
+
+
+def test_idle_periods_are_sealed(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, checkpoint_seconds=1)
+    store = AuditStore(settings)
+    store.append(Entry(kind="event"))
+    time.sleep(2.5)
+    store.close()
+    cps, bad = chain.read_file(settings.checkpoint_path)
+    assert bad == []
+    sealed_at_one = [cp for cp in cps if cp.size == 1]
+    assert len(sealed_at_one) >= 2  # the quiet seconds were sealed too
+    assert len({cp.ts for cp in sealed_at_one}) == len(sealed_at_one)
+
+
+def test_backup_is_a_verifiable_copy(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "state")
+    store = AuditStore(settings)
+    write_pair(store)
+    dest = tmp_path / "backup" / "audit.db"
+    assert backup(store, dest) > 0
+    store.close()
+    assert oct(dest.stat().st_mode & 0o777) == "0o600"
+    key = crypto.load_public_key(settings.signing_public_key_path)
+    assert chain.verify(dest, key, None).ok
+
+
+def test_migrations_create_exactly_the_declared_schema(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    store = AuditStore(settings)
+    try:
+        with store.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+            version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    finally:
+        store.close()
+    assert diff == []
+    assert version == "0001"
+
+
+def test_reopening_continues_the_chain(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    for request_id in ("a", "b", "c"):
+        store = AuditStore(settings)
+        write_pair(store, request_id)
+        store.close()
+    report = verify(settings)
+    assert report.ok and report.records == 6 and report.incomplete == []
