@@ -25,7 +25,7 @@ from appliance.api.schemas import (
     ModelList,
     Usage,
 )
-from appliance.audit.trail import open_inference
+from appliance.audit.trail import confirm_inference, open_inference
 from appliance.config import Settings
 from appliance.engines.base import (
     Event,
@@ -168,6 +168,16 @@ def _submit(model: ServedModel, generation: Generation) -> Job:
         raise ApiError(
             503, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
         ) from None
+
+
+def _confirm(job: Job) -> None:
+    """The request record must be durable before the answer's first byte; if it cannot
+    be written, the model stops and the client gets 503."""
+    try:
+        confirm_inference()
+    except ApiError:
+        job.cancel()
+        raise
 
 
 def _events(job: Job) -> Iterator[Event | None]:
@@ -334,6 +344,7 @@ def chat_completions() -> Response:
     job = _submit(model, Generation(prompt, params))
     ident, created = "chatcmpl-" + g.request_id, int(time.time())
     if req.stream:
+        _confirm(job)
         chunk = {
             "id": ident,
             "object": "chat.completion.chunk",
@@ -362,6 +373,7 @@ def chat_completions() -> Response:
         )
         return _start_stream(job, chunk, put_text, include, first)
     text, done = _collect(job)
+    _confirm(job)
     answer = ChatCompletion(
         id=ident,
         created=created,
@@ -418,6 +430,7 @@ def completions() -> Response:
     job = _submit(model, Generation(prompt, params))
     ident, created = "cmpl-" + g.request_id, int(time.time())
     if req.stream:
+        _confirm(job)
         chunk = {
             "id": ident,
             "object": "text_completion",
@@ -431,6 +444,7 @@ def completions() -> Response:
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _start_stream(job, chunk, put_text, include)
     text, done = _collect(job)
+    _confirm(job)
     answer = Completion(
         id=ident,
         created=created,

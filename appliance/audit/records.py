@@ -77,18 +77,20 @@ class Entry:
     content: dict[str, Any] | None = field(default=None, repr=False)
 
 
-def _plain(value: Any) -> Any:
+def _hex(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
-    return value
+    raise TypeError(f"{type(value).__name__} in an audit record")
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_hex).encode
 
 
 def canonical(row: dict[str, Any] | tuple[Any, ...]) -> bytes:
-    """The bytes a record's hash is taken over: its fields as a JSON array."""
-    values = [row[f] for f in FIELDS] if isinstance(row, dict) else row
-    return FORMAT + json.dumps(
-        [_plain(v) for v in values], ensure_ascii=False, separators=(",", ":")
-    ).encode("utf-8")
+    """The bytes a record's hash is taken over: its fields as a JSON array, binary
+    columns in hex."""
+    values = [row[f] for f in FIELDS] if isinstance(row, dict) else list(row)
+    return FORMAT + _ENCODE(values).encode("utf-8")
 
 
 def record_hash(row: dict[str, Any] | tuple[Any, ...]) -> str:

@@ -1,7 +1,8 @@
 """The audit trail of HTTP requests.
 
-An inference writes its *request* record (with the input) before the model is asked,
-so it is durable before the first byte of the answer leaves; its *outcome* record is
+An inference queues its *request* record (with the input) as it hands the prompt to
+the model, and waits for it to be durable before the first byte of the answer leaves
+(the commit overlaps the model's reading of the prompt); its *outcome* record is
 written before a plain answer leaves, or when a stream ends. Every other request
 (refusals included) leaves one *event* record before its response leaves. If a record
 cannot be written, the client gets 503 and no answer.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,7 @@ from flask import Flask, Response, current_app, g, request
 
 from appliance.api.errors import ApiError, error_response
 from appliance.audit.records import ANONYMOUS, Actor, Entry
-from appliance.audit.store import AuditStore, AuditUnavailable
+from appliance.audit.store import AuditStore, AuditUnavailable, Ticket
 
 log = logging.getLogger(__name__)
 EXTENSION = "appliance.audit"
@@ -30,7 +32,8 @@ UNAUDITED = frozenset({"/healthz", "/readyz"})
 @dataclass
 class RequestAudit:
     started: float = field(default_factory=time.perf_counter)
-    opened: bool = False  # a request record is durable: an outcome is owed
+    ticket: Ticket | None = None  # the request record, queued
+    opened: bool = False  # the request record is durable: an outcome is owed
     model: str | None = None
     model_sha256: str | None = None
     output: list[str] = field(default_factory=list)
@@ -53,15 +56,19 @@ def _base(kind: str) -> Entry:
     )
 
 
-def _append(entry: Entry) -> None:
+def _timed(wait: Callable[[], object]) -> None:
+    """Run a wait on the audit log, adding the time it blocked to the request's log."""
     started = time.perf_counter()
     try:
-        get_store(current_app).append(entry)
+        wait()
     finally:
         fields = g.log_fields
-        fields["audit_ms"] = round(
-            fields.get("audit_ms", 0) + (time.perf_counter() - started) * 1000, 3
-        )
+        spent = (time.perf_counter() - started) * 1000
+        fields["audit_ms"] = round(fields.get("audit_ms", 0) + spent, 3)
+
+
+def _append(entry: Entry) -> None:
+    _timed(lambda: get_store(current_app).append(entry))
 
 
 def unavailable(exc: AuditUnavailable) -> ApiError:
@@ -73,18 +80,31 @@ def unavailable(exc: AuditUnavailable) -> ApiError:
     )
 
 
-def open_inference(model: str, model_sha256: str, body: dict[str, Any]) -> RequestAudit:
-    """The request record, durable before the model is asked anything."""
+def open_inference(model: str, model_sha256: str, body: dict[str, Any]) -> None:
+    """Queue the request record; confirm_inference() waits for it."""
     ctx: RequestAudit = g.audit
     entry = _base("request")
     entry.model, entry.model_sha256 = model, model_sha256
     entry.content = {"input": body}
+    ctx.model, ctx.model_sha256 = model, model_sha256
     try:
-        _append(entry)
+        ctx.ticket = get_store(current_app).submit(entry)
     except AuditUnavailable as exc:
         raise unavailable(exc) from None
-    ctx.opened, ctx.model, ctx.model_sha256 = True, model, model_sha256
-    return ctx
+
+
+def confirm_inference() -> None:
+    """Block until the request record is durable: call before any byte of the answer
+    leaves. Raises the 503 when it cannot be written."""
+    ctx: RequestAudit = g.audit
+    if ctx.ticket is None or ctx.opened:
+        return
+    ticket, ctx.ticket = ctx.ticket, None
+    try:
+        _timed(lambda: get_store(current_app).wait(ticket))
+    except AuditUnavailable as exc:
+        raise unavailable(exc) from None
+    ctx.opened = True
 
 
 def _outcome(ctx: RequestAudit, fields: dict[str, Any], status: int, kind: str) -> Entry:
@@ -129,6 +149,10 @@ def init_app(app: Flask, store: AuditStore) -> None:
             return response
         ctx: RequestAudit = g.audit
         fields: dict[str, Any] = g.log_fields
+        try:
+            confirm_inference()  # a request refused after its record was queued
+        except ApiError as err:
+            return error_response(err)
         if response.is_streamed and ctx.opened:
             entry = _outcome(ctx, fields, response.status_code, "outcome")
 
