@@ -18,6 +18,20 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".test-cache"
+# What issue #2 asks every manifest to say, as clients see it.
+MANIFEST_FIELDS = (
+    "name",
+    "file",
+    "sha256",
+    "format",
+    "quantization",
+    "parameters",
+    "context_length",
+    "domain",
+    "license",
+    "source",
+    "description",
+)
 
 
 def make_state(root: Path, model_file: Path) -> Path:

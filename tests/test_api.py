@@ -16,6 +16,8 @@ from openapi_spec_validator import validate
 from appliance.api.schemas import ChatCompletionRequest
 from appliance.config import Settings
 
+from helpers import MANIFEST_FIELDS
+
 USER = [{"role": "user", "content": "Name a colour."}]
 
 
@@ -126,18 +128,7 @@ def test_completion_with_text_and_token_prompts(client: FlaskClient, model_name:
 def test_models_list_has_manifest_fields(client: FlaskClient, model_name: str) -> None:
     body = client.get("/v1/models").get_json()
     card = next(m for m in body["data"] if m["id"] == model_name)
-    for key in (
-        "sha256",
-        "format",
-        "quantization",
-        "parameters",
-        "context_length",
-        "domain",
-        "license",
-        "source",
-        "description",
-        "n_ctx",
-    ):
+    for key in (*MANIFEST_FIELDS, "n_ctx"):
         assert key in card
     assert client.get(f"/v1/models/{model_name}").get_json()["id"] == model_name
 

