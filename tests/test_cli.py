@@ -87,6 +87,15 @@ def test_models_import_json(runner: CliRunner, tmp_path: Path, model_file: Path)
         runner, "models", "import", str(source), "--name", "line-qa", "--config", str(cfg)
     )
     assert code == 1 and "exists already" in out
+    # The import is an administrative action: it left an audit record, readable with
+    # the key that the first action created.
+    code, out = run(runner, "audit", "export", "--format", "jsonl", "--config", str(cfg))
+    assert code == 0, out
+    admin = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    imports = [r for r in admin if r["kind"] == "admin" and r["route"] == "models import"]
+    assert len(imports) == 1
+    assert imports[0]["content"]["sha256"] == manifest["sha256"]
+    assert imports[0]["actor_role"] == "local-admin"
 
 
 def test_fetch_default_downloads_checks_and_installs(
