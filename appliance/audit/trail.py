@@ -162,6 +162,8 @@ def init_app(app: Flask, store: AuditStore) -> None:
                     setattr(entry, key, fields.get(key))
                 if fields.get("client_disconnected"):
                     entry.error_type = "client_disconnected"
+                elif fields.get("finish_reason") == "failed":
+                    entry.error_type = "generation_failed"
                 entry.content = {"output": "".join(ctx.output)}
                 try:
                     store.append(entry)
