@@ -4,27 +4,32 @@ from __future__ import annotations
 
 from flask import Flask
 
-from appliance import __version__, reqlog, serving
-from appliance.api import errors, health, openai, openapi
+from appliance import __version__, reqlog, serving, web
+from appliance.api import admin, errors, health, openai, openapi
 from appliance.audit import trail
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, local_actor
+from appliance.auth import guard
+from appliance.auth.store import AuthStore
 from appliance.config import Settings
+from appliance.tls import tls_enabled
 
 
 def create_app(settings: Settings) -> Flask:
-    app = Flask("appliance")
+    app = Flask("appliance", static_folder=None)
     app.config["APPLIANCE_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     store = AuditStore(settings)  # first: no model serves without an audit log
+    # before_request runs in this order (request id, audit context, then the gate);
+    # after_request in reverse (the audit record is written before the log line).
     reqlog.init_app(app)
-    trail.init_app(app, store)  # after reqlog: its after_request runs first
+    trail.init_app(app, store)
+    guard.init_app(app, settings, AuthStore(settings), secure_cookies=tls_enabled(settings))
     errors.register(app)
     pool = serving.init_app(app, settings)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(openapi.bp)
-    app.register_blueprint(openai.bp)
+    for blueprint in (health.bp, openapi.bp, openai.bp, admin.bp, admin.audit_bp, web.bp):
+        app.register_blueprint(blueprint)
     store.append(
         Entry(
             kind="admin",
@@ -46,4 +51,5 @@ def create_app(settings: Settings) -> Flask:
 def close_app(app: Flask) -> None:
     """Stop the models, then seal and close the audit log."""
     serving.get_pool(app).close()
+    guard.get_gate(app).store.close()
     trail.get_store(app).close()

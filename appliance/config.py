@@ -112,6 +112,38 @@ class Settings:
     audit_write_timeout: int = _setting(
         5, "Seconds a request waits for its audit record to be durable; then 503.", minimum=1
     )
+    tls: str = _setting(
+        "auto",
+        "TLS: auto (whenever the address is not loopback), on, or off.",
+        choices=("auto", "on", "off"),
+    )
+    insecure_lan: bool = _setting(
+        False,
+        "Allow serving a non-loopback address without TLS (patient data in clear on the "
+        "LAN): only when something else encrypts the link.",
+    )
+    tls_cert: Path | None = _setting(
+        None, "Server certificate (PEM, chain included); default: STATE_DIR/tls/server.crt."
+    )
+    tls_key: Path | None = _setting(
+        None, "Server private key (PEM, mode 0600); default: STATE_DIR/tls/server.key."
+    )
+    tls_names: str = _setting(
+        "", "Extra host names and IP addresses for `tls init`'s certificate, comma-separated."
+    )
+    allowed_clients: str = _setting(
+        "", "Client subnets allowed to connect (CIDR, comma-separated); empty: any."
+    )
+    session_idle_minutes: int = _setting(
+        15, "Minutes without activity after which a web session ends.", minimum=1
+    )
+    login_max_failures: int = _setting(
+        5, "Failed sign-ins in a row that lock an account.", minimum=1
+    )
+    login_lockout_minutes: int = _setting(15, "Minutes a locked account stays locked.", minimum=1)
+    rate_limit_per_minute: int = _setting(
+        600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
+    )
     data_key_max_uses: int = _setting(
         1 << 30,
         "Encryptions under one data key before it is rotated (AES-GCM's limit is 2^32).",
@@ -147,6 +179,22 @@ class Settings:
         return self.signing_key_path.with_suffix(".pub")
 
     @property
+    def auth_db_path(self) -> Path:
+        return self.state_dir / "auth.db"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.tls_cert or self.tls_dir / "server.crt"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.tls_key or self.tls_dir / "server.key"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint_file or self.state_dir / "audit" / "checkpoints.jsonl"
 
@@ -180,6 +228,7 @@ class SettingSpec:
 
 
 _KINDS: dict[str, tuple[type, bool]] = {
+    "bool": (bool, False),
     "str": (str, False),
     "int": (int, False),
     "Path": (Path, False),
@@ -210,6 +259,15 @@ def _coerce(spec: SettingSpec, value: Any, source: str) -> Any:
         if spec.optional:
             return None
         raise SettingsError(f"{spec.name} ({source}) must have a value")
+    if spec.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{spec.name} ({source}) must be true or false, got {value!r}")
     if spec.kind is int:
         if isinstance(value, bool):
             raise SettingsError(f"{spec.name} ({source}) must be an integer, got {value!r}")

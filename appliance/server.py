@@ -19,6 +19,7 @@ from gunicorn.glogging import Logger
 
 from appliance.config import Settings
 from appliance.reqlog import JsonFormatter, setup_logging
+from appliance.tls import tls_enabled
 
 
 def bind_address(host: str, port: int) -> str:
@@ -31,7 +32,8 @@ def bind_address(host: str, port: int) -> str:
 
 
 def base_url(settings: Settings) -> str:
-    return "http://" + bind_address(settings.host, settings.port)
+    scheme = "https" if tls_enabled(settings) else "http"
+    return f"{scheme}://" + bind_address(settings.host, settings.port)
 
 
 class JsonLogger(Logger):  # type: ignore[misc]
@@ -49,15 +51,18 @@ def ready_message(settings: Settings, app: Flask) -> str:
     pool = get_pool(app)
     url = base_url(settings)
     names = sorted(pool.served)
+    ca = f" --cacert {settings.tls_dir / 'ca.crt'}" if tls_enabled(settings) else ""
     lines = [f"appliance serving on {url}"]
     if names:
         lines += [
             f"  models: {', '.join(names)}",
             "  try:",
-            f"    curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f'    curl{ca} {url}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\',
+            "      -H 'Content-Type: application/json' \\",
             f'      -d \'{{"model": "{names[0]}", "messages": '
             '[{"role": "user", "content": "Hello"}]}\'',
-            f"  or the openai SDK with base_url={url}/v1",
+            f"  or the openai SDK with base_url={url}/v1 and api_key=$TOKEN",
+            "  (a token: appliance tokens create --name NAME --role line)",
         ]
     for reason in pool.refused.values():
         lines.append(f"  refused: {reason}")
@@ -92,6 +97,11 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             "proc_name": "appliance",
             "control_socket_disable": True,
             "post_worker_init": self._announce,
+            **(
+                {"certfile": str(s.tls_cert_path), "keyfile": str(s.tls_key_path)}
+                if tls_enabled(s)
+                else {}
+            ),
             "worker_exit": self._close,
         }
         for key, value in options.items():

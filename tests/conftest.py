@@ -17,7 +17,7 @@ from appliance.config import Settings, load_settings
 from appliance.fetch import default_manifest, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
 
-from helpers import CACHE, Server, ServerFactory, make_state, start_server
+from helpers import CACHE, Server, ServerFactory, admin_token, make_state, start_server
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +56,17 @@ def app(shared_settings: Settings) -> Iterator[Flask]:
     close_app(app)
 
 
+@pytest.fixture(scope="session")
+def app_token(shared_settings: Settings) -> str:
+    return admin_token(shared_settings.state_dir)
+
+
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def client(app: Flask, app_token: str) -> FlaskClient:
+    """The app's test client, signed in as an admin token."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {app_token}"
+    return client
 
 
 @pytest.fixture
@@ -75,8 +83,10 @@ def model_name(default_model: Manifest) -> str:
 def server_factory() -> Iterator[ServerFactory]:
     started: list[Server] = []
 
-    def factory(state: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
-        server = start_server(state, *flags, env=env)
+    def factory(
+        state: Path, *flags: str, env: dict[str, str] | None = None, ca: Path | None = None
+    ) -> Server:
+        server = start_server(state, *flags, env=env, ca=ca)
         started.append(server)
         return server
 

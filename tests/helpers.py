@@ -56,12 +56,30 @@ def free_port() -> int:
 class Server:
     proc: subprocess.Popen[str]
     port: int
+    token: str
+    ca: Path | None = None  # set when the server speaks TLS
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
+    _http: httpx.Client | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 60) -> httpx.Client:
+        """A new HTTP client for this server, carrying its admin token."""
+        verify: str | bool = str(self.ca) if self.ca else True
+        return httpx.Client(base_url=self.url, headers=self.auth, verify=verify, timeout=timeout)
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            self._http = self.client()
+        return self._http
 
     def log_records(self) -> list[dict[str, object]]:
         records = []
@@ -91,8 +109,23 @@ def _drain(stream: object, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
-def start_server(state: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+def admin_token(state: Path) -> str:
+    """A fresh admin token in the state directory's auth database (test setup)."""
+    from appliance.auth.store import AuthStore
+    from appliance.config import load_settings
+
+    store = AuthStore(load_settings(env={}, overrides={"state_dir": state}))
+    try:
+        return str(store.create_token("tests", "admin")["token"])
+    finally:
+        store.close()
+
+
+def start_server(
+    state: Path, *flags: str, env: dict[str, str] | None = None, ca: Path | None = None
+) -> Server:
     port = free_port()
+    token = admin_token(state)
     cmd = [
         sys.executable,
         "-m",
@@ -116,7 +149,7 @@ def start_server(state: Path, *flags: str, env: dict[str, str] | None = None) ->
         env=full_env,
         start_new_session=True,  # its own process group: kill() takes the worker too
     )
-    server = Server(proc, port)
+    server = Server(proc, port, token, ca)
     threading.Thread(target=_drain, args=(proc.stdout, server.stdout), daemon=True).start()
     threading.Thread(target=_drain, args=(proc.stderr, server.stderr), daemon=True).start()
     deadline = time.monotonic() + 60

@@ -51,8 +51,8 @@ def by_request(rows: list[dict[str, Any]], request_id: str) -> list[dict[str, An
 
 
 def chat(server: Server, model: str, **extra: Any) -> httpx.Response:
-    return httpx.post(
-        f"{server.url}/v1/chat/completions",
+    return server.http.post(
+        "/v1/chat/completions",
         timeout=60,
         json={
             "model": model,
@@ -70,9 +70,9 @@ def test_every_request_leaves_its_records(
     server = server_factory(state_dir)
     answered = chat(server, model_name)
     assert answered.status_code == 200
-    with httpx.stream(
+    with server.http.stream(
         "POST",
-        f"{server.url}/v1/chat/completions",
+        "/v1/chat/completions",
         timeout=60,
         json={
             "model": model_name,
@@ -88,9 +88,9 @@ def test_every_request_leaves_its_records(
             if line.startswith("data: {") and '"choices":[{' in line
         )
     refused = chat(server, model_name, temperature="hot")
-    missing = httpx.get(f"{server.url}/v1/nowhere")
-    models = httpx.get(f"{server.url}/v1/models")
-    httpx.get(f"{server.url}/healthz")
+    missing = server.http.get("/v1/nowhere")
+    models = server.http.get("/v1/models")
+    server.http.get("/healthz")
     server.stop()
 
     rows = exported(state_dir)
@@ -102,7 +102,8 @@ def test_every_request_leaves_its_records(
     assert outcome["status"] == 200 and outcome["latency_us"] > 0
     assert outcome["completion_tokens"] == answered.json()["usage"]["completion_tokens"]
     assert outcome["content"]["output"] == answered.json()["choices"][0]["message"]["content"]
-    assert request["actor_name"] == "anonymous" and request["client"] == "127.0.0.1"
+    assert (request["actor_name"], request["actor_role"]) == ("tests", "admin")
+    assert request["actor_id"].startswith("token:") and request["client"] == "127.0.0.1"
 
     stream_pair = by_request(rows, stream_id)
     assert [r["kind"] for r in stream_pair] == ["request", "outcome"]
@@ -135,9 +136,9 @@ def test_request_record_is_durable_before_the_first_byte(
 ) -> None:
     server = server_factory(state_dir)
     db = state_dir / "audit" / "audit.db"
-    with httpx.stream(
+    with server.http.stream(
         "POST",
-        f"{server.url}/v1/chat/completions",
+        "/v1/chat/completions",
         timeout=60,
         json={
             "model": model_name,
@@ -166,7 +167,7 @@ def _load_then_kill(server: Server, model: str, answered: list[str], streaming: 
     stop = threading.Event()
 
     def client() -> None:
-        with httpx.Client(timeout=30) as c:
+        with server.client(timeout=30) as c:
             for _ in range(200):  # bounded
                 if stop.is_set():
                     return
@@ -189,9 +190,7 @@ def _load_then_kill(server: Server, model: str, answered: list[str], streaming: 
             "stream": True,
         }
         try:
-            with httpx.stream(
-                "POST", f"{server.url}/v1/completions", timeout=30, json=body
-            ) as resp:
+            with server.http.stream("POST", "/v1/completions", timeout=30, json=body) as resp:
                 lines = resp.iter_lines()
                 for line in lines:
                     if line.startswith("data: {"):
@@ -271,13 +270,13 @@ def test_full_disk_gives_503_and_not_ready_until_it_recovers(
     error = refused.json()["error"]
     assert error["code"] == "audit_unavailable" and "not served" in error["message"]
     assert "choices" not in refused.json()
-    ready = httpx.get(f"{server.url}/readyz")
+    ready = server.http.get("/readyz")
     assert ready.status_code == 503
     assert any("audit log cannot be written" in r for r in ready.json()["reasons"])
 
     filler.unlink()
     assert wait_for(lambda: chat(server, model_name).status_code == 200, 20)
-    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert server.http.get("/readyz").status_code == 200
     server.stop()
 
 

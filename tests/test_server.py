@@ -29,7 +29,7 @@ LONG = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}
 
 
 def sdk(server: Server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0, timeout=60)
 
 
 def test_sdk_chat(shared_server: Server, model_name: str) -> None:
@@ -126,8 +126,8 @@ def test_request_log_lines_carry_ids_and_never_content(
     shared_server: Server, model_name: str
 ) -> None:
     secret = "patient Zebulon Quartermaine has a fever"
-    resp = httpx.post(
-        f"{shared_server.url}/v1/chat/completions",
+    resp = shared_server.http.post(
+        "/v1/chat/completions",
         timeout=60,
         json={
             "model": model_name,
@@ -171,7 +171,7 @@ def test_queue_full_gives_503_with_retry_after(
     server_factory: ServerFactory, state_dir: Path, model_name: str
 ) -> None:
     server = server_factory(state_dir, "--queue-depth", "1")
-    with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
+    with server.client() as a, server.client() as b:
         running, _lines = _open_stream(server, a, model_name)
         waiting = b.stream(
             "POST",
@@ -182,8 +182,8 @@ def test_queue_full_gives_503_with_retry_after(
         assert queued.status_code == 200
         state = model_state(server.url, model_name)
         assert (state["running"], state["queued"]) == (1, 1)
-        refused = httpx.post(
-            f"{server.url}/v1/chat/completions",
+        refused = server.http.post(
+            "/v1/chat/completions",
             timeout=10,
             json={"model": model_name, "messages": USER, "max_tokens": 4},
         )
@@ -203,7 +203,7 @@ def test_disconnect_frees_the_model(
     server_factory: ServerFactory, state_dir: Path, model_name: str
 ) -> None:
     server = server_factory(state_dir)
-    with httpx.Client(timeout=60) as client:
+    with server.client() as client:
         ctx, _lines = _open_stream(server, client, model_name)
         assert model_state(server.url, model_name)["busy"] is True
         ctx.__exit__(None, None, None)  # the client goes away mid-answer
@@ -248,8 +248,8 @@ def test_tampered_model_refused_while_another_serves(
     ok = client.chat.completions.create(model="backup-model", messages=USER, max_tokens=4)  # type: ignore[arg-type]
     assert ok.choices[0].message.content is not None
 
-    refused = httpx.post(
-        f"{server.url}/v1/chat/completions",
+    refused = server.http.post(
+        "/v1/chat/completions",
         timeout=10,
         json={"model": default_model.name, "messages": USER},
     )
@@ -258,7 +258,7 @@ def test_tampered_model_refused_while_another_serves(
     assert default_model.file in message and default_model.sha256 in message
     assert "expected" in message
 
-    ready = httpx.get(f"{server.url}/readyz")
+    ready = server.http.get("/readyz")
     assert ready.status_code == 503
     assert any(default_model.sha256 in reason for reason in ready.json()["reasons"])
     assert any("refused" in line and default_model.file in line for line in server.stderr)
@@ -269,7 +269,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(
 ) -> None:
     server = server_factory(state_dir)
     with (
-        httpx.Client(timeout=60) as client,
+        server.client() as client,
         client.stream(
             "POST",
             f"{server.url}/v1/chat/completions",
@@ -293,15 +293,15 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
     assert server.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/healthz", timeout=2)
+        server.http.get("/healthz", timeout=2)
 
 
 def test_readyz_without_a_model(
     server_factory: ServerFactory, tmp_path: Path, default_model: Manifest
 ) -> None:
     server = server_factory(tmp_path / "empty")
-    ready = httpx.get(f"{server.url}/readyz")
+    ready = server.http.get("/readyz")
     assert ready.status_code == 503
     assert any("missing" in r and default_model.file in r for r in ready.json()["reasons"])
-    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert server.http.get("/healthz").status_code == 200
     assert any("fetch-default" in line for line in server.stdout)

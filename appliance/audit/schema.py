@@ -1,15 +1,9 @@
-"""The audit database's tables and how it is opened: WAL, synchronous=FULL,
-trusted_schema off, and BEGIN issued by us (IMMEDIATE for writers) so that a
-read-then-write is one transaction. Migrations (Alembic) create and upgrade it."""
+"""The audit database's tables. Migrations (Alembic) create and upgrade them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from sqlalchemy import (
     Column,
-    Engine,
     Index,
     Integer,
     LargeBinary,
@@ -17,9 +11,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
 )
+
+from appliance.db import open_engine
+
+__all__ = ["checkpoints", "data_keys", "meta", "metadata", "open_engine", "records"]
 
 metadata = MetaData()
 
@@ -83,30 +79,3 @@ meta = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
-
-
-def open_engine(path: Path, *, read_only: bool = False, immediate: bool = True) -> Engine:
-    """An engine on the audit database with the pragmas every connection needs."""
-    if read_only:
-        url = f"sqlite:///file:{path}?mode=ro&uri=true"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        url = f"sqlite:///{path}"
-    engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _: Any) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA trusted_schema=OFF")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        if not read_only:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate and not read_only else "BEGIN")
-
-    return engine

@@ -120,10 +120,24 @@ def _outcome(ctx: RequestAudit, fields: dict[str, Any], status: int, kind: str) 
     return entry
 
 
+SECRET_FIELDS = frozenset({"password", "csrf_token"})
+
+
+def _redacted(value: Any) -> Any:
+    """Passwords and form tokens never reach the audit log, not even encrypted."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if k in SECRET_FIELDS else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def _request_input() -> dict[str, Any] | None:
     if request.content_length is None and not request.is_json:
         return None
     try:
+        if request.mimetype == "application/x-www-form-urlencoded":
+            return {"input": _redacted(request.form.to_dict())}
         raw = request.get_data(cache=True)
     except Exception:  # over the body limit: the body was never read
         return None
@@ -131,7 +145,7 @@ def _request_input() -> dict[str, Any] | None:
         return None
     text = raw.decode("utf-8", errors="replace")
     try:
-        return {"input": json.loads(text)}
+        return {"input": _redacted(json.loads(text))}
     except ValueError:
         return {"input": text}
 

@@ -1,0 +1,193 @@
+"""The gate every request passes: client subnet, authentication (bearer token or web
+session), the route table, CSRF for cookie-authenticated writes, the rate limit.
+
+401 when the caller is unknown, 403 when known but not allowed, 429 past the rate;
+in the protocol's own shape (OpenAI JSON on /v1, /admin and /audit, {"error": ...}
+on /v2), a redirect to the sign-in page for a browser. The audit trail records each
+refusal with the precise reason, which the client is not told.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from flask import Flask, Response, g, jsonify, redirect, request
+from werkzeug.wrappers import Response as BaseResponse
+
+from appliance.api.errors import ApiError, error_response
+from appliance.audit.records import Actor
+from appliance.auth.policy import PUBLIC, ROUTE_ROLES, allowed
+from appliance.auth.store import AuthStore, Principal, csrf_token
+from appliance.config import Settings
+
+EXTENSION = "appliance.auth"
+SESSION_COOKIE = "appliance_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class RateLimiter:
+    """A token bucket per principal: `per_minute` requests, refilled continuously."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> int:
+        """0 if allowed, else the seconds to wait."""
+        if self.per_minute <= 0:
+            return 0
+        rate = self.per_minute / 60.0
+        with self._lock:
+            stamp = time.monotonic()
+            tokens, last = self._buckets.get(key, (float(self.per_minute), stamp))
+            tokens = min(float(self.per_minute), tokens + (stamp - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, stamp)
+                return 0
+            self._buckets[key] = (tokens, stamp)
+            return max(1, math.ceil((1.0 - tokens) / rate))
+
+
+@dataclass
+class Gate:
+    store: AuthStore
+    limiter: RateLimiter
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    secure_cookies: bool
+
+
+def get_gate(app: Flask) -> Gate:
+    gate: Gate = app.extensions[EXTENSION]
+    return gate
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    nets = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"allowed_clients: {part!r} is not a subnet (CIDR)") from None
+    return nets
+
+
+def is_browser_route(endpoint: str | None) -> bool:
+    return bool(endpoint) and str(endpoint).startswith("web.")
+
+
+CLIENT_CODES = {401: "invalid_api_key", 403: "forbidden", 429: "rate_limited"}
+
+
+def refusal(status: int, message: str, reason: str, **headers: str) -> Response:
+    """A refusal in the shape of the area asked; the precise reason goes to the audit
+    only (a client is not told whether a token was unknown, revoked or expired)."""
+    g.log_fields["error_type"] = reason
+    if request.path.startswith("/v2"):
+        resp = jsonify({"error": message})
+        resp.status_code = status
+    else:
+        code = "csrf_failed" if reason == "csrf_failed" else CLIENT_CODES.get(status)
+        resp = error_response(ApiError(status, message, code=code))
+    for key, value in headers.items():
+        resp.headers[key.replace("_", "-")] = value
+    return resp
+
+
+def _authenticate(gate: Gate) -> tuple[Principal | None, str, str | None]:
+    """(principal, why not, session cookie if that is how it came)."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None, "malformed_authorization", None
+        token = value.strip()
+        principal, why = gate.store.check_token(token)
+        if principal is None:
+            public_id = token.split("_")[1] if token.count("_") >= 2 else "?"
+            g.actor = Actor(f"token:{public_id}", "unauthenticated", None)
+        return principal, why, None
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        principal, why = gate.store.check_session(cookie)
+        return principal, why, cookie
+    return None, "no_credentials", None
+
+
+def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: bool) -> None:
+    gate = Gate(
+        store,
+        RateLimiter(settings.rate_limit_per_minute),
+        parse_networks(settings.allowed_clients),
+        secure_cookies,
+    )
+    app.extensions[EXTENSION] = gate
+
+    @app.before_request
+    def _guard() -> BaseResponse | None:
+        if gate.networks:
+            try:
+                client = ipaddress.ip_address(request.remote_addr or "")
+            except ValueError:
+                client = None
+            if client is None or not any(client in net for net in gate.networks):
+                return refusal(
+                    403,
+                    f"client address {request.remote_addr} is not allowed (allowed_clients)",
+                    "client_not_allowed",
+                )
+        endpoint = request.endpoint
+        roles = ROUTE_ROLES.get(endpoint or "")
+        principal, why, cookie = _authenticate(gate)
+        if principal is not None:
+            g.actor = Actor(principal.id, principal.name, principal.role)
+            g.principal = principal
+            g.session_cookie = cookie
+        if roles is PUBLIC:
+            return None
+        if principal is None:
+            if is_browser_route(endpoint):
+                g.log_fields["error_type"] = why
+                expired = "?expired=1" if why == "session_idle_timeout" else ""
+                return redirect(f"/login{expired}", code=303)
+            return refusal(
+                401,
+                "authentication required: send a valid token as "
+                "'Authorization: Bearer <token>' or sign in",
+                why,
+                WWW_Authenticate='Bearer realm="appliance"',
+            )
+        if endpoint is None:
+            return None  # no such route: routing answers 404 to a known caller
+        if not allowed(endpoint, principal.role):
+            return refusal(
+                403,
+                f"role {principal.role!r} may not use {request.method} {request.path}",
+                "forbidden",
+            )
+        if cookie is not None and request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
+            if not hmac.compare_digest(sent, csrf_token(cookie)):
+                return refusal(
+                    403,
+                    "CSRF token missing or wrong: send the page's token in "
+                    f"{CSRF_HEADER} or the form's csrf_token",
+                    "csrf_failed",
+                )
+        wait = gate.limiter.take(principal.id)
+        if wait:
+            return refusal(
+                429,
+                f"rate limit of {gate.limiter.per_minute} requests "
+                f"per minute reached for {principal.name}; retry in {wait} s",
+                "rate_limited",
+                Retry_After=str(wait),
+            )
+        return None

@@ -1,0 +1,43 @@
+"""The route table: every endpoint and the roles that may reach it. An endpoint that is
+not in this table is denied to everyone; the tests walk the app's URL map against it."""
+
+from __future__ import annotations
+
+PUBLIC = frozenset({"*public*"})  # no authentication needed
+SIGNED_IN = frozenset({"admin", "clinician", "line", "auditor"})  # any known principal
+
+INFERENCE = frozenset({"admin", "clinician", "line"})
+ADMIN = frozenset({"admin"})
+AUDIT = frozenset({"admin", "auditor"})
+WEB = frozenset({"admin", "clinician"})
+
+ROUTE_ROLES: dict[str, frozenset[str]] = {
+    "health.healthz": PUBLIC,
+    "health.readyz": PUBLIC,
+    "openapi.openapi_json": PUBLIC,
+    "web.static": PUBLIC,
+    "web.login_page": PUBLIC,
+    "web.login": PUBLIC,
+    "web.logout": SIGNED_IN,
+    "web.home": WEB,
+    "openai.chat_completions": INFERENCE,
+    "openai.completions": INFERENCE,
+    "openai.list_models": INFERENCE,
+    "openai.get_model": INFERENCE,
+    "admin.list_tokens": ADMIN,
+    "admin.create_token": ADMIN,
+    "admin.revoke_token": ADMIN,
+    "admin.list_users": ADMIN,
+    "admin.add_user": ADMIN,
+    "admin.disable_user": ADMIN,
+    "admin.reset_password": ADMIN,
+    "audit_api.verify": AUDIT,
+    "audit_api.export": AUDIT,
+}
+
+
+def allowed(endpoint: str | None, role: str | None) -> bool:
+    roles = ROUTE_ROLES.get(endpoint or "")
+    if roles is None:
+        return False
+    return roles is PUBLIC or (role is not None and role in roles)

@@ -1,0 +1,375 @@
+"""API tokens, user accounts and web sessions, in STATE_DIR/auth.db.
+
+Nothing secret is stored as it is: a token is kept as the SHA-256 of its 256-bit secret
+(plenty for a random secret) behind a short public id used for lookup; a password as
+scrypt; a session as the SHA-256 of its cookie. Every comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+    update,
+)
+
+from appliance.config import Settings
+from appliance.db import open_engine
+
+ROLES = ("admin", "clinician", "line", "auditor")
+TOKEN_PREFIX = "apl"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+MIN_PASSWORD = 10
+
+metadata = MetaData()
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created", String(32), nullable=False),
+    Column("expires", String(32)),
+    Column("revoked", String(32)),
+)
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("password", String(256), nullable=False),
+    Column("created", String(32), nullable=False),
+    Column("disabled", Integer, nullable=False, default=0),
+    Column("failures", Integer, nullable=False, default=0),
+    Column("locked_until", String(32)),
+)
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("user", String(64), nullable=False),
+    Column("created", String(32), nullable=False),
+    Column("last_seen", String(32), nullable=False),
+)
+
+
+class AuthError(ValueError):
+    """A request to the auth store that cannot be done; the message says why."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=64 << 20, **SCRYPT)
+    params = f"{SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}"
+    return f"scrypt${params}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=64 << 20,
+            dklen=len(expected),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d', '12h', '30m' -> a timedelta."""
+    match = re.fullmatch(r"(\d{1,5})([dhm])", text.strip())
+    if not match:
+        raise AuthError(f"expiry {text!r} must look like 90d, 12h or 30m")
+    amount, unit = int(match[1]), match[2]
+    return {
+        "d": timedelta(days=amount),
+        "h": timedelta(hours=amount),
+        "m": timedelta(minutes=amount),
+    }[unit]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from, once authenticated."""
+
+    kind: str  # token | user
+    id: str
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    principal: Principal | None
+    session: str | None = None
+    reason: str = ""
+
+
+class AuthStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine = open_engine(settings.auth_db_path)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def create_token(self, name: str, role: str, expires: str | None = None) -> dict[str, Any]:
+        """A new token; the returned 'token' is the only time the secret is seen."""
+        if role not in ROLES:
+            raise AuthError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not name.strip() or len(name) > 128:
+            raise AuthError("a token needs a name of 1 to 128 characters")
+        public_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)  # 256 bits
+        created = now()
+        until = iso(created + parse_duration(expires)) if expires else None
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(tokens).values(
+                    id=public_id,
+                    name=name,
+                    role=role,
+                    secret_sha256=sha256(secret),
+                    created=iso(created),
+                    expires=until,
+                    revoked=None,
+                )
+            )
+        return {
+            "id": public_id,
+            "name": name,
+            "role": role,
+            "created": iso(created),
+            "expires": until,
+            "token": f"{TOKEN_PREFIX}_{public_id}_{secret}",
+        }
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    select(
+                        tokens.c.id,
+                        tokens.c.name,
+                        tokens.c.role,
+                        tokens.c.created,
+                        tokens.c.expires,
+                        tokens.c.revoked,
+                    ).order_by(tokens.c.created)
+                )
+                .mappings()
+                .all()
+            )
+        return [dict(r) for r in rows]
+
+    def revoke_token(self, public_id: str) -> dict[str, Any]:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(tokens.c.name, tokens.c.revoked).where(tokens.c.id == public_id)
+            ).first()
+            if row is None:
+                raise AuthError(f"no token with id {public_id!r}")
+            if row.revoked is None:
+                conn.execute(
+                    update(tokens).where(tokens.c.id == public_id).values(revoked=iso(now()))
+                )
+        return {"id": public_id, "name": row.name, "revoked": True}
+
+    def check_token(self, presented: str) -> tuple[Principal | None, str]:
+        """The token's principal, or None and why (for the audit, not the client)."""
+        parts = presented.split("_", 2)
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            return None, "malformed_token"
+        with self.engine.connect() as conn:
+            row = conn.execute(select(tokens).where(tokens.c.id == parts[1])).first()
+        if row is None:
+            hmac.compare_digest(sha256(parts[2]), "0" * 64)  # same work either way
+            return None, "unknown_token"
+        if not hmac.compare_digest(sha256(parts[2]), row.secret_sha256):
+            return None, "wrong_secret"
+        if row.revoked is not None:
+            return None, "revoked_token"
+        if row.expires is not None and parse_iso(row.expires) <= now():
+            return None, "expired_token"
+        return Principal("token", f"token:{row.id}", row.name, row.role), ""
+
+    # -- users -----------------------------------------------------------------------
+
+    def add_user(self, name: str, role: str, password: str) -> dict[str, Any]:
+        if not NAME_RE.match(name):
+            raise AuthError(f"user name {name!r} must match {NAME_RE.pattern}")
+        if role not in ROLES:
+            raise AuthError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        self._check_password_rules(password)
+        with self.engine.begin() as conn:
+            if conn.execute(select(users.c.name).where(users.c.name == name)).first():
+                raise AuthError(f"user {name!r} exists already")
+            conn.execute(
+                insert(users).values(
+                    name=name,
+                    role=role,
+                    password=hash_password(password),
+                    created=iso(now()),
+                    disabled=0,
+                    failures=0,
+                    locked_until=None,
+                )
+            )
+        return {"name": name, "role": role}
+
+    @staticmethod
+    def _check_password_rules(password: str) -> None:
+        if len(password) < MIN_PASSWORD:
+            raise AuthError(
+                f"a password needs at least {MIN_PASSWORD} characters, this one has {len(password)}"
+            )
+
+    def list_users(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    users.c.name,
+                    users.c.role,
+                    users.c.created,
+                    users.c.disabled,
+                    users.c.failures,
+                    users.c.locked_until,
+                ).order_by(users.c.name)
+            )
+            return [{**dict(r), "disabled": bool(r.disabled)} for r in rows.mappings()]
+
+    def disable_user(self, name: str) -> dict[str, Any]:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(users).where(users.c.name == name).values(disabled=1))
+            if done.rowcount == 0:
+                raise AuthError(f"no user {name!r}")
+            conn.execute(delete(sessions).where(sessions.c.user == name))
+        return {"name": name, "disabled": True}
+
+    def reset_password(self, name: str, password: str) -> dict[str, Any]:
+        self._check_password_rules(password)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(users)
+                .where(users.c.name == name)
+                .values(password=hash_password(password), failures=0, locked_until=None)
+            )
+            if done.rowcount == 0:
+                raise AuthError(f"no user {name!r}")
+            conn.execute(delete(sessions).where(sessions.c.user == name))
+        return {"name": name, "password_reset": True}
+
+    def login(self, name: str, password: str) -> LoginResult:
+        """Check a sign-in; count failures and lock the account past the limit."""
+        s = self.settings
+        with self.engine.begin() as conn:
+            row = conn.execute(select(users).where(users.c.name == name)).first()
+            if row is None:
+                check_password(password, hash_password("x" * MIN_PASSWORD))  # same cost
+                return LoginResult(None, reason="unknown_user")
+            if row.locked_until and parse_iso(row.locked_until) > now():
+                return LoginResult(None, reason="locked")
+            if row.disabled:
+                return LoginResult(None, reason="disabled")
+            if not check_password(password, row.password):
+                failures = (0 if row.locked_until else row.failures) + 1
+                locked = (
+                    iso(now() + timedelta(minutes=s.login_lockout_minutes))
+                    if failures >= s.login_max_failures
+                    else None
+                )
+                conn.execute(
+                    update(users)
+                    .where(users.c.name == name)
+                    .values(failures=0 if locked else failures, locked_until=locked)
+                )
+                return LoginResult(None, reason="locked_now" if locked else "wrong_password")
+            conn.execute(
+                update(users).where(users.c.name == name).values(failures=0, locked_until=None)
+            )
+            session = secrets.token_urlsafe(32)
+            stamp = iso(now())
+            conn.execute(
+                insert(sessions).values(
+                    id_sha256=sha256(session), user=name, created=stamp, last_seen=stamp
+                )
+            )
+        return LoginResult(Principal("user", f"user:{name}", name, row.role), session)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def check_session(self, cookie: str) -> tuple[Principal | None, str]:
+        """The session's user, refreshing its idle timer; None and why otherwise."""
+        key = sha256(cookie)
+        idle = timedelta(minutes=self.settings.session_idle_minutes)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(sessions.c.user, sessions.c.last_seen).where(sessions.c.id_sha256 == key)
+            ).first()
+            if row is None:
+                return None, "unknown_session"
+            if parse_iso(row.last_seen) + idle <= now():
+                conn.execute(delete(sessions).where(sessions.c.id_sha256 == key))
+                return None, "session_idle_timeout"
+            user = conn.execute(
+                select(users.c.role, users.c.disabled).where(users.c.name == row.user)
+            ).first()
+            if user is None or user.disabled:
+                return None, "disabled"
+            conn.execute(
+                update(sessions).where(sessions.c.id_sha256 == key).values(last_seen=iso(now()))
+            )
+        return Principal("user", f"user:{row.user}", row.user, user.role), ""
+
+    def end_session(self, cookie: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(sessions).where(sessions.c.id_sha256 == sha256(cookie)))
+
+
+def csrf_token(session: str) -> str:
+    """The session's CSRF token: derived, so never stored."""
+    return hmac.new(session.encode(), b"appliance-csrf", hashlib.sha256).hexdigest()

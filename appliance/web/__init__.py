@@ -1,0 +1,125 @@
+"""The browser side: sign-in, sign-out, and the clinicians' page (issue #6 builds it
+out). Every asset is served from here; the Content-Security-Policy allows nothing else."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    make_response,
+    redirect,
+    render_template,
+    request,
+)
+from werkzeug.wrappers import Response as BaseResponse
+
+from appliance.audit.records import Actor
+from appliance.auth.guard import SESSION_COOKIE, get_gate
+from appliance.auth.store import csrf_token
+
+bp = Blueprint(
+    "web", __name__, template_folder="templates", static_folder="static", static_url_path="/static"
+)
+
+LOGIN_CSRF_COOKIE = "appliance_login_csrf"
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+MESSAGES = {
+    "wrong_password": "Wrong name or password.",
+    "unknown_user": "Wrong name or password.",
+    "disabled": "This account is disabled. Ask IT.",
+    "locked": "Too many failed sign-ins: this account is locked for now. Try again later.",
+    "locked_now": "Too many failed sign-ins: this account is locked for now. Try again later.",
+    "csrf": "The sign-in form expired. Please try again.",
+}
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _login_form(message: str = "", status: int = 200) -> Response:
+    token = secrets.token_urlsafe(32)
+    expired = request.args.get("expired") == "1"
+    if expired and not message:
+        message = "You were signed out after a period of inactivity."
+    html = render_template("login.html", csrf=token, message=message)
+    resp = make_response(html, status)
+    resp.set_cookie(
+        LOGIN_CSRF_COOKIE,
+        token,
+        httponly=True,
+        samesite="Strict",
+        secure=get_gate(current_app).secure_cookies,
+        path="/login",
+    )
+    return resp
+
+
+@bp.get("/login")
+def login_page() -> Response:
+    return _login_form()
+
+
+@bp.post("/login")
+def login() -> BaseResponse:
+    # Login CSRF: the form's token must match the cookie set with the form.
+    sent = request.form.get("csrf_token", "")
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not hmac.compare_digest(sent, expected):
+        g.log_fields["error_type"] = "csrf_failed"
+        return _login_form(MESSAGES["csrf"], 403)
+    name = request.form.get("username", "")[:64]
+    result = get_gate(current_app).store.login(name, request.form.get("password", ""))
+    if result.principal is None or result.session is None:
+        g.log_fields["error_type"] = result.reason
+        g.actor = Actor(f"user:{name}", name or "unauthenticated", None)
+        return _login_form(MESSAGES.get(result.reason, "Sign-in failed."), 401)
+    principal = result.principal
+    g.actor = Actor(principal.id, principal.name, principal.role)
+    resp = redirect("/", code=303)
+    resp.set_cookie(
+        SESSION_COOKIE,
+        result.session,
+        httponly=True,
+        samesite="Strict",
+        secure=get_gate(current_app).secure_cookies,
+        path="/",
+    )
+    resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return resp
+
+
+@bp.post("/logout")
+def logout() -> BaseResponse:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        get_gate(current_app).store.end_session(cookie)
+    resp = redirect("/login", code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+@bp.get("/")
+def home() -> Response:
+    principal = g.principal
+    cookie = g.get("session_cookie")
+    html = render_template(
+        "home.html",
+        user=principal.name,
+        role=principal.role,
+        csrf=csrf_token(cookie) if cookie else "",
+    )
+    return make_response(html)
