@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from sqlalchemy import insert
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,10 +115,10 @@ def request_latency(root: Path, requests: int) -> dict[str, float]:
     state = make_state(root / "server", settings.models_path / manifest.file)
     server = start_server(state)
     try:
-        with httpx.Client(timeout=60) as client:
+        with server.client() as client:
             for _ in range(requests):
                 r = client.post(
-                    f"{server.url}/v1/completions",
+                    "/v1/completions",
                     json={"model": manifest.name, "prompt": "Hello", "max_tokens": 1},
                 )
                 assert r.status_code == 200, r.text

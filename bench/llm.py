@@ -31,6 +31,7 @@ from appliance.registry import load_manifests, verify_model  # noqa: E402
 
 from helpers import CACHE, make_state, start_server  # noqa: E402
 
+HEADERS = {"Content-Type": "application/json"}
 SYSTEM = "You are a careful assistant on a hospital ward. Answer in plain words."
 QUESTIONS = [
     "Write a long story about a lighthouse keeper and a storm.",
@@ -76,7 +77,7 @@ def measure_api(
         }
     )
     start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    conn.request("POST", "/v1/chat/completions", body, HEADERS)
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     stamps = []
@@ -127,6 +128,7 @@ def main() -> None:
                 verbose=False,
             )
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+            HEADERS["Authorization"] = f"Bearer {server.token}"
             # Warm both paths (page cache, first allocations).
             measure_in_process(llm, messages("Say hello.", 0), 8)
             measure_api(conn, manifest.name, messages("Say hello.", 0), 8)

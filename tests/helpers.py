@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -72,7 +73,9 @@ class Server:
 
     def client(self, timeout: float = 60) -> httpx.Client:
         """A new HTTP client for this server, carrying its admin token."""
-        verify: str | bool = str(self.ca) if self.ca else True
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+        )
         return httpx.Client(base_url=self.url, headers=self.auth, verify=verify, timeout=timeout)
 
     @property

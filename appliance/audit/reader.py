@@ -68,7 +68,7 @@ def records(
     sql = f"SELECT {', '.join(COLUMNS)} FROM audit_records"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         for values in conn.exec_driver_sql(sql + " ORDER BY seq", tuple(args)):
             row = dict(zip(COLUMNS, values, strict=True))
             try:
@@ -101,7 +101,7 @@ def backup(store: AuditStore, dest: Path) -> int:
         raise ReadError(f"{dest} exists; choose a new file")
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    raw = store.engine.raw_connection()
+    raw = store.reader.raw_connection()
     try:
         source: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
         target = sqlite3.connect(dest)

@@ -100,6 +100,7 @@ class AuditStore:
         self.policy = settings.audit_content
         self.path = settings.audit_db_path
         self.engine = open_engine(self.path)
+        self.reader = open_engine(self.path, immediate=False)  # reads never hold the lock
         migrate(self.engine)
         self._data_keys: dict[str, bytes] = {}
         self.master: bytes | None = None
@@ -434,6 +435,7 @@ class AuditStore:
         if self._conn is not None:
             self._conn.close()
         self.engine.dispose()
+        self.reader.dispose()
 
 
 def local_actor() -> Actor:

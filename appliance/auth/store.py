@@ -149,11 +149,15 @@ class LoginResult:
 class AuthStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Writers take the write lock at BEGIN (read-then-write is one transaction);
+        # plain reads use their own engine and never hold it.
         self.engine: Engine = open_engine(settings.auth_db_path)
+        self.reader: Engine = open_engine(settings.auth_db_path, immediate=False)
         metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
+        self.reader.dispose()
 
     # -- tokens ----------------------------------------------------------------------
 
@@ -189,7 +193,7 @@ class AuthStore:
         }
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = (
                 conn.execute(
                     select(
@@ -224,7 +228,7 @@ class AuthStore:
         parts = presented.split("_", 2)
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
             return None, "malformed_token"
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(tokens).where(tokens.c.id == parts[1])).first()
         if row is None:
             hmac.compare_digest(sha256(parts[2]), "0" * 64)  # same work either way
@@ -269,7 +273,7 @@ class AuthStore:
             )
 
     def list_users(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 select(
                     users.c.name,

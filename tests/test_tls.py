@@ -1,0 +1,123 @@
+"""TLS on the LAN: the generated CA and certificate verified by real clients (httpx, the
+openai SDK), Secure cookies, and no LAN address served in clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from openai import OpenAI
+
+from appliance.config import Settings, load_settings
+from appliance.tls import TLSError, check_serving
+
+from helpers import ServerFactory
+
+pytestmark = pytest.mark.server
+
+
+def appliance(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args, "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_tls_init_and_real_clients_verify_against_the_ca(
+    server_factory: ServerFactory, state_dir: Path, model_name: str
+) -> None:
+    made = appliance(
+        "tls",
+        "init",
+        "--name",
+        "appliance.ward.local",
+        "--name",
+        "10.1.2.3",
+        "--json",
+        state=state_dir,
+    )
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    assert {"localhost", "127.0.0.1", "appliance.ward.local", "10.1.2.3"} <= set(info["names"])
+    assert oct(Path(info["key"]).stat().st_mode & 0o777) == "0o600"
+    cert = x509.load_pem_x509_certificate(Path(info["cert"]).read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+
+    ca = Path(info["ca"])
+    server = server_factory(state_dir, "--tls", "on", ca=ca)
+    assert server.url.startswith("https://")
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+        assert client.get(f"{server.url}/healthz").status_code == 200
+    sdk = OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=server.token,
+        max_retries=0,
+        http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(ca))),
+    )
+    answer = sdk.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
+    assert answer.choices[0].message.content is not None
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{server.url}/healthz")  # without the site's CA: refused
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"http://127.0.0.1:{server.port}/healthz")  # no clear text on a TLS port
+
+    # Under TLS the session cookie is Secure.
+    store_settings = load_settings(env={}, overrides={"state_dir": state_dir})
+    from appliance.auth.store import AuthStore
+
+    auth = AuthStore(store_settings)
+    auth.add_user("nurse.tls", "clinician", "correct horse battery")
+    auth.close()
+    with server.client() as client:
+        page = client.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token is not None
+        client.headers.pop("Authorization")
+        resp = client.post(
+            "/login",
+            data={
+                "username": "nurse.tls",
+                "password": "correct horse battery",
+                "csrf_token": token[1],
+            },
+        )
+        assert resp.status_code == 303
+        cookie = next(
+            h for h in resp.headers.get_list("set-cookie") if h.startswith("appliance_session")
+        )
+        assert "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_lan_address_without_tls_is_refused(state_dir: Path) -> None:
+    clear = appliance("serve", "--host", "0.0.0.0", "--port", "1", "--tls", "off", state=state_dir)
+    assert clear.returncode == 1
+    assert "refusing to serve 0.0.0.0 without TLS" in clear.stderr
+    assert "--insecure-lan" in clear.stderr
+    no_cert = appliance("serve", "--host", "0.0.0.0", "--port", "1", state=state_dir)
+    assert no_cert.returncode == 1 and "appliance tls init" in no_cert.stderr
+
+
+def test_serving_rules(tmp_path: Path) -> None:
+    def settings(**kw: object) -> Settings:
+        return load_settings(env={}, overrides={"state_dir": tmp_path, **kw})
+
+    check_serving(settings(host="127.0.0.1"))  # loopback: plain HTTP is fine
+    check_serving(settings(host="0.0.0.0", tls="off", insecure_lan=True))  # said explicitly
+    with pytest.raises(TLSError, match="without TLS"):
+        check_serving(settings(host="192.168.1.5", tls="off"))
+    with pytest.raises(TLSError, match="tls init"):
+        check_serving(settings(host="::", tls="auto"))
