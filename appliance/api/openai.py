@@ -4,15 +4,12 @@ SDK works unchanged. Request path: validate -> model -> prompt and bounds -> adm
 
 from __future__ import annotations
 
-import json
-import queue
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g
 
-from appliance.api.errors import ApiError, error_body, parse_body, read_json_object
+from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -23,25 +20,20 @@ from appliance.api.schemas import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
 )
+from appliance.api.streams import collect, sse, start_stream, usage
 from appliance.audit.trail import confirm_inference, open_inference
 from appliance.config import Settings
 from appliance.engines.base import (
-    Event,
-    Failed,
-    Finished,
     Generation,
     PromptError,
     SamplingParams,
-    TextDelta,
 )
 from appliance.scheduler import Job, QueueFull
 from appliance.serving import ServedModel, get_pool
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-KEEPALIVE_SECONDS = 5.0
 MAX_STOPS = 4
 
 
@@ -180,113 +172,6 @@ def _confirm(job: Job) -> None:
         raise
 
 
-def _events(job: Job) -> Iterator[Event | None]:
-    """The job's events; None every few seconds while nothing happens (keep-alive)."""
-    while True:
-        try:
-            event = job.events.get(timeout=KEEPALIVE_SECONDS)
-        except queue.Empty:
-            yield None
-            continue
-        yield event
-        if isinstance(event, Finished | Failed):
-            return
-
-
-def _note(fields: dict[str, Any], done: Finished) -> None:
-    fields.update(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        cached_tokens=done.cached_tokens,
-        finish_reason=done.reason,
-    )
-
-
-def _collect(job: Job) -> tuple[str, Finished]:
-    parts: list[str] = g.audit.output  # the audit's outcome record keeps the answer
-    try:
-        for event in _events(job):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                _note(g.log_fields, event)
-                return "".join(parts), event
-            elif isinstance(event, Failed):
-                raise ApiError(500, event.message, code="generation_failed")
-    finally:
-        job.cancel()
-    raise AssertionError("event stream ended without an outcome")
-
-
-def _usage(done: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        total_tokens=done.prompt_tokens + done.completion_tokens,
-    )
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _stream(
-    job: Job,
-    chunk: dict[str, Any],
-    put_text: Any,
-    include_usage: bool,
-    fields: dict[str, Any],
-    output: list[str],
-) -> Iterator[bytes]:
-    """Server-sent events for one job. ``chunk`` is the event template; ``put_text``
-    writes text or a finish reason into a choice. Closing the generator (the client
-    went away) cancels the job, which frees the model at the next token."""
-    settled = False
-    try:
-        usage_key = {"usage": None} if include_usage else {}
-        for event in _events(job):
-            if event is None:
-                yield b": keep-alive\n\n"
-            elif isinstance(event, TextDelta):
-                output.append(event.text)
-                yield _sse({**chunk, "choices": [put_text(event.text, None)], **usage_key})
-            elif isinstance(event, Finished):
-                settled = True
-                _note(fields, event)
-                reason = "length" if event.reason == "length" else "stop"
-                yield _sse({**chunk, "choices": [put_text(None, reason)], **usage_key})
-                if include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(event).model_dump()})
-                yield b"data: [DONE]\n\n"
-            elif isinstance(event, Failed):
-                settled = True
-                fields.update(finish_reason="failed")
-                yield _sse(error_body(500, event.message, code="generation_failed"))
-    finally:
-        if not settled:  # the client went away before the end
-            fields["client_disconnected"] = True
-            last = job.cancel_and_settle()
-            if isinstance(last, Finished):
-                _note(fields, last)
-            fields["finish_reason"] = "cancelled"
-
-
-def _start_stream(
-    job: Job, chunk: dict[str, Any], put_text: Any, include_usage: bool, first: bytes = b""
-) -> Response:
-    fields, output = g.log_fields, g.audit.output
-
-    def body() -> Iterator[bytes]:
-        if first:
-            yield first
-        yield from _stream(job, chunk, put_text, include_usage, fields, output)
-
-    resp = Response(body(), mimetype="text/event-stream")
-    resp.headers["Cache-Control"] = "no-cache"
-    resp.headers["X-Accel-Buffering"] = "no"
-    return resp
-
-
 def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     messages = []
     for m in req.messages:
@@ -357,7 +242,7 @@ def chat_completions() -> Response:
             return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        first = _sse(
+        first = sse(
             {
                 **chunk,
                 "choices": [
@@ -371,14 +256,14 @@ def chat_completions() -> Response:
                 **({"usage": None} if include else {}),
             }
         )
-        return _start_stream(job, chunk, put_text, include, first)
-    text, done = _collect(job)
+        return start_stream(job, chunk, put_text, include, first)
+    text, done = collect(job)
     _confirm(job)
     answer = ChatCompletion(
         id=ident,
         created=created,
         model=model.manifest.name,
-        usage=_usage(done),
+        usage=usage(done),
         choices=[
             ChatChoice(
                 index=0,
@@ -442,14 +327,14 @@ def completions() -> Response:
             return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return _start_stream(job, chunk, put_text, include)
-    text, done = _collect(job)
+        return start_stream(job, chunk, put_text, include)
+    text, done = collect(job)
     _confirm(job)
     answer = Completion(
         id=ident,
         created=created,
         model=model.manifest.name,
-        usage=_usage(done),
+        usage=usage(done),
         choices=[
             CompletionChoice(
                 index=0, text=text, finish_reason="length" if done.reason == "length" else "stop"

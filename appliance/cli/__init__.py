@@ -1,0 +1,8 @@
+"""The `appliance` command. Each command parses, calls one library function, prints.
+Every command takes --config and the state/model directory flags (and honours
+APPLIANCE_* variables); every command that prints data takes --json."""
+
+from appliance.cli import access, audit, models, serve
+from appliance.cli.common import main
+
+__all__ = ["access", "audit", "main", "models", "serve"]

