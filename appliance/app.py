@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from appliance import __version__, reqlog, serving, web
-from appliance.api import admin, errors, health, openai, openapi
+from appliance.api import admin, errors, health, kserve, metrics, openai, openapi
 from appliance.audit import trail
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, local_actor
@@ -24,11 +24,22 @@ def create_app(settings: Settings) -> Flask:
     # before_request runs in this order (request id, audit context, then the gate);
     # after_request in reverse (the audit record is written before the log line).
     reqlog.init_app(app)
+    metrics.init_app(app)
     trail.init_app(app, store)
     guard.init_app(app, settings, AuthStore(settings), secure_cookies=tls_enabled(settings))
     errors.register(app)
     pool = serving.init_app(app, settings)
-    for blueprint in (health.bp, openapi.bp, openai.bp, admin.bp, admin.audit_bp, web.bp):
+    blueprints = (
+        health.bp,
+        openapi.bp,
+        openai.bp,
+        kserve.bp,
+        metrics.bp,
+        admin.bp,
+        admin.audit_bp,
+        web.bp,
+    )
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     store.append(
         Entry(

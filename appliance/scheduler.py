@@ -136,3 +136,43 @@ class ModelScheduler:
                     self._running -= 1
                     self.completed += 1
                     self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
+
+
+class Admission:
+    """A bound for models whose runs may overlap (onnxruntime sessions): `slots` run at
+    once, `depth` more wait, past that QueueFull."""
+
+    def __init__(self, name: str, slots: int, depth: int) -> None:
+        self.name, self.slots, self.depth = name, slots, depth
+        self._running = threading.Semaphore(slots)
+        self._lock = threading.Lock()
+        self._inside = 0
+        self.completed = 0
+
+    def __enter__(self) -> Admission:
+        with self._lock:
+            if self._inside >= self.slots + self.depth:
+                raise QueueFull(self.name, self.depth, 1)
+            self._inside += 1
+        self._running.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._running.release()
+        with self._lock:
+            self._inside -= 1
+            self.completed += 1
+
+    def snapshot(self) -> dict[str, int | bool]:
+        with self._lock:
+            inside = self._inside
+        running = min(inside, self.slots)
+        return {
+            "busy": inside > 0,
+            "running": running,
+            "queued": inside - running,
+            "slots": self.slots,
+            "queue_depth": self.depth,
+            "completed": self.completed,
+            "alive": True,
+        }

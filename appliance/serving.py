@@ -8,10 +8,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from flask import Flask
 
 from appliance.config import Settings
 from appliance.engines.base import TextEngine
+from appliance.engines.onnx import OnnxEngine
 from appliance.registry import (
     Manifest,
     ManifestError,
@@ -20,10 +22,18 @@ from appliance.registry import (
     load_manifests,
     verify_all,
 )
-from appliance.scheduler import ModelScheduler
+from appliance.resources import MemoryBudget, footprint
+from appliance.scheduler import Admission, ModelScheduler
 
 log = logging.getLogger(__name__)
 EXTENSION = "appliance.models"
+
+
+@dataclass
+class ServedTensorModel:
+    manifest: Manifest
+    engine: OnnxEngine
+    admission: Admission
 
 
 @dataclass
@@ -37,13 +47,14 @@ class ServedModel:
 class ModelPool:
     settings: Settings
     served: dict[str, ServedModel] = field(default_factory=dict)
+    tensors: dict[str, ServedTensorModel] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # name -> reason
     manifests: dict[str, Manifest] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # not tied to one model
 
     @property
     def ready(self) -> bool:
-        return bool(self.served) and not self.refused and not self.problems
+        return bool(self.served or self.tensors) and not self.refused and not self.problems
 
     def state(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -51,6 +62,8 @@ class ModelPool:
             row: dict[str, Any] = {"name": name, "format": manifest.format}
             if name in self.served:
                 row.update(state="serving", **self.served[name].scheduler.snapshot())
+            elif name in self.tensors:
+                row.update(state="serving", **self.tensors[name].admission.snapshot())
             else:
                 row.update(state="refused", reason=self.refused.get(name, "not loaded"))
             rows.append(row)
@@ -61,19 +74,28 @@ class ModelPool:
             model.scheduler.stop()
             model.engine.close()
         self.served.clear()
+        for tensor in self.tensors.values():
+            tensor.engine.close()
+        self.tensors.clear()
 
 
-def _load_engine(settings: Settings, manifest: Manifest, verification: Verification) -> TextEngine:
-    from appliance.engines.llama import LlamaEngine
-
+def _load_engine(
+    settings: Settings, manifest: Manifest, verification: Verification
+) -> TextEngine | OnnxEngine:
     path = settings.models_path / manifest.file
-    engine = LlamaEngine(
-        path,
-        context_size=settings.context_size,
-        threads=settings.threads,
-        gpu_layers=settings.gpu_layers,
-        model_context=manifest.context_length,
-    )
+    engine: TextEngine | OnnxEngine
+    if manifest.format == "onnx":
+        engine = OnnxEngine(path, settings.onnx_threads)
+    else:
+        from appliance.engines.llama import LlamaEngine
+
+        engine = LlamaEngine(
+            path,
+            context_size=settings.context_size,
+            threads=settings.threads,
+            gpu_layers=settings.gpu_layers,
+            model_context=manifest.context_length,
+        )
     # The file must be the one that was hashed, not one swapped in since.
     if file_identity(path) != verification.identity:
         engine.close()
@@ -89,22 +111,30 @@ def open_pool(settings: Settings) -> ModelPool:
         pool.problems.append(str(exc))
         log.error("manifests refused", extra={"reason": str(exc)})
         return pool
+    budget = MemoryBudget(settings)
     for verification in verify_all(settings, pool.manifests.values()):
         manifest = pool.manifests[verification.name]
         if not verification.ok:
             pool.refused[manifest.name] = verification.message
             log.error(verification.message, extra={"model": manifest.name})
             continue
-        if manifest.format != "gguf":
-            pool.refused[manifest.name] = (
-                f"model {manifest.name!r}: format {manifest.format} is not served yet"
-            )
+        path = settings.models_path / manifest.file
+        too_big = budget.admit(manifest.name, footprint(manifest, path, settings))
+        if too_big is not None:
+            pool.refused[manifest.name] = too_big
+            log.error(too_big, extra={"model": manifest.name})
             continue
         try:
             engine = _load_engine(settings, manifest, verification)
         except Exception as exc:  # a file that verifies may still fail to load
             pool.refused[manifest.name] = f"model {manifest.name!r} failed to load: {exc}"
             log.error(pool.refused[manifest.name], extra={"model": manifest.name})
+            continue
+        if isinstance(engine, OnnxEngine):
+            slots = psutil.cpu_count(logical=False) or 1
+            admission = Admission(manifest.name, slots, settings.queue_depth)
+            pool.tensors[manifest.name] = ServedTensorModel(manifest, engine, admission)
+            log.info("model loaded", extra={"model": manifest.name, "format": "onnx"})
             continue
         scheduler = ModelScheduler(manifest.name, engine, settings.queue_depth)
         scheduler.start()

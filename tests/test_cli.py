@@ -37,8 +37,9 @@ def test_models_verify_json_and_exit_code(
 ) -> None:
     code, out = run(runner, "models", "verify", "--json", "--state-dir", str(state_dir))
     assert code == 0
-    [result] = json.loads(out)
-    assert result["ok"] and result["state"] == "verified" and result["cached"] is False
+    results = json.loads(out)
+    assert {r["name"] for r in results} == {default_model.name, "line-anomaly"}
+    assert all(r["ok"] and r["state"] == "verified" and r["cached"] is False for r in results)
 
     target = state_dir / "models" / default_model.file
     target.unlink()

@@ -59,9 +59,15 @@ def error_body(
 
 
 def error_response(err: ApiError) -> Response:
-    if has_request_context() and "log_fields" in g:
-        g.log_fields.setdefault("error_type", err.code or _TYPES.get(err.status, "error"))
-    resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
+    """The error in the shape of the protocol asked: {"error": "..."} on /v2 (Open
+    Inference Protocol), OpenAI's everywhere else."""
+    body: dict[str, Any] = err.body()
+    if has_request_context():
+        if "log_fields" in g:
+            g.log_fields.setdefault("error_type", err.code or _TYPES.get(err.status, "error"))
+        if request.path == "/v2" or request.path.startswith("/v2/"):
+            body = {"error": err.message}
+    resp = Response(json.dumps(body), status=err.status, mimetype="application/json")
     for key, value in err.headers.items():
         resp.headers[key] = value
     return resp

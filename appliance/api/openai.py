@@ -29,6 +29,7 @@ from appliance.engines.base import (
     PromptError,
     SamplingParams,
 )
+from appliance.resources import pressure
 from appliance.scheduler import Job, QueueFull
 from appliance.serving import ServedModel, get_pool
 
@@ -44,6 +45,16 @@ def _settings() -> Settings:
 
 def _served(name: str) -> ServedModel:
     pool = get_pool(current_app)
+    short = pressure(_settings())
+    if short:
+        raise ApiError(503, short, code="memory_pressure", headers={"Retry-After": "5"})
+    if name in pool.tensors:
+        raise ApiError(
+            400,
+            f"model {name!r} is a tensor model: use /v2/models/{name}/infer",
+            param="model",
+            code="wrong_protocol",
+        )
     if name in pool.served:
         return pool.served[name]
     if name in pool.refused:

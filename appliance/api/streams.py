@@ -37,6 +37,7 @@ def note(fields: dict[str, Any], done: Finished) -> None:
         completion_tokens=done.completion_tokens,
         cached_tokens=done.cached_tokens,
         finish_reason=done.reason,
+        decode_seconds=round(done.decode_seconds, 4),
     )
 
 

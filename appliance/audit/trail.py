@@ -26,7 +26,7 @@ from appliance.audit.store import AuditStore, AuditUnavailable, Ticket
 log = logging.getLogger(__name__)
 EXTENSION = "appliance.audit"
 # Probes carry no data and arrive every few seconds; auditing them would drown the log.
-UNAUDITED = frozenset({"/healthz", "/readyz"})
+UNAUDITED = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
 @dataclass

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from flask import Flask, Response, g, jsonify, redirect, request
+from flask import Flask, Response, g, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance.api.errors import ApiError, error_response
@@ -90,12 +90,8 @@ def refusal(status: int, message: str, reason: str, **headers: str) -> Response:
     """A refusal in the shape of the area asked; the precise reason goes to the audit
     only (a client is not told whether a token was unknown, revoked or expired)."""
     g.log_fields["error_type"] = reason
-    if request.path.startswith("/v2"):
-        resp = jsonify({"error": message})
-        resp.status_code = status
-    else:
-        code = "csrf_failed" if reason == "csrf_failed" else CLIENT_CODES.get(status)
-        resp = error_response(ApiError(status, message, code=code))
+    code = "csrf_failed" if reason == "csrf_failed" else CLIENT_CODES.get(status)
+    resp = error_response(ApiError(status, message, code=code))
     for key, value in headers.items():
         resp.headers[key.replace("_", "-")] = value
     return resp

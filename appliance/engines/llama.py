@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,7 @@ class LlamaEngine:
             cached = self._load_prompt(prompt)
             sampler = self._sampler(job)
             reason = "length"
+            decode_started = time.perf_counter()
             while produced < job.params.max_tokens:
                 if cancelled():
                     reason = "cancelled"
@@ -210,7 +212,9 @@ class LlamaEngine:
                 llm.eval([token])
             if reason != "stop" and (rest := scanner.flush()):
                 yield TextDelta(rest)
-            yield Finished(reason, len(prompt), produced, cached)
+            yield Finished(
+                reason, len(prompt), produced, cached, time.perf_counter() - decode_started
+            )
         except Exception as exc:  # llama.cpp failures surface as RuntimeError
             log.exception("generation failed")
             llm.reset()

@@ -1,0 +1,177 @@
+"""/metrics in Prometheus text: requests by route, model and status, latency, queue
+depth, tokens and tokens/s, model state, process and machine resources."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from appliance.audit.trail import get_store
+from appliance.serving import get_pool
+
+bp = Blueprint("metrics", __name__)
+EXTENSION = "appliance.metrics"
+
+
+class Metrics:
+    def __init__(self, app: Flask) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "appliance_requests_total",
+            "Requests answered.",
+            ["route", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "appliance_request_seconds",
+            "Request latency.",
+            ["route"],
+            registry=self.registry,
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                120,
+            ),
+        )
+        self.tokens = Counter(
+            "appliance_tokens_generated_total",
+            "Tokens generated.",
+            ["model"],
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+        self.state = _StateCollector(app)
+        self.registry.register(self.state)
+
+    def observe(self, fields: dict[str, Any], route: str, status: int, seconds: float) -> None:
+        model = str(fields.get("model") or "")
+        self.requests.labels(route, model, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if fields.get("completion_tokens"):
+            self.tokens.labels(model).inc(int(fields["completion_tokens"]))
+
+
+class _StateCollector(Collector):
+    """Read at scrape time: queues, model state, tokens/s, machine resources."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.tokens_per_second: dict[str, float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pool = get_pool(self.app)
+        queued = GaugeMetricFamily(
+            "appliance_queue_depth", "Requests waiting per model.", labels=["model"]
+        )
+        busy = GaugeMetricFamily(
+            "appliance_busy_slots", "Requests running per model.", labels=["model"]
+        )
+        state = GaugeMetricFamily(
+            "appliance_model_loaded",
+            "1 when the model serves, 0 when it was refused.",
+            labels=["model", "format"],
+        )
+        for row in pool.state():
+            loaded = row["state"] == "serving"
+            state.add_metric([row["name"], row["format"]], 1.0 if loaded else 0.0)
+            if loaded:
+                queued.add_metric([row["name"]], float(row["queued"]))
+                busy.add_metric([row["name"]], float(row["running"]))
+        yield from (queued, busy, state)
+        rate = GaugeMetricFamily(
+            "appliance_tokens_per_second",
+            "Decode rate of the last finished generation.",
+            labels=["model"],
+        )
+        for model, value in self.tokens_per_second.items():
+            rate.add_metric([model], value)
+        yield rate
+        memory = psutil.virtual_memory()
+        yield GaugeMetricFamily(
+            "appliance_system_memory_available_bytes",
+            "Memory available on the machine.",
+            value=memory.available,
+        )
+        yield GaugeMetricFamily(
+            "appliance_system_memory_total_bytes", "Memory of the machine.", value=memory.total
+        )
+        store = get_store(self.app)
+        yield GaugeMetricFamily(
+            "appliance_audit_writable",
+            "1 while the audit log takes records.",
+            value=1.0 if store.healthy else 0.0,
+        )
+        temps = GaugeMetricFamily(
+            "appliance_temperature_celsius", "Temperatures the hardware reports.", labels=["sensor"]
+        )
+        reader = getattr(psutil, "sensors_temperatures", None)
+        for chip, entries in (reader() if reader else {}).items():
+            for i, entry in enumerate(entries):
+                temps.add_metric([f"{chip}/{entry.label or i}"], float(entry.current))
+        yield temps
+
+
+def init_app(app: Flask) -> Metrics:
+    metrics = Metrics(app)
+    app.extensions[EXTENSION] = metrics
+    collector = metrics.state
+
+    @app.before_request
+    def _start() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        fields: dict[str, Any] = g.get("log_fields", {})
+        started = g.get("metrics_started", time.perf_counter())
+
+        def observe() -> None:
+            elapsed = time.perf_counter() - started
+            metrics.observe(fields, route, response.status_code, elapsed)
+            tokens = fields.get("completion_tokens")
+            if tokens and fields.get("decode_seconds"):
+                collector.tokens_per_second[str(fields.get("model"))] = (
+                    tokens / fields["decode_seconds"]
+                )
+
+        if response.is_streamed:
+            response.call_on_close(observe)
+        else:
+            observe()
+        return response
+
+    return metrics
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    registry = current_app.extensions[EXTENSION].registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
