@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from appliance import config
@@ -80,3 +82,21 @@ def config_docs() -> None:
 def config_sample() -> None:
     """A TOML file with every setting commented out at its default."""
     click.echo(config.sample_toml(), nl=False)
+
+
+@main.command()
+@settings_options()
+@json_option
+def doctor(settings: Settings, as_json: bool) -> None:
+    """Check the machine: CPU, memory against the models, disk, GPU, key permissions,
+    certificate, audit chain. Exit 1 when something fails."""
+    from appliance.doctor import as_dicts, examine
+
+    checks = examine(settings)
+    if as_json:
+        print_json(as_dicts(checks))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            click.echo(f"{c.status.upper():5} {c.name:{width}}  {c.detail}")
+    sys.exit(1 if any(c.status == "fail" for c in checks) else 0)

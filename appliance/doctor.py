@@ -1,0 +1,181 @@
+"""`appliance doctor`: is this machine fit to serve? Each check says ok, warn or fail,
+with what it saw; any fail makes the command exit non-zero."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from appliance.audit import chain, crypto
+from appliance.config import Settings
+from appliance.registry import ManifestError, load_manifests, verify_model
+from appliance.resources import MIB, footprint
+from appliance.tls import tls_enabled
+
+MIN_FREE_DISK = 1 << 30
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def _cpu() -> list[Check]:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    avx2 = "avx2" in flags
+    avx512 = "avx512f" in flags
+    physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count()
+    return [
+        Check(
+            "cpu features",
+            "ok" if avx2 else "warn",
+            f"AVX2 {'yes' if avx2 else 'no'}, AVX-512 {'yes' if avx512 else 'no'}"
+            + ("" if avx2 else " (llama.cpp runs much slower without AVX2)"),
+        ),
+        Check("cpu cores", "ok", f"{physical} physical, {logical} logical"),
+    ]
+
+
+def _models_and_memory(settings: Settings) -> list[Check]:
+    try:
+        manifests = load_manifests(settings)
+    except ManifestError as exc:
+        return [Check("models", "fail", str(exc))]
+    checks, need = [], 0
+    for manifest in manifests.values():
+        result = verify_model(manifest, settings.models_path)
+        if result.ok:
+            need += footprint(manifest, settings.models_path / manifest.file, settings)
+        checks.append(
+            Check(f"model {manifest.name}", "ok" if result.ok else "fail", result.message)
+        )
+    memory = psutil.virtual_memory()
+    room = memory.available - settings.memory_reserve_mb * MIB
+    checks.append(
+        Check(
+            "memory",
+            "ok" if need <= room else "fail",
+            f"models need about {need // MIB} MiB; {memory.available // MIB} MiB available of "
+            f"{memory.total // MIB} MiB, reserve {settings.memory_reserve_mb} MiB",
+        )
+    )
+    return checks
+
+
+def _disk(settings: Settings) -> Check:
+    directory = settings.audit_db_path.parent
+    probe = directory if directory.exists() else settings.state_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return Check(
+        "disk for the audit log",
+        "ok" if free >= MIN_FREE_DISK else "fail",
+        f"{free // MIB} MiB free at {probe} (need at least {MIN_FREE_DISK // MIB} MiB)",
+    )
+
+
+def _gpu() -> Check:
+    found = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    smi = shutil.which("nvidia-smi")
+    if found or smi:
+        return Check("gpu", "ok", f"NVIDIA devices: {', '.join(found) or 'see nvidia-smi'}")
+    return Check("gpu", "ok", "none found: models run on the CPU")
+
+
+def _keys(settings: Settings) -> list[Check]:
+    checks = []
+    for label, path in (
+        ("master key", settings.master_key_path),
+        ("signing key", settings.signing_key_path),
+        ("TLS key", settings.tls_key_path),
+    ):
+        if not path.exists():
+            if label != "TLS key":
+                checks.append(Check(label, "ok", f"{path} not present (made on first start)"))
+            elif tls_enabled(settings):
+                checks.append(Check(label, "fail", f"{path} not present: run appliance tls init"))
+            else:
+                checks.append(Check(label, "ok", f"{path} not present (TLS off on loopback)"))
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        checks.append(
+            Check(
+                label,
+                "fail" if mode & 0o077 else "ok",
+                f"{path} mode {mode:04o}"
+                + (": readable by group or others" if mode & 0o077 else ""),
+            )
+        )
+    return checks
+
+
+def _certificate(settings: Settings) -> Check:
+    path = settings.tls_cert_path
+    if not path.exists():
+        return Check(
+            "tls certificate",
+            "fail" if tls_enabled(settings) else "ok",
+            f"{path} not present"
+            + ("" if tls_enabled(settings) else " (loopback serves plain HTTP)"),
+        )
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    days = (cert.not_valid_after_utc - datetime.now(UTC)).days
+    status = "fail" if days < 0 else "warn" if days < 30 else "ok"
+    return Check(
+        "tls certificate",
+        status,
+        f"{path} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days} days)",
+    )
+
+
+def _audit(settings: Settings) -> Check:
+    if not settings.audit_db_path.exists():
+        return Check("audit chain", "ok", "no audit log yet (made on first start)")
+    pub = settings.signing_public_key_path
+    key = crypto.load_public_key(pub) if pub.exists() else None
+    report = chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
+    if report.ok:
+        return Check(
+            "audit chain",
+            "ok",
+            f"{report.records} records, {report.checkpoints} checkpoints verified",
+        )
+    assert report.problem is not None
+    return Check(
+        "audit chain",
+        "fail",
+        f"at {report.problem.seq}: {report.problem.kind}: {report.problem.detail}",
+    )
+
+
+def examine(settings: Settings) -> list[Check]:
+    return [
+        *_cpu(),
+        *_models_and_memory(settings),
+        _disk(settings),
+        _gpu(),
+        *_keys(settings),
+        _certificate(settings),
+        _audit(settings),
+    ]
+
+
+def as_dicts(checks: list[Check]) -> list[dict[str, str]]:
+    return [asdict(c) for c in checks]
