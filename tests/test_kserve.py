@@ -390,3 +390,17 @@ def test_line_model_build_is_reproducible(tmp_path: Path, model_file: Path) -> N
     assert (tmp_path / "MODEL_CARD.md").read_text() == (
         REPO / "models" / "line" / "MODEL_CARD.md"
     ).read_text()
+
+
+def test_tensor_inference_leaves_its_record_pair(app: Flask, client: FlaskClient) -> None:
+    from appliance.audit.reader import records
+    from appliance.audit.trail import get_store
+
+    resp = infer(client, {"id": "cam-9", "inputs": [readings_input()]})
+    request_id = resp.headers["X-Request-Id"]
+    rows = [r for r in records(get_store(app)) if r["request_id"] == request_id]
+    assert [r["kind"] for r in rows] == ["request", "outcome"]
+    assert rows[1]["seq"] == rows[0]["seq"] + 1  # one commit, request first
+    assert rows[0]["content"]["input"]["id"] == "cam-9"
+    assert rows[0]["model_sha256"] == rows[1]["model_sha256"] != ""
+    assert json.loads(rows[1]["content"]["output"])["is_anomaly"] == [False, True, True]

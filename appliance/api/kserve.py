@@ -17,7 +17,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from appliance import __version__
 from appliance.api.errors import ApiError
-from appliance.audit.trail import confirm_inference, get_store, open_inference
+from appliance.audit.trail import get_store, open_inference
 from appliance.config import Settings
 from appliance.engines.onnx import NUMPY_BY_DATATYPE, TensorSpec
 from appliance.resources import pressure
@@ -332,7 +332,9 @@ def infer(name: str, version: str | None = None) -> Response:
     body, binary = _split_body()
     feeds = _decode_inputs(body, binary, model)
     wanted = _requested_outputs(body, model)
-    open_inference(name, model.manifest.sha256, _audit_input(body, binary))
+    # A tensor model answers in microseconds: its request record is committed with the
+    # outcome record, in one fsync, before the answer leaves.
+    open_inference(name, model.manifest.sha256, _audit_input(body, binary), with_outcome=True)
     try:
         with model.admission:
             results = model.engine.run(feeds, [n for n, _ in wanted])
@@ -340,7 +342,6 @@ def infer(name: str, version: str | None = None) -> Response:
         raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except Exception as exc:  # onnxruntime rejects what the metadata could not tell
         raise ApiError(400, f"the model could not run these inputs: {exc}") from None
-    confirm_inference()
     specs = {s.name: s for s in model.engine.outputs}
     outputs, blobs = [], []
     for out_name, as_binary in wanted:

@@ -33,6 +33,7 @@ UNAUDITED = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/rea
 class RequestAudit:
     started: float = field(default_factory=time.perf_counter)
     ticket: Ticket | None = None  # the request record, queued
+    deferred: Entry | None = None  # the request record, to commit with its outcome
     opened: bool = False  # the request record is durable: an outcome is owed
     model: str | None = None
     model_sha256: str | None = None
@@ -80,13 +81,20 @@ def unavailable(exc: AuditUnavailable) -> ApiError:
     )
 
 
-def open_inference(model: str, model_sha256: str, body: dict[str, Any]) -> None:
-    """Queue the request record; confirm_inference() waits for it."""
+def open_inference(
+    model: str, model_sha256: str, body: dict[str, Any], with_outcome: bool = False
+) -> None:
+    """Queue the request record; confirm_inference() waits for it. With `with_outcome`
+    (a plain answer computed in moments) it is committed together with the outcome
+    record instead, still before the answer leaves."""
     ctx: RequestAudit = g.audit
     entry = _base("request")
     entry.model, entry.model_sha256 = model, model_sha256
     entry.content = {"input": body}
     ctx.model, ctx.model_sha256 = model, model_sha256
+    if with_outcome:
+        ctx.deferred = entry
+        return
     try:
         ctx.ticket = get_store(current_app).submit(entry)
     except AuditUnavailable as exc:
@@ -105,6 +113,12 @@ def confirm_inference() -> None:
     except AuditUnavailable as exc:
         raise unavailable(exc) from None
     ctx.opened = True
+
+
+def _commit_together(entries: list[Entry]) -> None:
+    store = get_store(current_app)
+    for ticket in store.submit_together(entries):
+        store.wait(ticket)
 
 
 def _outcome(ctx: RequestAudit, fields: dict[str, Any], status: int, kind: str) -> Entry:
@@ -188,6 +202,14 @@ def init_app(app: Flask, store: AuditStore) -> None:
                     )
 
             response.call_on_close(finish)
+            return response
+        if ctx.deferred is not None:
+            entry = _outcome(ctx, fields, response.status_code, "outcome")
+            entry.content = {"output": "".join(ctx.output)} if ctx.output else None
+            try:
+                _timed(lambda: _commit_together([ctx.deferred, entry]))  # type: ignore[list-item]
+            except AuditUnavailable as exc:
+                return error_response(unavailable(exc))
             return response
         if ctx.opened:
             entry = _outcome(ctx, fields, response.status_code, "outcome")

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -129,6 +131,19 @@ def parse_duration(text: str) -> timedelta:
     }[unit]
 
 
+TOKEN_BY_ID = "SELECT id, name, role, secret_sha256, expires, revoked FROM tokens WHERE id = ?"
+
+
+@dataclass(frozen=True)
+class _TokenRow:
+    id: str
+    name: str
+    role: str
+    secret_sha256: str
+    expires: str | None
+    revoked: str | None
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a request is from, once authenticated."""
@@ -154,6 +169,7 @@ class AuthStore:
         self.engine: Engine = open_engine(settings.auth_db_path)
         self.reader: Engine = open_engine(settings.auth_db_path, immediate=False)
         metadata.create_all(self.engine)
+        self._local = threading.local()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -228,8 +244,9 @@ class AuthStore:
         parts = presented.split("_", 2)
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
             return None, "malformed_token"
-        with self.reader.connect() as conn:
-            row = conn.execute(select(tokens).where(tokens.c.id == parts[1])).first()
+        # Every request asks this: one indexed read on this thread's own connection,
+        # no cache, so a revocation counts from the very next request.
+        row = self._token_row(parts[1])
         if row is None:
             hmac.compare_digest(sha256(parts[2]), "0" * 64)  # same work either way
             return None, "unknown_token"
@@ -240,6 +257,17 @@ class AuthStore:
         if row.expires is not None and parse_iso(row.expires) <= now():
             return None, "expired_token"
         return Principal("token", f"token:{row.id}", row.name, row.role), ""
+
+    def _token_row(self, public_id: str) -> Any:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # Read-only and in autocommit: each lookup is its own snapshot, holds no lock.
+            path = self.settings.auth_db_path
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            conn.execute("PRAGMA trusted_schema=OFF")
+            self._local.conn = conn
+        found = conn.execute(TOKEN_BY_ID, (public_id,)).fetchone()
+        return None if found is None else _TokenRow(*found)
 
     # -- users -----------------------------------------------------------------------
 
