@@ -327,6 +327,7 @@ def test_memory_admission_refuses_a_model_that_does_not_fit(
         assert ready.status_code == 503 and any(
             "needs about" in r for r in ready.get_json()["reasons"]
         )
+        assert "needs about" in error_of(app.test_client().get("/v2/health/ready"), 503)
     finally:
         close_app(app)
 
