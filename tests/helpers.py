@@ -114,6 +114,18 @@ def _drain(stream: object, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
+def run_cli(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`appliance ARGS --state-dir STATE` in a subprocess, free of the caller's APPLIANCE_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args, "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 def admin_token(state: Path) -> str:
     """A fresh admin token in the state directory's auth database (test setup)."""
     from appliance.auth.store import AuthStore

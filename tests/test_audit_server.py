@@ -15,32 +15,21 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Server, ServerFactory, wait_for
+from helpers import Server, ServerFactory, run_cli, wait_for
 
 pytestmark = pytest.mark.server
 
 SECRET = "Zebulon Quartermaine, ward 7, bed 14"
 
 
-def appliance(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args, "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-
-
 def exported(state: Path) -> list[dict[str, Any]]:
-    result = appliance("audit", "export", "--format", "jsonl", state=state)
+    result = run_cli("audit", "export", "--format", "jsonl", state=state)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def verified(state: Path) -> dict[str, Any]:
-    result = appliance("audit", "verify", "--json", state=state)
+    result = run_cli("audit", "verify", "--json", state=state)
     report: dict[str, Any] = json.loads(result.stdout)
     assert result.returncode == (0 if report["ok"] else 1)
     return report
@@ -285,7 +274,7 @@ def test_master_key_readable_by_others_stops_the_start(state_dir: Path) -> None:
     key.parent.mkdir(mode=0o700)
     key.write_text(os.urandom(32).hex())
     os.chmod(key, 0o644)
-    result = appliance("serve", "--port", "1", state=state_dir)
+    result = run_cli("serve", "--port", "1", state=state_dir)
     assert result.returncode != 0
     assert "refusing to start" in result.stderr
     assert str(key) in result.stderr and "chmod 600" in result.stderr
@@ -296,12 +285,12 @@ def test_audit_cli_round_trip(
 ) -> None:
     server = server_factory(state_dir)
     first = chat(server, model_name)
-    rotated = appliance("audit", "rotate-key", "--json", state=state_dir)
+    rotated = run_cli("audit", "rotate-key", "--json", state=state_dir)
     assert rotated.returncode == 0, rotated.stderr
     new_key = json.loads(rotated.stdout)["key_id"]
     second = chat(server, model_name)  # the running server takes the new key
     backup = tmp_path / "copy.db"
-    assert appliance("audit", "backup", str(backup), state=state_dir).returncode == 0
+    assert run_cli("audit", "backup", str(backup), state=state_dir).returncode == 0
     server.stop()
 
     rows = exported(state_dir)
@@ -314,15 +303,13 @@ def test_audit_cli_round_trip(
     ]
     assert earlier["key_id"] != new_key and earlier["content"]["input"]["messages"]
 
-    shown = appliance("audit", "show", str(later["seq"]), "--json", state=state_dir)
+    shown = run_cli("audit", "show", str(later["seq"]), "--json", state=state_dir)
     assert json.loads(shown.stdout)["request_id"] == second.headers["X-Request-Id"]
-    csv_out = appliance(
-        "audit", "export", "--format", "csv", "--model", model_name, state=state_dir
-    )
+    csv_out = run_cli("audit", "export", "--format", "csv", "--model", model_name, state=state_dir)
     assert csv_out.stdout.splitlines()[0].startswith("seq,ts,kind")
     assert len(csv_out.stdout.splitlines()) == 1 + 4  # two pairs of this model
 
-    purged = appliance("audit", "purge", "--before", later["ts"], "--json", state=state_dir)
+    purged = run_cli("audit", "purge", "--before", later["ts"], "--json", state=state_dir)
     assert json.loads(purged.stdout)["purged_through"] == later["seq"] - 1
     assert verified(state_dir)["ok"]
     backup_check = subprocess.run(
@@ -346,6 +333,6 @@ def test_audit_cli_round_trip(
 
     with sqlite3.connect(state_dir / "audit" / "audit.db") as conn:
         conn.execute("UPDATE audit_records SET status = 201 WHERE seq = ?", (later["seq"],))
-    failed = appliance("audit", "verify", state=state_dir)
+    failed = run_cli("audit", "verify", state=state_dir)
     assert failed.returncode == 1
     assert f"FAILED at {later['seq']}: modified" in failed.stdout

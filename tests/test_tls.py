@@ -4,11 +4,8 @@ openai SDK), Secure cookies, and no LAN address served in clear."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -19,26 +16,15 @@ from openai import OpenAI
 from appliance.config import Settings, load_settings
 from appliance.tls import TLSError, check_serving
 
-from helpers import ServerFactory
+from helpers import ServerFactory, run_cli
 
 pytestmark = pytest.mark.server
-
-
-def appliance(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args, "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 def test_tls_init_and_real_clients_verify_against_the_ca(
     server_factory: ServerFactory, state_dir: Path, model_name: str
 ) -> None:
-    made = appliance(
+    made = run_cli(
         "tls",
         "init",
         "--name",
@@ -103,11 +89,11 @@ def test_tls_init_and_real_clients_verify_against_the_ca(
 
 
 def test_lan_address_without_tls_is_refused(state_dir: Path) -> None:
-    clear = appliance("serve", "--host", "0.0.0.0", "--port", "1", "--tls", "off", state=state_dir)
+    clear = run_cli("serve", "--host", "0.0.0.0", "--port", "1", "--tls", "off", state=state_dir)
     assert clear.returncode == 1
     assert "refusing to serve 0.0.0.0 without TLS" in clear.stderr
     assert "--insecure-lan" in clear.stderr
-    no_cert = appliance("serve", "--host", "0.0.0.0", "--port", "1", state=state_dir)
+    no_cert = run_cli("serve", "--host", "0.0.0.0", "--port", "1", state=state_dir)
     assert no_cert.returncode == 1 and "appliance tls init" in no_cert.stderr
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -25,10 +26,15 @@ def tokens() -> None:
     """API tokens (Authorization: Bearer) and their roles."""
 
 
-def _auth_store(settings: Settings) -> Any:
+@contextmanager
+def _auth_store(settings: Settings) -> Iterator[Any]:
     from appliance.auth.store import AuthStore
 
-    return AuthStore(settings)
+    store = AuthStore(settings)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _auth_call(
@@ -40,14 +46,11 @@ def _auth_call(
     """Run an auth change with its admin audit record; refused if it cannot be recorded."""
     from appliance.auth.store import AuthError
 
-    with audit_store(settings) as log:
-        store = _auth_store(settings)
+    with audit_store(settings) as log, _auth_store(settings) as store:
         try:
             result = call(store)
         except AuthError as exc:
             raise click.ClickException(str(exc)) from None
-        finally:
-            store.close()
         record_action(log, action, details(result))
     return result
 
@@ -80,11 +83,8 @@ def tokens_create(
 @json_option
 def tokens_list(settings: Settings, as_json: bool) -> None:
     """Tokens (never their secrets)."""
-    store = _auth_store(settings)
-    try:
+    with _auth_store(settings) as store:
         rows = store.list_tokens()
-    finally:
-        store.close()
     if as_json:
         print_json(rows)
         return
@@ -143,11 +143,8 @@ def users_add(
 @json_option
 def users_list(settings: Settings, as_json: bool) -> None:
     """Accounts, with their state."""
-    store = _auth_store(settings)
-    try:
+    with _auth_store(settings) as store:
         rows = store.list_users()
-    finally:
-        store.close()
     if as_json:
         print_json(rows)
         return
