@@ -211,9 +211,9 @@ def _decode_input(
         )
     try:
         if datatype == "BYTES":
-            array = np.array(
-                [s.encode() if isinstance(s, str) else bytes(s) for s in flat], dtype=object
-            )
+            if not all(isinstance(v, str) for v in flat):
+                raise TypeError("BYTES data must be strings")
+            array = np.array([v.encode() for v in flat], dtype=object)
         elif datatype == "BOOL":
             if not all(isinstance(v, bool) for v in flat):
                 raise TypeError("BOOL data must be true or false")
