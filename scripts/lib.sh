@@ -16,6 +16,20 @@ ensure_build_tools() {
     fi
 }
 
+# The browser tests drive Debian's Chromium (never a browser Playwright downloads).
+ensure_chromium() {
+    if [ -x /usr/bin/chromium ]; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+    else
+        echo "the browser tests need Debian's Chromium: sudo apt-get install -y chromium" >&2
+        exit 1
+    fi
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv

@@ -21,6 +21,7 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "web.login": PUBLIC,
     "web.logout": SIGNED_IN,
     "web.home": WEB,
+    "web.status": ADMIN,
     "openai.chat_completions": INFERENCE,
     "openai.completions": INFERENCE,
     "openai.list_models": INFERENCE,

@@ -116,10 +116,30 @@ def logout() -> BaseResponse:
 def home() -> Response:
     principal = g.principal
     cookie = g.get("session_cookie")
+    settings = current_app.config["APPLIANCE_SETTINGS"]
     html = render_template(
         "home.html",
         user=principal.name,
         role=principal.role,
         csrf=csrf_token(cookie) if cookie else "",
+        idle_seconds=settings.session_idle_minutes * 60,
+    )
+    return make_response(html)
+
+
+@bp.get("/status")
+def status() -> Response:
+    """For IT: models and their queues, the machine's checks, the audit log."""
+    from appliance.audit.trail import get_store
+    from appliance.doctor import examine
+    from appliance.serving import get_pool
+
+    settings = current_app.config["APPLIANCE_SETTINGS"]
+    store = get_store(current_app)
+    html = render_template(
+        "status.html",
+        models=get_pool(current_app).state(),
+        checks=examine(settings),
+        audit={"writable": store.healthy, "error": store.last_error},
     )
     return make_response(html)

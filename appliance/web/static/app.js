@@ -1,0 +1,265 @@
+// The clinicians' page. The conversation lives in this page's memory only: nothing is
+// written to localStorage, sessionStorage, IndexedDB or cookies. Every request goes to
+// this appliance's own origin.
+"use strict";
+
+(function () {
+  const body = document.body;
+  const csrf = body.dataset.csrf;
+  const idleSeconds = Number(body.dataset.idleSeconds || "900");
+  const form = document.getElementById("ask-form");
+  const modelSelect = document.getElementById("model");
+  const about = document.getElementById("model-about");
+  const question = document.getElementById("question");
+  const askButton = document.getElementById("ask");
+  const stopButton = document.getElementById("stop");
+  const clearButton = document.getElementById("clear");
+  const log = document.getElementById("conversation");
+  const status = document.getElementById("status");
+
+  let history = []; // [{role, content}], in memory only
+  let models = {};
+  let controller = null;
+  let idleTimer = null;
+
+  function say(text, kind) {
+    status.textContent = text;
+    status.className = kind || "";
+  }
+
+  function clearConversation() {
+    history = [];
+    log.replaceChildren();
+  }
+
+  function signedOut(message) {
+    clearConversation();
+    form.hidden = true;
+    say(message || "You are signed out.", "error");
+    const link = document.createElement("a");
+    link.href = "/login";
+    link.textContent = "Sign in again";
+    status.append(" ", link);
+  }
+
+  function resetIdleTimer() {
+    if (idleTimer !== null) window.clearTimeout(idleTimer);
+    idleTimer = window.setTimeout(idleSignOut, idleSeconds * 1000);
+  }
+
+  function idleSignOut() {
+    clearConversation();
+    // End the session on the appliance too, then show the sign-in page.
+    fetch("/logout", {
+      method: "POST",
+      headers: {"Content-Type": "application/x-www-form-urlencoded"},
+      body: "csrf_token=" + encodeURIComponent(csrf),
+      credentials: "same-origin",
+      redirect: "manual",
+    }).finally(function () { window.location.assign("/login?expired=1"); });
+  }
+
+  ["keydown", "pointerdown", "input"].forEach(function (name) {
+    document.addEventListener(name, resetIdleTimer, {passive: true});
+  });
+
+  function addMessage(role, text) {
+    const item = document.createElement("article");
+    item.className = "message " + role;
+    const who = document.createElement("h2");
+    who.textContent = role === "user" ? "You" : "Answer";
+    const content = document.createElement("div");
+    content.className = "content";
+    content.textContent = text;
+    item.append(who, content);
+    log.append(item);
+    return item;
+  }
+
+  function finishAnswer(item, requestId, text) {
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    const cite = document.createElement("span");
+    cite.className = "audit-id";
+    cite.textContent = "Audit id: " + requestId;
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy";
+    copy.textContent = "Copy answer";
+    copy.addEventListener("click", function () {
+      const done = function () { say("Answer copied.", ""); };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(done, function () { say("Copy failed.", "error"); });
+      } else {
+        const area = document.createElement("textarea");
+        area.value = text;
+        document.body.append(area);
+        area.select();
+        document.execCommand("copy");
+        area.remove();
+        done();
+      }
+    });
+    meta.append(cite, " ", copy);
+    item.append(meta);
+  }
+
+  async function errorMessage(response) {
+    let detail = "";
+    try {
+      const data = await response.json();
+      detail = (data.error && (data.error.message || data.error)) || "";
+    } catch (e) { detail = ""; }
+    if (response.status === 401) return {signedOut: true, text: "You are signed out."};
+    if (response.status === 503) {
+      const wait = response.headers.get("Retry-After");
+      if (detail.indexOf("busy") !== -1 && wait) {
+        return {text: "The specialist is busy: try again in " + wait + " s."};
+      }
+      return {text: "This specialist is unavailable: " + detail};
+    }
+    if (response.status === 429) {
+      return {text: "Too many questions at once: try again in " +
+        (response.headers.get("Retry-After") || "a few") + " s."};
+    }
+    return {text: "The question was not accepted: " + detail};
+  }
+
+  function setBusy(busy) {
+    askButton.disabled = busy;
+    stopButton.disabled = !busy;
+    modelSelect.disabled = busy;
+  }
+
+  async function ask(text) {
+    const model = modelSelect.value;
+    history.push({role: "user", content: text});
+    addMessage("user", text);
+    const answer = addMessage("assistant", "");
+    const content = answer.querySelector(".content");
+    controller = new AbortController();
+    setBusy(true);
+    say("Answering…", "");
+    let received = "";
+    try {
+      const response = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+        // A bounded answer, sampled a little cooler than the API's default.
+        body: JSON.stringify({model: model, messages: history, stream: true,
+                              max_tokens: 512, temperature: 0.7}),
+        credentials: "same-origin",
+        signal: controller.signal,
+      });
+      if (!response.ok) {
+        const problem = await errorMessage(response);
+        answer.remove();
+        history.pop();
+        if (problem.signedOut) { signedOut(problem.text); return; }
+        say(problem.text, "error");
+        question.value = text;
+        return;
+      }
+      const requestId = response.headers.get("X-Request-Id") || "";
+      answer.dataset.requestId = requestId;
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      let done = false;
+      while (!done) {
+        const chunk = await reader.read();
+        if (chunk.done) break;
+        buffer += decoder.decode(chunk.value, {stream: true});
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) !== -1) {
+          const event = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          for (const line of event.split("\n")) {
+            if (!line.startsWith("data: ")) continue;
+            const data = line.slice(6);
+            if (data === "[DONE]") { done = true; break; }
+            const parsed = JSON.parse(data);
+            if (parsed.error) { throw new Error(parsed.error.message || "generation failed"); }
+            const delta = parsed.choices && parsed.choices[0] && parsed.choices[0].delta;
+            if (delta && delta.content) {
+              received += delta.content;
+              content.textContent = received;
+            }
+          }
+        }
+      }
+      history.push({role: "assistant", content: received});
+      finishAnswer(answer, requestId, received);
+      say("", "");
+    } catch (error) {
+      if (error.name === "AbortError") {
+        history.push({role: "assistant", content: received});
+        finishAnswer(answer, answer.dataset.requestId || "", received);
+        say("Stopped.", "");
+      } else if (error instanceof TypeError) {
+        answer.remove();
+        history.pop();
+        question.value = text;
+        say("Network lost: the appliance cannot be reached. Your question is kept; try again.",
+            "error");
+      } else {
+        say("The answer failed: " + error.message, "error");
+      }
+    } finally {
+      controller = null;
+      setBusy(false);
+    }
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    const text = question.value.trim();
+    if (!text || controller) return;
+    question.value = "";
+    ask(text);
+  });
+  question.addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  stopButton.addEventListener("click", function () {
+    if (controller) controller.abort();
+  });
+  clearButton.addEventListener("click", function () {
+    if (!controller) { clearConversation(); say("", ""); }
+  });
+  modelSelect.addEventListener("change", function () {
+    const m = models[modelSelect.value];
+    about.textContent = m ? m.domain + ": " + m.description : "";
+  });
+
+  async function loadModels() {
+    try {
+      const response = await fetch("/v1/models", {credentials: "same-origin"});
+      if (!response.ok) {
+        const problem = await errorMessage(response);
+        if (problem.signedOut) { signedOut(problem.text); return; }
+        say(problem.text, "error");
+        return;
+      }
+      const data = await response.json();
+      modelSelect.replaceChildren();
+      for (const m of data.data) {
+        models[m.id] = m;
+        const option = document.createElement("option");
+        option.value = m.id;
+        option.textContent = m.id + " (" + m.domain + ")";
+        modelSelect.append(option);
+      }
+      if (!data.data.length) say("No specialist is available right now.", "error");
+      modelSelect.dispatchEvent(new Event("change"));
+    } catch (error) {
+      say("Network lost: the appliance cannot be reached.", "error");
+    }
+  }
+
+  resetIdleTimer();
+  loadModels();
+})();

@@ -1,0 +1,322 @@
+"""The clinicians' page in a real browser (Debian's Chromium driven by Playwright)
+against the real server: sign in, ask, read the answer as it streams, stop it, sign
+out, idle timeout, keyboard only, nothing kept in the browser, nothing fetched from
+anywhere but the appliance. Screenshots of the main states go to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, Route, sync_playwright
+
+from appliance.auth.store import AuthStore
+from appliance.config import load_settings
+
+from helpers import REPO, Server, ServerFactory, make_state, model_state, start_server, wait_for
+
+pytestmark = pytest.mark.server
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+def add_user(state: Path, name: str, role: str = "clinician") -> None:
+    store = AuthStore(load_settings(env={}, overrides={"state_dir": state}))
+    try:
+        store.add_user(name, role, PASSWORD)
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Server]:
+    state = make_state(tmp_path_factory.mktemp("web") / "state", model_file)
+    for name in ("nurse.ana", "nurse.ben", "nurse.cy", "nurse.dee"):
+        add_user(state, name)
+    add_user(state, "it.admin", "admin")
+    server = start_server(state)
+    yield server
+    server.stop()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Page, server: Server, name: str) -> None:
+    page.goto(f"{server.url}/login")
+    page.fill("#username", name)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server.url}/")
+    page.wait_for_selector("#model option", state="attached")
+
+
+def answers(page: Page) -> Any:
+    return page.locator(".message.assistant .content")
+
+
+def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Server) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    requests: list[str] = []
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on(
+        "request",
+        lambda r: (
+            bodies.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
+
+    sign_in(page, web, "nurse.ana")
+    assert page.inner_text("#notice") == "Processed on this appliance. Nothing leaves the site."
+    assert "nurse.ana" in page.inner_text("#user")
+    shot(page, "01-signed-in")
+
+    page.fill("#question", "Tell me about the sea.")
+    page.click("#ask")
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and page.locator(".audit-id").count() == 0:
+        if answers(page).count():
+            seen.append(len(answers(page).first.inner_text()))
+        time.sleep(0.02)
+    assert page.locator(".audit-id").count() == 1
+    partial = sorted({n for n in seen if n > 0})
+    assert len(partial) >= 2, f"the answer did not grow token by token: {partial}"
+    first_answer = answers(page).first.inner_text()
+    assert first_answer
+    assert re.fullmatch(r"Audit id: [0-9a-f]{32}", page.inner_text(".audit-id"))
+    shot(page, "02-answered")
+
+    page.fill("#question", "And what lives in it?")
+    page.keyboard.press("Control+Enter")
+    page.locator(".audit-id").nth(1).wait_for(timeout=60000)
+    second = bodies[-1]["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[1]["content"] == first_answer  # the conversation goes along
+
+    storage = page.evaluate("""async () => ({
+        local: localStorage.length, session: sessionStorage.length,
+        idb: (await indexedDB.databases()).length, cookie: document.cookie})""")
+    assert storage == {"local": 0, "session": 0, "idb": 0, "cookie": ""}
+    assert [c["name"] for c in context.cookies()] == ["appliance_session"]
+
+    page.click("#signout")
+    page.wait_for_url(f"{web.url}/login")
+    assert first_answer not in page.content()
+    page.goto(f"{web.url}/")
+    assert page.url == f"{web.url}/login"  # the session is over
+    shot(page, "03-signed-out")
+    assert requests and all(url.startswith(web.url + "/") for url in requests), requests
+    context.close()
+
+
+def test_stop_stops_the_stream(browser: Browser, web: Server, model_name: str) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+
+    def long_answer(route: Route) -> None:  # a long answer, so there is something to stop
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "max_tokens": 1500, "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", long_answer)
+    sign_in(page, web, "nurse.ben")
+    page.fill("#question", "Write a very long story.")
+    page.click("#ask")
+    assert wait_for(
+        lambda: answers(page).count() > 0 and len(answers(page).first.inner_text()) > 20, 60
+    )
+    assert page.is_enabled("#stop")
+    page.click("#stop")
+    page.wait_for_selector(".audit-id")
+    assert page.inner_text("#status") == "Stopped."
+    stopped = answers(page).first.inner_text()
+    time.sleep(1)
+    assert answers(page).first.inner_text() == stopped
+    assert wait_for(lambda: model_state(web.url, model_name)["busy"] is False, 5)
+    shot(page, "04-stopped")
+    context.close()
+
+
+def test_keyboard_only(browser: Browser, web: Server) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{web.url}/login")
+    page.keyboard.type("nurse.cy")  # the name field has the focus
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{web.url}/")
+    page.wait_for_selector("#model option", state="attached")
+    for _ in range(12):
+        if page.evaluate("document.activeElement.id") == "question":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "question"
+    page.keyboard.type("What is a pulse oximeter?")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector(".audit-id", timeout=60000)
+    labels = page.evaluate("""() => [...document.querySelectorAll('select, textarea')]
+        .map(e => !!document.querySelector(`label[for="${e.id}"]`))""")
+    assert labels == [True, True]
+    assert page.get_attribute("#conversation", "aria-live") == "polite"
+    shot(page, "05-keyboard")
+    context.close()
+
+
+def test_idle_timeout_signs_out(browser: Browser, web: Server) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.clock.install()
+    sign_in(page, web, "nurse.dee")
+    idle = int(page.get_attribute("body", "data-idle-seconds") or "0")
+    assert idle == 15 * 60
+    page.clock.fast_forward(idle * 1000 + 1000)
+    page.wait_for_url(f"{web.url}/login?expired=1")
+    assert "inactivity" in page.inner_text("main")
+    page.goto(f"{web.url}/")
+    assert page.url == f"{web.url}/login"  # the appliance ended the session too
+    shot(page, "06-idle-timeout")
+    context.close()
+
+
+def test_signed_out_and_network_lost_states(
+    browser: Browser, server_factory: ServerFactory, tmp_path: Path, model_file: Path
+) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    add_user(state, "nurse.eve")
+    server = server_factory(state)
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, server, "nurse.eve")
+    store = AuthStore(load_settings(env={}, overrides={"state_dir": state}))
+    store.disable_user("nurse.eve")  # IT disables the account meanwhile
+    store.close()
+    page.fill("#question", "Hello?")
+    page.click("#ask")
+    page.wait_for_selector("#status a[href='/login']")
+    assert "signed out" in page.inner_text("#status")
+    assert answers(page).count() == 0
+    shot(page, "07-signed-out-state")
+
+    add_user(state, "nurse.fay")
+    other = browser.new_context().new_page()
+    sign_in(other, server, "nurse.fay")
+    server.stop()
+    other.fill("#question", "Are you there?")
+    other.click("#ask")
+    other.wait_for_selector("#status:has-text('Network lost')")
+    assert other.input_value("#question") == "Are you there?"  # kept for another try
+    shot(other, "08-network-lost")
+    context.close()
+
+
+def test_status_page_for_it(browser: Browser, web: Server) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, web, "it.admin")
+    page.goto(f"{web.url}/status")
+    text = page.inner_text("main")
+    for fragment in (
+        "smollm2-135m-instruct",
+        "line-anomaly",
+        "audit chain",
+        "tls certificate",
+        "memory",
+    ):
+        assert fragment in text
+    shot(page, "09-status")
+    clinician = browser.new_context().new_page()
+    sign_in(clinician, web, "nurse.ana")
+    assert clinician.goto(f"{web.url}/status").status == 403
+    context.close()
+
+
+def test_busy_state_says_when_to_retry(
+    browser: Browser,
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    model_file: Path,
+    model_name: str,
+) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    add_user(state, "nurse.gil")
+    server = server_factory(state, "--queue-depth", "0")
+    with (
+        server.client() as client,
+        client.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": model_name,
+                "prompt": "Once",
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as occupying,
+    ):
+        lines = occupying.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        context = browser.new_context(viewport={"width": 820, "height": 1180})  # a tablet
+        page = context.new_page()
+        sign_in(page, server, "nurse.gil")
+        page.fill("#question", "Is anyone free?")
+        page.click("#ask")
+        page.wait_for_selector("#status:has-text('busy')")
+        assert re.search(r"try again in \d+ s", page.inner_text("#status"))
+        assert page.input_value("#question") == "Is anyone free?"
+        shot(page, "10-busy-tablet")
+        context.close()
+
+
+def _luminance(hex_colour: str) -> float:
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_colours_meet_wcag_aa_contrast() -> None:
+    css = (REPO / "appliance" / "web" / "static" / "site.css").read_text()
+    colours = dict(re.findall(r"--(\w+): (#[0-9a-f]{6})", css))
+    pairs = [
+        ("ink", "#ffffff"),
+        ("brand", "#ffffff"),
+        ("muted", "#ffffff"),
+        ("error", "#ffffff"),
+        ("#ffffff", "brand"),
+        ("#ffffff", "#56636c"),
+    ]
+    for fg, bg in pairs:
+        a = _luminance(colours.get(fg, fg))
+        b = _luminance(colours.get(bg, bg))
+        ratio = (max(a, b) + 0.05) / (min(a, b) + 0.05)
+        assert ratio >= 4.5, (fg, bg, ratio)
