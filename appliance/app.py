@@ -59,6 +59,20 @@ def create_app(settings: Settings) -> Flask:
     return app
 
 
+STALL_SECONDS = 60.0
+
+
+def health_problem(app: Flask) -> str | None:
+    """What keeps the watchdog from pinging: a wedged engine or a dead audit writer."""
+    if not trail.get_store(app).alive:
+        return "the audit writer has stopped"
+    for model in serving.get_pool(app).served.values():
+        problem = model.scheduler.stalled(STALL_SECONDS)
+        if problem:
+            return problem
+    return None
+
+
 def close_app(app: Flask) -> None:
     """Stop the models, then seal and close the audit log."""
     serving.get_pool(app).close()

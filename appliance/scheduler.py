@@ -70,6 +70,7 @@ class ModelScheduler:
         self._stopping = False
         self._avg_seconds = 2.0  # first guess for Retry-After; then a moving average
         self.completed = 0
+        self._progress = time.monotonic()  # last event from the engine
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
 
     def start(self) -> None:
@@ -102,6 +103,18 @@ class ModelScheduler:
                 "alive": self._thread.is_alive(),
             }
 
+    def stalled(self, limit: float) -> str | None:
+        """Why this model looks wedged (its worker died, or a running request has made no
+        progress for `limit` seconds), or None."""
+        if not self._thread.is_alive():
+            return f"the worker of model {self.name!r} has stopped"
+        with self._cond:
+            running = self._running
+        quiet = time.monotonic() - self._progress
+        if running and quiet > limit:
+            return f"model {self.name!r} has made no progress for {quiet:.0f} s"
+        return None
+
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._stopping = True
@@ -125,7 +138,9 @@ class ModelScheduler:
                     job.events.put(Finished("cancelled", len(job.generation.prompt_tokens), 0))
                     continue
                 job.started.set()
+                self._progress = time.monotonic()
                 for event in self.engine.generate(job.generation, job.cancelled.is_set):
+                    self._progress = time.monotonic()
                     job.events.put(event)
             except Exception as exc:  # never let one request kill the worker
                 log.exception("model worker error")

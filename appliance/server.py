@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +18,10 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
+from appliance import systemd
 from appliance.config import Settings
 from appliance.reqlog import JsonFormatter, setup_logging
+from appliance.serving import get_pool
 from appliance.tls import tls_enabled
 
 
@@ -46,8 +49,6 @@ class JsonLogger(Logger):  # type: ignore[misc]
 
 
 def ready_message(settings: Settings, app: Flask) -> str:
-    from appliance.serving import get_pool
-
     pool = get_pool(app)
     url = base_url(settings)
     names = sorted(pool.served)
@@ -75,6 +76,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings, app_factory: Callable[[Settings], Flask]) -> None:
         self.settings = settings
         self.app_factory = app_factory
+        self._watchdog: systemd.Watchdog | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -109,11 +111,30 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def _announce(self, worker: Any) -> None:
-        print(ready_message(self.settings, worker.wsgi), flush=True)
+        from appliance.app import health_problem
+
+        app = worker.wsgi
+        print(ready_message(self.settings, app), flush=True)
+        # Models verified and loaded, audit log open: now systemd may call it ready.
+        systemd.notify(f"READY=1\nSTATUS=serving {', '.join(sorted(get_pool(app).served))}")
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog = systemd.Watchdog(lambda: health_problem(app), interval)
+            self._watchdog.start()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def stopping(signum: int, frame: Any) -> None:
+            systemd.notify("STOPPING=1")
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, stopping)
 
     def _close(self, server: Any, worker: Any) -> None:
         from appliance.app import close_app
 
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if getattr(worker, "wsgi", None) is not None:
             close_app(worker.wsgi)  # the audit log seals a last checkpoint
 
@@ -126,6 +147,7 @@ def serve(settings: Settings) -> None:
     from appliance.app import create_app
 
     setup_logging(settings.log_level)
+    systemd.take_socket_from_gunicorn()
     logging.getLogger(__name__).info(
         "starting", extra={"bind": bind_address(settings.host, settings.port)}
     )

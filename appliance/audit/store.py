@@ -225,6 +225,10 @@ class AuditStore:
             raise AuditUnavailable(ticket.error)
         return ticket.seq or 0
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def seal(self, timeout: float | None = None) -> None:
         """Write a signed checkpoint now."""
         self.wait(self.submit(None), timeout)

@@ -1,0 +1,79 @@
+"""systemd's notify protocol, in the standard library: READY=1 once the models are
+verified and loaded and the audit log is open, WATCHDOG=1 while the engines and the
+audit writer are alive, STOPPING=1 when a stop begins. Does nothing outside systemd.
+
+gunicorn's arbiter sends its own READY=1 as soon as it has bound its socket, before a
+model is loaded: the unit sets NotifyAccess=all and the worker sends the one that counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+# Where serve() keeps systemd's NOTIFY_SOCKET, out of gunicorn's sight, so that the
+# arbiter's early READY=1 is never sent.
+SOCKET_ENV = "APPLIANCE_NOTIFY_SOCKET"
+
+
+def take_socket_from_gunicorn() -> None:
+    if "NOTIFY_SOCKET" in os.environ:
+        os.environ[SOCKET_ENV] = os.environ.pop("NOTIFY_SOCKET")
+
+
+def notify(message: str) -> bool:
+    """Send one notification; False when there is no NOTIFY_SOCKET (not under systemd)."""
+    address = os.environ.get(SOCKET_ENV) or os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed", extra={"error": str(exc)})
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of WATCHDOG_USEC, as systemd advises; None when no watchdog is asked for."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid()) and pid != str(os.getppid())):
+        return None
+    try:
+        return int(usec) / 2_000_000
+    except ValueError:
+        return None
+
+
+class Watchdog:
+    """Pings WATCHDOG=1 every interval while `healthy()` holds; a wedged engine or a dead
+    audit writer stops the pings, and systemd restarts the service."""
+
+    def __init__(self, healthy: Callable[[], str | None], interval: float) -> None:
+        self.healthy = healthy
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            problem = self.healthy()
+            if problem is None:
+                notify("WATCHDOG=1")
+            else:
+                log.error("watchdog withheld", extra={"reason": problem})
