@@ -95,6 +95,11 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
         ),
     )
 
+    def eighty_tokens(route: Route) -> None:  # long enough to watch it grow, every time
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "max_tokens": 80, "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", eighty_tokens)
     sign_in(page, web, "nurse.ana")
     assert page.inner_text("#notice") == "Processed on this appliance. Nothing leaves the site."
     assert "nurse.ana" in page.inner_text("#user")
@@ -170,7 +175,9 @@ def test_keyboard_only(browser: Browser, web: Server) -> None:
     context = browser.new_context()
     page = context.new_page()
     page.goto(f"{web.url}/login")
-    page.keyboard.type("nurse.cy")  # the name field has the focus
+    # The name field takes the focus by itself (autofocus): type once it has it.
+    assert wait_for(lambda: page.evaluate("document.activeElement.id") == "username", 10)
+    page.keyboard.type("nurse.cy")
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")
