@@ -65,9 +65,11 @@ def ready_message(settings: Settings, app: Flask) -> str:
             f"  or the openai SDK with base_url={url}/v1 and api_key=$TOKEN",
             "  (a token: appliance tokens create --name NAME --role line)",
         ]
+    for tensor in sorted(pool.tensors):
+        lines.append(f"  tensor model {tensor}: POST {url}/v2/models/{tensor}/infer")
     for reason in pool.refused.values():
         lines.append(f"  refused: {reason}")
-    if not names:
+    if not names and not pool.tensors:
         lines.append("  no model is serving: run `appliance models fetch-default`")
     return "\n".join(lines)
 
