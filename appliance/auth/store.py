@@ -170,6 +170,9 @@ class AuthStore:
         self.reader: Engine = open_engine(settings.auth_db_path, immediate=False)
         metadata.create_all(self.engine)
         self._local = threading.local()
+        # Checked against when the name is unknown, so that an unknown name costs the
+        # same scrypt as a known one and timing does not tell which names exist.
+        self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -341,12 +344,10 @@ class AuthStore:
         with self.engine.begin() as conn:
             row = conn.execute(select(users).where(users.c.name == name)).first()
             if row is None:
-                check_password(password, hash_password("x" * MIN_PASSWORD))  # same cost
+                check_password(password, self._dummy_hash)  # the same cost as a real check
                 return LoginResult(None, reason="unknown_user")
             if row.locked_until and parse_iso(row.locked_until) > now():
                 return LoginResult(None, reason="locked")
-            if row.disabled:
-                return LoginResult(None, reason="disabled")
             if not check_password(password, row.password):
                 failures = (0 if row.locked_until else row.failures) + 1
                 locked = (
@@ -360,6 +361,8 @@ class AuthStore:
                     .values(failures=0 if locked else failures, locked_until=locked)
                 )
                 return LoginResult(None, reason="locked_now" if locked else "wrong_password")
+            if row.disabled:  # said only to whoever knows the password
+                return LoginResult(None, reason="disabled")
             conn.execute(
                 update(users).where(users.c.name == name).values(failures=0, locked_until=None)
             )

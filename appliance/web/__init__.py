@@ -1,5 +1,5 @@
-"""The browser side: sign-in, sign-out, and the clinicians' page (issue #6 builds it
-out). Every asset is served from here; the Content-Security-Policy allows nothing else."""
+"""The browser side: sign-in, sign-out, the clinicians' page and IT's status page.
+Every asset is served from here; the Content-Security-Policy allows nothing else."""
 
 from __future__ import annotations
 
