@@ -111,10 +111,15 @@ def test_401_and_403_in_the_openai_shape(app: Flask, tokens: dict[str, str]) -> 
     assert "line" in forbidden.get_json()["error"]["message"]
 
 
-def test_401_in_the_v2_shape(app: Flask) -> None:
-    resp = app.test_client().get("/v2/models/anything")
-    assert resp.status_code == 401
-    assert set(resp.get_json()) == {"error"} and isinstance(resp.get_json()["error"], str)
+def test_401_and_403_in_the_v2_shape(app: Flask, tokens: dict[str, str]) -> None:
+    client = app.test_client()
+    unknown = client.get("/v2/models/anything")
+    assert unknown.status_code == 401
+    assert set(unknown.get_json()) == {"error"} and isinstance(unknown.get_json()["error"], str)
+    forbidden = client.get("/v2/models/anything", headers=bearer(tokens["clinician"]))
+    assert forbidden.status_code == 403
+    assert set(forbidden.get_json()) == {"error"}
+    assert "clinician" in forbidden.get_json()["error"]
 
 
 def test_garbage_and_wrong_tokens_are_401(app: Flask, tokens: dict[str, str]) -> None:
