@@ -1,0 +1,169 @@
+"""The offline bundle and the installer, for real: build a signed bundle from this
+checkout (wheels from the local pip cache, the real models), install it with --root
+into a temporary tree, run it again, upgrade over a used audit log, and refuse a
+tampered bundle before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def bundle(
+    tmp_path_factory: pytest.TempPathFactory, model_file: Path
+) -> Iterator[tuple[Path, Path]]:
+    work = tmp_path_factory.mktemp("bundle")
+    out, key = work / "appliance.tar", work / "signing.pem"
+    result = subprocess.run(
+        [
+            str(REPO / "provisioning" / "build-bundle"),
+            str(out),
+            "--signing-key",
+            str(key),
+            "--models",
+            str(model_file.parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    yield out, work / "signing.pub"
+
+
+def install(bundle: Path, public_key: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run(
+        [
+            str(REPO / "provisioning" / "install"),
+            str(bundle),
+            "--public-key",
+            str(public_key),
+            "--root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file outside the virtual environment: size, mtime, mode."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if "venv" in path.relative_to(root).parts or not path.is_file():
+            continue
+        st = path.stat()
+        found[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return found
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def installed(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_STATE_DIR"] = str(root / "var/lib/appliance")
+    return subprocess.run(
+        [str(root / "opt/appliance/venv/bin/appliance"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_install_layout_rerun_and_upgrade(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    tar, pub = bundle
+    root = tmp_path / "root"
+    first = install(tar, pub, root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "first admin token" in first.stdout
+    token = first.stdout.strip().splitlines()[-2]
+    assert token.startswith("apl_")
+
+    state = root / "var/lib/appliance"
+    assert (root / "etc/systemd/system/appliance.service").is_file()
+    config = (root / "etc/appliance/appliance.toml").read_text()
+    assert "# audit_content = " in config and "# port = 8080" in config
+    assert mode(state) == 0o750
+    for key in ("keys/audit-master.key", "keys/audit-signing.key", "tls/server.key", "tls/ca.key"):
+        assert mode(state / key) == 0o600, key
+    assert mode(state / "audit/audit.db") == 0o640
+    assert {p.name for p in (state / "models").iterdir()} == {
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "line-anomaly.onnx",
+    }
+    verified = installed(root, "models", "verify", "--json")
+    assert verified.returncode == 0, verified.stdout
+    assert token.encode() not in b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())
+
+    before = snapshot(root)
+    again = install(tar, pub, root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "first admin token" not in again.stdout
+    assert snapshot(root) == before  # a second run changes nothing
+
+    # Use the audit log, then upgrade over it: the records stay and still verify.
+    assert installed(root, "audit", "rotate-key").returncode == 0
+    before_upgrade = json.loads(installed(root, "audit", "verify", "--json").stdout)
+    upgraded = install(tar, pub, root)
+    assert upgraded.returncode == 0, upgraded.stderr[-3000:]
+    after = json.loads(installed(root, "audit", "verify", "--json").stdout)
+    assert after["ok"], after["problem"]
+    assert after["first_seq"] == before_upgrade["first_seq"] == 1
+    assert after["records"] >= before_upgrade["records"] > 0
+
+
+def test_tampered_bundle_is_refused_before_anything_is_written(
+    bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tar, pub = bundle
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(tar) as archive:
+        archive.extractall(unpacked, filter="data")
+    onnx_file = unpacked / "models" / "line-anomaly.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[100] ^= 0x01
+    onnx_file.write_bytes(bytes(data))
+    tampered = tmp_path / "tampered.tar"
+    with tarfile.open(tampered, "w") as archive:
+        archive.add(unpacked, arcname=".")
+    root = tmp_path / "root"
+    refused = install(tampered, pub, root)
+    assert refused.returncode == 1
+    assert (
+        "does not match SHA256SUMS" in refused.stderr and "nothing was installed" in refused.stderr
+    )
+    assert not root.exists()
+
+    other_key = tmp_path / "other.pem"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(other_key)],
+        check=True,
+        capture_output=True,
+    )
+    other_pub = tmp_path / "other.pub"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(other_key), "-pubout", "-out", str(other_pub)],
+        check=True,
+        capture_output=True,
+    )
+    foreign = install(tar, other_pub, root)
+    assert foreign.returncode == 1 and "signature does not verify" in foreign.stderr
+    assert not root.exists()
