@@ -130,6 +130,26 @@ def test_install_layout_rerun_and_upgrade(bundle: tuple[Path, Path], tmp_path: P
     assert after["records"] >= before_upgrade["records"] > 0
 
 
+def test_uninstall_keeps_the_audit_log_unless_purged(
+    bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tar, pub = bundle
+    root = tmp_path / "root"
+    assert install(tar, pub, root).returncode == 0
+    uninstall = REPO / "provisioning" / "uninstall"
+    kept = subprocess.run([str(uninstall), "--root", str(root)], capture_output=True, text=True)
+    assert kept.returncode == 0, kept.stderr
+    state = root / "var/lib/appliance"
+    assert not (root / "opt/appliance").exists()
+    assert not (root / "etc/systemd/system/appliance.service").exists()
+    assert (state / "audit/audit.db").is_file() and (state / "keys/audit-master.key").is_file()
+    purged = subprocess.run(
+        [str(uninstall), "--purge", "--root", str(root)], capture_output=True, text=True
+    )
+    assert purged.returncode == 0 and not state.exists()
+    assert not (root / "etc/appliance").exists()
+
+
 def test_tampered_bundle_is_refused_before_anything_is_written(
     bundle: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -161,3 +161,27 @@ def test_a_hanging_engine_is_reported_as_stalled() -> None:
     assert "no progress" in (scheduler.stalled(0.2) or "")
     engine.release.set()
     scheduler.stop()
+
+
+def test_gpu_variant_verifies_and_stays_under_1_5(tmp_path: Path) -> None:
+    base = staged_unit(tmp_path)
+    drop_in = (REPO / "systemd" / "appliance-gpu.conf").read_text()
+    settings = [
+        line
+        for line in drop_in.splitlines()
+        if line and not line.startswith("#") and line != "[Service]"
+    ]
+    merged = base.read_text().replace("PrivateDevices=yes\n", "")
+    merged = merged.replace("[Install]", "\n".join(settings) + "\n\n[Install]")
+    base.write_text(merged)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(base)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0 and verify.stderr == ""
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", str(base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert security.returncode == 0, security.stdout[-2000:]
