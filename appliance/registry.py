@@ -219,7 +219,13 @@ class HashCache:
         return None
 
     def store(self, path: Path, identity: list[int], sha256: str) -> None:
+        self.remember(path, identity, sha256)
+        self.save()
+
+    def remember(self, path: Path, identity: list[int], sha256: str) -> None:
         self.entries[str(path)] = {"identity": identity, "sha256": sha256}
+
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -320,7 +326,8 @@ def verify_all(
         fresh = HashCache(settings.cache_path / "sha256.json")
         for v in results:
             if v.actual and v.identity:
-                fresh.store(Path(v.path), v.identity, v.actual)
+                fresh.remember(Path(v.path), v.identity, v.actual)
+        fresh.save()
     return results
 
 

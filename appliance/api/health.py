@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Flask, Response, current_app
 
 from appliance.audit.trail import get_store
 from appliance.serving import get_pool
@@ -17,16 +17,24 @@ def healthz() -> Response:
     return Response('{"status":"alive"}', mimetype="application/json")
 
 
+def readiness(app: Flask) -> tuple[bool, list[str]]:
+    """Ready, or why not: every known model verified and loaded, the audit log writable.
+    The one answer behind /readyz and /v2/health/ready."""
+    pool = get_pool(app)
+    store = get_store(app)
+    reasons = list(pool.problems) + list(pool.refused.values())
+    if not pool.served and not pool.tensors and not reasons:
+        reasons.append("no model is serving")
+    if not store.healthy:
+        reasons.append(f"the audit log cannot be written: {store.last_error}")
+    return pool.ready and store.healthy, reasons
+
+
 @bp.get("/readyz")
 def readyz() -> Response:
     pool = get_pool(current_app)
     store = get_store(current_app)
-    reasons = list(pool.problems) + list(pool.refused.values())
-    if not pool.served and not reasons:
-        reasons.append("no model is configured")
-    if not store.healthy:
-        reasons.append(f"the audit log cannot be written: {store.last_error}")
-    ready = pool.ready and store.healthy
+    ready, reasons = readiness(current_app)
     audit = {
         "writable": store.healthy,
         "error": store.last_error,

@@ -17,7 +17,8 @@ from flask import Blueprint, Response, current_app, g, request
 
 from appliance import __version__
 from appliance.api.errors import ApiError
-from appliance.audit.trail import get_store, open_inference
+from appliance.api.health import readiness
+from appliance.audit.trail import open_inference
 from appliance.config import Settings
 from appliance.engines.onnx import NUMPY_BY_DATATYPE, TensorSpec
 from appliance.resources import pressure
@@ -66,14 +67,10 @@ def live() -> Response:
 
 @bp.get("/health/ready")
 def ready() -> Response:
-    pool = get_pool(current_app)
-    store = get_store(current_app)
-    reasons = list(pool.problems) + list(pool.refused.values())
-    if not store.healthy:
-        reasons.append(f"the audit log cannot be written: {store.last_error}")
-    if pool.ready and store.healthy:
+    ready, reasons = readiness(current_app)
+    if ready:
         return _json({"ready": True})
-    return _json({"error": "not ready: " + "; ".join(reasons or ["no model is serving"])}, 503)
+    return _json({"error": "not ready: " + "; ".join(reasons)}, 503)
 
 
 @bp.get("/models/<name>")

@@ -68,10 +68,6 @@ def _timed(wait: Callable[[], object]) -> None:
         fields["audit_ms"] = round(fields.get("audit_ms", 0) + spent, 3)
 
 
-def _append(entry: Entry) -> None:
-    _timed(lambda: get_store(current_app).append(entry))
-
-
 def unavailable(exc: AuditUnavailable) -> ApiError:
     return ApiError(
         503,
@@ -203,22 +199,16 @@ def init_app(app: Flask, store: AuditStore) -> None:
 
             response.call_on_close(finish)
             return response
-        if ctx.deferred is not None:
-            entry = _outcome(ctx, fields, response.status_code, "outcome")
-            entry.content = {"output": "".join(ctx.output)} if ctx.output else None
-            try:
-                _timed(lambda: _commit_together([ctx.deferred, entry]))  # type: ignore[list-item]
-            except AuditUnavailable as exc:
-                return error_response(unavailable(exc))
-            return response
-        if ctx.opened:
+        if ctx.opened or ctx.deferred is not None:
             entry = _outcome(ctx, fields, response.status_code, "outcome")
             entry.content = {"output": "".join(ctx.output)} if ctx.output else None
         else:
             entry = _outcome(ctx, fields, response.status_code, "event")
             entry.content = _request_input()
+        # A deferred request record goes in the same commit as its outcome.
+        entries = [entry] if ctx.deferred is None else [ctx.deferred, entry]
         try:
-            _append(entry)
+            _timed(lambda: _commit_together(entries))
         except AuditUnavailable as exc:
             return error_response(unavailable(exc))
         return response
