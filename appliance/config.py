@@ -56,9 +56,16 @@ class Settings:
         0, "CPU threads per language model; 0 means the physical core count.", minimum=0
     )
     context_size: int = _setting(
-        4096,
-        "Context window (tokens) per language model, capped by the model's own.",
+        2048,
+        "Context window (tokens) of each stream of a language model, capped by the "
+        "model's own; the KV cache holds parallel_streams times this.",
         minimum=16,
+    )
+    parallel_streams: int = _setting(
+        4,
+        "Requests a language model answers at once, decoded together in one batch; "
+        "more wait in the queue.",
+        minimum=1,
     )
     gpu_layers: int = _setting(
         0, "Layers to offload to the GPU (-1: all; 0: CPU only).", minimum=-1

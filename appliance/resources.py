@@ -25,7 +25,8 @@ def footprint(manifest: Manifest, path: Path, settings: Settings) -> int:
     kv = 0
     if info.layers and info.embedding and info.heads:
         kv_dim = info.embedding * (info.kv_heads or info.heads) // info.heads
-        kv = n_ctx * info.layers * kv_dim * 2 * 2  # K and V, f16
+        cells = n_ctx * settings.parallel_streams
+        kv = cells * info.layers * kv_dim * 2 * 2  # K and V, f16
     return int(size * 1.1) + kv + 64 * MIB
 
 

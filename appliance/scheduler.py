@@ -1,10 +1,12 @@
-"""Bounded admission per model: a fixed number of slots that run, a bounded line of
-requests that wait, and a clear refusal (503 with Retry-After) past that.
+"""Bounded admission per model and the loop that runs a language model.
 
-One worker thread per model owns the engine: it is the only thread that touches the
-model's context. A request is a Job whose events the request thread reads from a
-queue. The batching scheduler of a later issue replaces the worker's one-job loop
-with a loop that steps several jobs at once; the Job and submit() stay as they are.
+A language model has a fixed number of slots (parallel streams) that run together,
+a bounded line of requests that wait, and a clear refusal (503 with Retry-After) past
+that. One worker thread per model owns the engine, the only thread that touches the
+model's context. Each turn of its loop admits waiting requests into free slots, oldest
+first (continuous batching: a request starts as soon as a slot frees, not when the
+batch ends), then runs one engine step, which advances every slot by one token. A
+request is a Job whose events the request thread reads from a queue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.engines.base import Event, Failed, Finished, Generation, TextEngine
@@ -59,18 +62,21 @@ class Job:
 
 
 class ModelScheduler:
-    def __init__(self, name: str, engine: TextEngine, queue_depth: int, slots: int = 1):
+    def __init__(self, name: str, engine: TextEngine, queue_depth: int):
         self.name = name
         self.engine = engine
         self.queue_depth = queue_depth
-        self.slots = slots
+        self.slots = engine.free_slots()
         self._waiting: deque[Job] = deque()
         self._running = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._avg_seconds = 2.0  # first guess for Retry-After; then a moving average
         self.completed = 0
-        self._progress = time.monotonic()  # last event from the engine
+        self.steps = 0  # engine steps, and what they carried: for the batch metrics
+        self.batch_tokens = 0
+        self.batch_sequences = 0
+        self._progress = time.monotonic()  # last step of the engine
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
 
     def start(self) -> None:
@@ -101,6 +107,9 @@ class ModelScheduler:
                 "queue_depth": self.queue_depth,
                 "completed": self.completed,
                 "alive": self._thread.is_alive(),
+                "steps": self.steps,
+                "batch_tokens": self.batch_tokens,
+                "batch_sequences": self.batch_sequences,
             }
 
     def stalled(self, limit: float) -> str | None:
@@ -121,36 +130,61 @@ class ModelScheduler:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def _next(self) -> Job | None:
+    def _admit(self) -> list[Job] | None:
+        """Waiting jobs for the free slots (oldest first); waits while there is nothing
+        at all to do; None when stopping."""
         with self._cond:
-            while not self._waiting and not self._stopping:
+            while not self._waiting and not self._running and not self._stopping:
                 self._cond.wait()
-            if not self._waiting:
+            if self._stopping:
                 return None
-            self._running += 1
-            return self._waiting.popleft()
+            taken = []
+            while self._waiting and self._running < self.slots:
+                taken.append(self._waiting.popleft())
+                self._running += 1
+            return taken
+
+    def _emitter(self, job: Job) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            job.events.put(event)
+            if isinstance(event, Finished | Failed):
+                self._done(job)
+
+        return emit
+
+    def _done(self, job: Job) -> None:
+        elapsed = time.monotonic() - job.submitted_at
+        with self._cond:
+            self._running -= 1
+            self.completed += 1
+            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
 
     def _work(self) -> None:
-        while (job := self._next()) is not None:
-            started = time.monotonic()
+        while (taken := self._admit()) is not None:
             try:
-                if job.cancelled.is_set():
-                    job.events.put(Finished("cancelled", len(job.generation.prompt_tokens), 0))
-                    continue
-                job.started.set()
+                for job in taken:
+                    emit = self._emitter(job)
+                    if job.cancelled.is_set():
+                        emit(Finished("cancelled", len(job.generation.prompt_tokens), 0))
+                        continue
+                    job.started.set()
+                    try:
+                        self.engine.admit(job.generation, emit, job.cancelled.is_set)
+                    except Exception as exc:
+                        log.exception("request could not be admitted")
+                        emit(Failed(f"the model could not take the request: {exc}"))
                 self._progress = time.monotonic()
-                for event in self.engine.generate(job.generation, job.cancelled.is_set):
-                    self._progress = time.monotonic()
-                    job.events.put(event)
+                sequences = self.engine.busy_slots()
+                tokens = self.engine.step()
+                self._progress = time.monotonic()
+                if tokens:
+                    self.steps += 1
+                    self.batch_tokens += tokens
+                    self.batch_sequences += sequences
             except Exception as exc:  # never let one request kill the worker
                 log.exception("model worker error")
-                job.events.put(Failed(f"internal error in the model worker: {exc}"))
-            finally:
-                elapsed = time.monotonic() - started
-                with self._cond:
-                    self._running -= 1
-                    self.completed += 1
-                    self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
+                self.engine.fail_all(f"internal error in the model worker: {exc}")
+        self.engine.fail_all("the appliance is stopping")
 
 
 class Admission:

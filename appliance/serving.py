@@ -95,6 +95,7 @@ def _load_engine(
             threads=settings.threads,
             gpu_layers=settings.gpu_layers,
             model_context=manifest.context_length,
+            parallel=settings.parallel_streams,
         )
     # The file must be the one that was hashed, not one swapped in since.
     if file_identity(path) != verification.identity:
@@ -144,6 +145,7 @@ def open_pool(settings: Settings) -> ModelPool:
             extra={
                 "model": manifest.name,
                 "n_ctx": engine.info.n_ctx,
+                "parallel_streams": engine.free_slots(),
                 "threads": engine.info.threads,
                 "cached_hash": verification.cached,
             },

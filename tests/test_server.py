@@ -170,10 +170,11 @@ def _open_stream(server: Server, client: httpx.Client, model: str) -> Any:
 def test_queue_full_gives_503_with_retry_after(
     server_factory: ServerFactory, state_dir: Path, model_name: str
 ) -> None:
-    server = server_factory(state_dir, "--queue-depth", "1")
-    with server.client() as a, server.client() as b:
+    server = server_factory(state_dir, "--queue-depth", "1", "--parallel-streams", "2")
+    with server.client() as a, server.client() as a2, server.client() as b:
         running, _lines = _open_stream(server, a, model_name)
-        waiting = b.stream(
+        running2, _lines2 = _open_stream(server, a2, model_name)
+        waiting = b.stream(  # both slots are taken: this one waits in the queue
             "POST",
             f"{server.url}/v1/chat/completions",
             json={"model": model_name, "messages": USER, "stream": True, **LONG},
@@ -181,7 +182,7 @@ def test_queue_full_gives_503_with_retry_after(
         queued = waiting.__enter__()
         assert queued.status_code == 200
         state = model_state(server.url, model_name)
-        assert (state["running"], state["queued"]) == (1, 1)
+        assert (state["slots"], state["running"], state["queued"]) == (2, 2, 1)
         refused = server.http.post(
             "/v1/chat/completions",
             timeout=10,
@@ -195,6 +196,7 @@ def test_queue_full_gives_503_with_retry_after(
             sdk(server).chat.completions.create(model=model_name, messages=USER)  # type: ignore[arg-type]
         assert sdk_refused.value.status_code == 503
         running.__exit__(None, None, None)
+        running2.__exit__(None, None, None)
         waiting.__exit__(None, None, None)
     assert wait_for(lambda: model_state(server.url, model_name)["busy"] is False, 15)
 

@@ -10,8 +10,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -140,14 +141,28 @@ def test_watchdog_pings_only_while_healthy(
 
 
 class HangingEngine:
-    """Named fake: an engine that hangs mid-answer (a wedge cannot be caused otherwise)."""
+    """Named fake: an engine whose step hangs mid-answer (a wedge cannot be caused
+    otherwise)."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.admitted = 0
 
-    def generate(self, job: Generation, cancelled: Callable[[], bool]) -> Iterator[object]:
+    def free_slots(self) -> int:
+        return 1 - self.admitted
+
+    def busy_slots(self) -> int:
+        return self.admitted
+
+    def admit(self, generation: Generation, emit: Any, cancelled: Any) -> None:
+        self.admitted += 1
+
+    def step(self) -> int:
         self.release.wait(10)
-        return iter(())
+        return 0
+
+    def fail_all(self, message: str) -> None:
+        self.admitted = 0
 
 
 def test_a_hanging_engine_is_reported_as_stalled() -> None:

@@ -362,6 +362,7 @@ def _card(model: ServedModel) -> ModelCard:
         created=int(path.stat().st_mtime),
         owned_by="appliance",
         n_ctx=model.engine.info.n_ctx,
+        parallel_streams=model.scheduler.slots,
         **model.manifest.public(),
     )
 

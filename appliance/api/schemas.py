@@ -177,7 +177,8 @@ class ModelCard(BaseModel):
     description: str
     size_bytes: int | None
     default: bool
-    n_ctx: int = Field(description="The context window this appliance gives the model.")
+    n_ctx: int = Field(description="The context window of each request (each stream has its own).")
+    parallel_streams: int = Field(description="Requests this model answers at once.")
 
 
 class ModelList(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,8 +68,9 @@ class EngineInfo:
 
 
 class TextEngine(Protocol):
-    """A language model. ``generate`` runs on the scheduler's thread only; the prompt
-    methods are safe from request threads (they only read the vocabulary)."""
+    """A language model that runs several requests at once. ``admit``, ``step`` and
+    the slot counts belong to the scheduler's thread only; the prompt methods are safe
+    from request threads (they only read the vocabulary)."""
 
     info: EngineInfo
 
@@ -79,6 +80,25 @@ class TextEngine(Protocol):
 
     def json_grammar(self, schema: dict[str, object] | None) -> str: ...
 
-    def generate(self, job: Generation, cancelled: Callable[[], bool]) -> Iterator[Event]: ...
+    def free_slots(self) -> int: ...
+
+    def busy_slots(self) -> int: ...
+
+    def admit(
+        self,
+        generation: Generation,
+        emit: Callable[[Event], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """Take a request into a free slot; its events go to ``emit``, the last one a
+        Finished or a Failed. ``cancelled`` is asked before every step."""
+        ...
+
+    def step(self) -> int:
+        """Advance every admitted request by one token (or prompt chunk); return the
+        number of tokens decoded together."""
+        ...
+
+    def fail_all(self, message: str) -> None: ...
 
     def close(self) -> None: ...

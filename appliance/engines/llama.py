@@ -1,25 +1,41 @@
-"""GGUF language models through llama-cpp-python.
+"""GGUF language models through llama.cpp's batch API (llama-cpp-python's low-level
+bindings), with continuous batching.
+
+Up to ``parallel`` requests run at once, each in its own *slot*: a sequence id in the
+KV cache, a sampler chain of its own (seed, temperature, top_p, grammar) and its own
+stop strings and token counts. One ``step`` is one ``llama_decode``: the next token of
+every answering slot, then as many prompt tokens of newly admitted slots as the batch
+has room for (a long prompt is read in chunks, so it never holds the others up by more
+than one step). Then each slot that produced logits samples its next token.
+
+The context: the KV cache is one pool of ``parallel x context_size`` cells, shared by
+all slots (llama.cpp's unified KV cache). A slot may use at most ``context_size``
+cells, so the pool cannot run out, and what is reported as the model's context window
+is ``context_size``: the same per request whatever the load. A slot keeps its tokens
+after its request ends; the next request with the same beginning (a conversation's
+next turn, a common system prompt) reuses them, and a prefix held by another slot is
+shared with a new one by reference (no copy, no recompute).
 
 The model and its context are used by exactly one thread, the scheduler's; request
-threads only tokenize (which reads the vocabulary and nothing else). Generation is
-our own loop over llama.cpp's sampler chain rather than ``create_completion`` so that
-each request carries its own seed, grammar and stop strings, counts its tokens
-exactly, and can be stopped between any two tokens.
+threads only tokenize (which reads the vocabulary and nothing else).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import psutil
-from llama_cpp import Llama
 from llama_cpp import _internals as internals
+from llama_cpp import _logger as llama_log
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
@@ -35,16 +51,51 @@ from appliance.engines.base import (
 from appliance.engines.stops import StopScanner
 
 log = logging.getLogger(__name__)
+llama_log.set_verbose(False)
 
 # llama.cpp's defaults for the parts of sampling the OpenAI API does not expose.
 TOP_K = 40
 MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
+BATCH_TOKENS = 512  # tokens per llama_decode: the prompt chunk a step may read
 
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Run:
+    """One request inside a slot."""
+
+    generation: Generation
+    emit: Callable[[Event], None]
+    cancelled: Callable[[], bool]
+    sampler: internals.LlamaSampler
+    scanner: StopScanner
+    pending: list[int]  # prompt tokens not yet read into the KV cache
+    cached: int  # prompt tokens reused from the KV cache
+    produced: int = 0
+    next_token: int | None = None  # sampled, not yet in the KV cache
+    decode_started: float = 0.0
+
+
+@dataclass
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds, in order
+    run: _Run | None = None
+    used: float = 0.0  # when its last request ended: the least recently used goes first
 
 
 class LlamaEngine:
@@ -55,30 +106,53 @@ class LlamaEngine:
         threads: int,
         gpu_layers: int,
         model_context: int | None = None,
+        parallel: int = 1,
     ) -> None:
         n_ctx = min(context_size, model_context) if model_context else context_size
         threads = threads or default_threads()
-        self.llm = Llama(
-            model_path=str(path),
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        self._model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx * parallel
+        ctx_params.n_batch = BATCH_TOKENS
+        ctx_params.n_ubatch = BATCH_TOKENS
+        ctx_params.n_seq_max = parallel
+        ctx_params.kv_unified = os.environ.get("XU", "1") == "1"
+        ctx_params.flash_attn_type = int(os.environ.get("XF", "-1"))
+        ctx_params.n_ubatch = int(os.environ.get("XB", "512"))
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.no_perf = True
+        try:
+            self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+        except Exception:
+            self._model.close()
+            raise
+        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._slots = [_Slot(seq) for seq in range(parallel)]
+        self._admitted = 0  # admission order, so that older prompts are read first
+        self._order: dict[int, int] = {}
+        self.n_ctx = n_ctx
+        self.info = EngineInfo(
             n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=gpu_layers,
-            verbose=False,
+            threads=threads,
+            gpu_layers=gpu_layers,
+            extra={"parallel": parallel, "kv_cells": llama_cpp.llama_n_ctx(self._ctx.ctx)},
         )
-        self.info = EngineInfo(n_ctx=self.llm.n_ctx(), threads=threads, gpu_layers=gpu_layers)
-        self._vocab = self.llm._model.vocab
-        self._add_bos = self.llm._model.add_bos_token()
+        self._vocab = self._model.vocab
+        self._n_vocab = self._model.n_vocab()
+        self._buffer = ctypes.create_string_buffer(64)
+        self._add_bos = self._model.add_bos_token()
         self._eog = [
-            t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
+            t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         ]
-        meta = self.llm.metadata
-        template = meta.get("tokenizer.chat_template")
+        template = self._model.metadata().get("tokenizer.chat_template")
         self._formatter = (
             Jinja2ChatFormatter(
                 template=template,
-                eos_token=self._token_text(self.llm.token_eos()),
-                bos_token=self._token_text(self.llm.token_bos()),
+                eos_token=self._token_text(self._model.token_eos()),
+                bos_token=self._token_text(self._model.token_bos()),
             )
             if template
             else None
@@ -87,7 +161,7 @@ class LlamaEngine:
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm._model.token_get_text(token)
+        return self._model.token_get_text(token)
 
     # -- request threads ------------------------------------------------------------
 
@@ -96,21 +170,24 @@ class LlamaEngine:
             raise PromptError("this model has no chat template; use /v1/completions", param="model")
         formatted = self._formatter(messages=messages)  # type: ignore[arg-type]
         # The template writes the special tokens itself (e.g. <|im_start|>).
-        return self.llm.tokenize(
+        tokens: list[int] = self._model.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=self._add_bos, special=True
         )
+        return tokens
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
-            n_vocab = self.llm.n_vocab()
             for i, token in enumerate(prompt):
-                if not 0 <= token < n_vocab:
+                if not 0 <= token < self._n_vocab:
                     raise PromptError(
-                        f"prompt token {i} is {token}; token ids run from 0 to {n_vocab - 1}",
+                        f"prompt token {i} is {token}; token ids run from 0 to {self._n_vocab - 1}",
                         param="prompt",
                     )
             return list(prompt)
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=self._add_bos, special=False)
+        tokens: list[int] = self._model.tokenize(
+            prompt.encode("utf-8"), add_bos=self._add_bos, special=False
+        )
+        return tokens
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
         """GBNF for a JSON object, or for JSON matching ``schema``; checked to compile."""
@@ -137,14 +214,20 @@ class LlamaEngine:
 
     # -- the scheduler's thread -----------------------------------------------------
 
-    def _sampler(self, job: Generation) -> internals.LlamaSampler:
-        p = job.params
+    def free_slots(self) -> int:
+        return sum(1 for slot in self._slots if slot.run is None)
+
+    def busy_slots(self) -> int:
+        return len(self._slots) - self.free_slots()
+
+    def _sampler(self, generation: Generation) -> internals.LlamaSampler:
+        p = generation.params
         sampler = internals.LlamaSampler()
         if p.ignore_eos:
-            sampler.add_logit_bias(self.llm.n_vocab(), {t: float("-inf") for t in self._eog})
+            sampler.add_logit_bias(self._n_vocab, {t: float("-inf") for t in self._eog})
         if p.presence_penalty or p.frequency_penalty:
             sampler.add_penalties(
-                self.llm.n_vocab(), PENALTY_LAST_N, 1.0, p.frequency_penalty, p.presence_penalty
+                self._n_vocab, PENALTY_LAST_N, 1.0, p.frequency_penalty, p.presence_penalty
             )
         if p.grammar is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(
@@ -161,67 +244,167 @@ class LlamaEngine:
             sampler.add_dist(RANDOM_SEED if p.seed is None else p.seed & 0xFFFFFFFF)
         return sampler
 
-    def _load_prompt(self, tokens: list[int]) -> int:
-        """Evaluate the prompt, reusing the KV cache for the prefix it shares with the
-        previous request; return how many prompt tokens were reused."""
-        llm = self.llm
-        cached = 0
-        for a, b in zip(llm._input_ids, tokens, strict=False):
-            if a != b:
-                break
-            cached += 1
-        cached = min(cached, len(tokens) - 1)  # at least one token makes fresh logits
-        if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
-            llm.n_tokens = cached
-        else:
-            llm.reset()
+    def admit(
+        self,
+        generation: Generation,
+        emit: Callable[[Event], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """Give a request a free slot: the one whose cache shares the longest beginning
+        with its prompt (then the least recently used). A longer beginning held by
+        another slot is shared into it. The prompt is read by the following steps."""
+        prompt = generation.prompt_tokens
+        free = [s for s in self._slots if s.run is None]
+        if not free:
+            raise RuntimeError("no free slot")
+        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
+        cached = common_prefix(slot.tokens, prompt)
+        donor = max(self._slots, key=lambda s: common_prefix(s.tokens, prompt))
+        shared = common_prefix(donor.tokens, prompt)
+        memory = self._ctx.memory
+        if shared > cached and os.environ.get("XU", "1") == "1":
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, donor.seq, slot.seq, 0, shared)
+            slot.tokens, cached = donor.tokens[:shared], shared
+        cached = min(cached, len(prompt) - 1)  # at least one token makes fresh logits
+        if not llama_cpp.llama_memory_seq_rm(memory, slot.seq, cached, -1):
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
             cached = 0
-        llm.eval(tokens[cached:])
-        return cached
+        del slot.tokens[cached:]
+        slot.run = _Run(
+            generation=generation,
+            emit=emit,
+            cancelled=cancelled,
+            sampler=self._sampler(generation),
+            scanner=StopScanner(generation.params.stop),
+            pending=prompt[cached:],
+            cached=cached,
+        )
+        self._admitted += 1
+        self._order[slot.seq] = self._admitted
 
-    def generate(self, job: Generation, cancelled: Callable[[], bool]) -> Iterator[Event]:
-        llm = self.llm
-        prompt = job.prompt_tokens
-        produced = 0
-        scanner = StopScanner(job.params.stop)
-        sampler: internals.LlamaSampler | None = None
-        try:
-            cached = self._load_prompt(prompt)
-            sampler = self._sampler(job)
-            reason = "length"
-            decode_started = time.perf_counter()
-            while produced < job.params.max_tokens:
-                if cancelled():
-                    reason = "cancelled"
-                    break
-                token = sampler.sample(llm._ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    reason = "stop"
-                    break
-                produced += 1
-                text, stopped = scanner.feed(llm.detokenize([token]))
-                if text:
-                    yield TextDelta(text)
-                if stopped:
-                    reason = "stop"
-                    break
-                if produced == job.params.max_tokens:
-                    break
-                if llm.n_tokens >= self.info.n_ctx:
-                    break
-                llm.eval([token])
-            if reason != "stop" and (rest := scanner.flush()):
-                yield TextDelta(rest)
-            yield Finished(
-                reason, len(prompt), produced, cached, time.perf_counter() - decode_started
-            )
-        except Exception as exc:  # llama.cpp failures surface as RuntimeError
-            log.exception("generation failed")
-            llm.reset()
-            yield Failed(f"the model failed while generating: {exc}")
-        finally:
-            if sampler is not None:
-                sampler.close()
+    def step(self) -> int:
+        """One batch step over every slot in use: cancelled requests end, the others
+        advance by one token (or one prompt chunk). Returns the tokens decoded."""
+        running = sorted(
+            (s for s in self._slots if s.run is not None), key=lambda s: self._order[s.seq]
+        )
+        for slot in running:
+            assert slot.run is not None
+            if slot.run.cancelled():
+                self._finish(slot, "cancelled")
+        batch = self._batch
+        batch.n_tokens = 0
+        outputs: list[tuple[_Slot, int]] = []
+        added: list[tuple[_Slot, int]] = []  # each slot's length before this step
+
+        def add(slot: _Slot, token: int, logits: bool) -> None:
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = len(slot.tokens)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot.seq
+            batch.logits[i] = logits
+            batch.n_tokens = i + 1
+            slot.tokens.append(token)
+            if logits:
+                outputs.append((slot, i))
+
+        for slot in running:
+            run = slot.run
+            if run is not None and run.next_token is not None:
+                added.append((slot, len(slot.tokens)))
+                add(slot, run.next_token, True)
+                run.next_token = None
+        for slot in running:
+            run = slot.run
+            room = BATCH_TOKENS - batch.n_tokens
+            if run is None or not run.pending or room == 0:
+                continue
+            chunk, run.pending = run.pending[:room], run.pending[room:]
+            added.append((slot, len(slot.tokens)))
+            for j, token in enumerate(chunk):
+                add(slot, token, not run.pending and j == len(chunk) - 1)
+        if batch.n_tokens == 0:
+            return 0
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            self._undo(added, f"llama_decode returned {status}")
+            return 0
+        now = time.perf_counter()
+        for slot, i in outputs:
+            self._sample(slot, i, now)
+        return int(batch.n_tokens)
+
+    def _sample(self, slot: _Slot, index: int, now: float) -> None:
+        run = slot.run
+        assert run is not None
+        if not run.produced:
+            run.decode_started = now
+        token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        run.produced += 1
+        text, stopped = run.scanner.feed(self._piece(token))
+        if text:
+            run.emit(TextDelta(text))
+        if stopped:
+            self._finish(slot, "stop")
+        elif run.produced >= run.generation.params.max_tokens or len(slot.tokens) >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            run.next_token = token
+
+    def _piece(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(
+            self._vocab, token, self._buffer, len(self._buffer), 0, False
+        )
+        if n < 0:  # a piece longer than the buffer: grow it once
+            self._buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buffer, -n, 0, False)
+        return self._buffer.raw[:n]
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        run = slot.run
+        assert run is not None
+        if reason != "stop" and (rest := run.scanner.flush()):
+            run.emit(TextDelta(rest))
+        decode = time.perf_counter() - run.decode_started if run.produced else 0.0
+        prompt = len(run.generation.prompt_tokens)
+        run.sampler.close()
+        slot.run, slot.used = None, time.monotonic()
+        run.emit(Finished(reason, prompt, run.produced, run.cached, decode))
+
+    def _undo(self, added: list[tuple[_Slot, int]], why: str) -> None:
+        """A failed step: the slots in it lose what it added to the cache and their
+        requests fail; the others go on."""
+        log.error("batch step failed", extra={"reason": why})
+        for slot, length in added:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq, length, -1)
+            del slot.tokens[length:]
+            if slot.run is not None:
+                self.fail(slot, f"the model failed while generating: {why}")
+
+    def fail(self, slot: _Slot, message: str) -> None:
+        run = slot.run
+        assert run is not None
+        run.sampler.close()
+        slot.run, slot.used = None, time.monotonic()
+        run.emit(Failed(message))
+
+    def fail_all(self, message: str) -> None:
+        """After an unexpected error: every request in a slot fails, the cache is
+        cleared (its state is unknown)."""
+        for slot in self._slots:
+            if slot.run is not None:
+                self.fail(slot, message)
+            slot.tokens.clear()
+        llama_cpp.llama_memory_clear(self._ctx.memory, True)
 
     def close(self) -> None:
-        self.llm.close()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+        self._model.close()
