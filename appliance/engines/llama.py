@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,9 +117,9 @@ class LlamaEngine:
         ctx_params.n_batch = BATCH_TOKENS
         ctx_params.n_ubatch = BATCH_TOKENS
         ctx_params.n_seq_max = parallel
-        ctx_params.kv_unified = os.environ.get("XU", "1") == "1"
-        ctx_params.flash_attn_type = int(os.environ.get("XF", "-1"))
-        ctx_params.n_ubatch = int(os.environ.get("XB", "512"))
+        ctx_params.kv_unified = True  # one pool: a shared prefix is stored once
+        # Flash attention keeps a request's numbers the same alone or batched.
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
@@ -262,7 +261,7 @@ class LlamaEngine:
         donor = max(self._slots, key=lambda s: common_prefix(s.tokens, prompt))
         shared = common_prefix(donor.tokens, prompt)
         memory = self._ctx.memory
-        if shared > cached and os.environ.get("XU", "1") == "1":
+        if shared > cached:
             llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(memory, donor.seq, slot.seq, 0, shared)
             slot.tokens, cached = donor.tokens[:shared], shared
