@@ -67,7 +67,15 @@ def test_sdk_chat_stream_matches_non_stream(shared_server: Server, model_name: s
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content_chunks) > 3  # token by token, not one lump
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    streamed, first = chunks[-1].usage, whole.usage
+    assert chunks[-1].choices == [] and streamed is not None and first is not None
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (
+        first.prompt_tokens,
+        first.completion_tokens,
+    )
+    # The same prompt again: all of it but the last token comes from the KV cache.
+    assert streamed.prompt_tokens_details is not None
+    assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1
     assert len({c.id for c in chunks}) == 1
 
 

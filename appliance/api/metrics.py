@@ -17,7 +17,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from appliance.audit.trail import get_store
@@ -85,7 +85,7 @@ class _StateCollector(Collector):
         self.app = app
         self.tokens_per_second: dict[str, float] = {}
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         pool = get_pool(self.app)
         queued = GaugeMetricFamily(
             "appliance_queue_depth", "Requests waiting per model.", labels=["model"]
@@ -98,13 +98,36 @@ class _StateCollector(Collector):
             "1 when the model serves, 0 when it was refused.",
             labels=["model", "format"],
         )
+        slots = GaugeMetricFamily(
+            "appliance_slots", "Requests a model may run at once.", labels=["model"]
+        )
+        steps = CounterMetricFamily(
+            "appliance_batch_steps",
+            "Batch steps of a language model (one llama_decode each).",
+            labels=["model"],
+        )
+        batch_tokens = CounterMetricFamily(
+            "appliance_batch_tokens",
+            "Tokens decoded in batch steps; over steps: the mean batch size.",
+            labels=["model"],
+        )
+        batch_sequences = CounterMetricFamily(
+            "appliance_batch_sequences",
+            "Requests in batch steps; over steps: the mean streams per step.",
+            labels=["model"],
+        )
         for row in pool.state():
             loaded = row["state"] == "serving"
             state.add_metric([row["name"], row["format"]], 1.0 if loaded else 0.0)
             if loaded:
                 queued.add_metric([row["name"]], float(row["queued"]))
                 busy.add_metric([row["name"]], float(row["running"]))
-        yield from (queued, busy, state)
+                slots.add_metric([row["name"]], float(row["slots"]))
+            if loaded and "steps" in row:
+                steps.add_metric([row["name"]], float(row["steps"]))
+                batch_tokens.add_metric([row["name"]], float(row["batch_tokens"]))
+                batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
+        yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state)
         rate = GaugeMetricFamily(
             "appliance_tokens_per_second",
             "Decode rate of the last finished generation.",

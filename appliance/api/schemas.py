@@ -91,10 +91,17 @@ class CompletionRequest(_Sampling):
     suffix: str | None = Field(default=None, description="Not supported.")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        description="Prompt tokens reused from the KV cache instead of being read again."
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Response, g
 
 from appliance.api.errors import ApiError, error_body
-from appliance.api.schemas import Usage
+from appliance.api.schemas import PromptTokensDetails, Usage
 from appliance.engines.base import Event, Failed, Finished, TextDelta
 from appliance.scheduler import Job
 
@@ -62,6 +62,7 @@ def usage(done: Finished) -> Usage:
         prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens,
         total_tokens=done.prompt_tokens + done.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
     )
 
 

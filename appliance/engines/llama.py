@@ -8,13 +8,16 @@ every answering slot, then as many prompt tokens of newly admitted slots as the 
 has room for (a long prompt is read in chunks, so it never holds the others up by more
 than one step). Then each slot that produced logits samples its next token.
 
-The context: the KV cache is one pool of ``parallel x context_size`` cells, shared by
-all slots (llama.cpp's unified KV cache). A slot may use at most ``context_size``
-cells, so the pool cannot run out, and what is reported as the model's context window
-is ``context_size``: the same per request whatever the load. A slot keeps its tokens
-after its request ends; the next request with the same beginning (a conversation's
-next turn, a common system prompt) reuses them, and a prefix held by another slot is
-shared with a new one by reference (no copy, no recompute).
+The context: each slot has a KV stream of its own, ``context_size`` cells, so what is
+reported as the model's context window is the same per request whatever the load, and
+one request cannot take another's room. Own streams also keep each request's numbers
+exactly what they are alone: in one shared pool, llama.cpp places a sequence's cells
+wherever room is, and the order in which attention adds them up (so the last bits of
+the logits, and now and then a greedy choice) would depend on the neighbours.
+A slot keeps its tokens after its request ends; the next request with the same
+beginning (a conversation's next turn, a common system prompt) reuses them. A long
+beginning held by another slot is copied into a free one (llama.cpp copies a whole
+stream; that beats reading the tokens again from COPY_MIN_TOKENS on).
 
 The model and its context are used by exactly one thread, the scheduler's; request
 threads only tokenize (which reads the vocabulary and nothing else).
@@ -58,6 +61,7 @@ MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 BATCH_TOKENS = 512  # tokens per llama_decode: the prompt chunk a step may read
+COPY_MIN_TOKENS = 64  # shorter shared beginnings are read again rather than copied
 
 
 def default_threads() -> int:
@@ -94,7 +98,6 @@ class _Slot:
     seq: int
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds, in order
     run: _Run | None = None
-    used: float = 0.0  # when its last request ended: the least recently used goes first
 
 
 class LlamaEngine:
@@ -117,8 +120,7 @@ class LlamaEngine:
         ctx_params.n_batch = BATCH_TOKENS
         ctx_params.n_ubatch = BATCH_TOKENS
         ctx_params.n_seq_max = parallel
-        ctx_params.kv_unified = True  # one pool: a shared prefix is stored once
-        # Flash attention keeps a request's numbers the same alone or batched.
+        ctx_params.kv_unified = False  # a stream per slot: see the module's note
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
@@ -250,21 +252,23 @@ class LlamaEngine:
         cancelled: Callable[[], bool],
     ) -> None:
         """Give a request a free slot: the one whose cache shares the longest beginning
-        with its prompt (then the least recently used). A longer beginning held by
-        another slot is shared into it. The prompt is read by the following steps."""
+        with its prompt (then the lowest, so that busy slots stay together and a step
+        stays one llama.cpp batch). A longer beginning held by another slot is copied
+        in. The prompt is read by the following steps."""
         prompt = generation.prompt_tokens
         free = [s for s in self._slots if s.run is None]
         if not free:
             raise RuntimeError("no free slot")
-        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
+        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.seq))
         cached = common_prefix(slot.tokens, prompt)
         donor = max(self._slots, key=lambda s: common_prefix(s.tokens, prompt))
-        shared = common_prefix(donor.tokens, prompt)
+        shared = min(common_prefix(donor.tokens, prompt), len(prompt) - 1)
         memory = self._ctx.memory
-        if shared > cached:
+        if shared - cached >= COPY_MIN_TOKENS:
+            # Streams are copied whole; the copy is then cut to the shared beginning.
             llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(memory, donor.seq, slot.seq, 0, shared)
-            slot.tokens, cached = donor.tokens[:shared], shared
+            llama_cpp.llama_memory_seq_cp(memory, donor.seq, slot.seq, -1, -1)
+            slot.tokens, cached = list(donor.tokens), shared
         cached = min(cached, len(prompt) - 1)  # at least one token makes fresh logits
         if not llama_cpp.llama_memory_seq_rm(memory, slot.seq, cached, -1):
             llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
@@ -284,7 +288,8 @@ class LlamaEngine:
 
     def step(self) -> int:
         """One batch step over every slot in use: cancelled requests end, the others
-        advance by one token (or one prompt chunk). Returns the tokens decoded."""
+        advance by one token, and prompts are read in the room left (oldest request
+        first). Returns the tokens decoded."""
         running = sorted(
             (s for s in self._slots if s.run is not None), key=lambda s: self._order[s.seq]
         )
@@ -292,40 +297,43 @@ class LlamaEngine:
             assert slot.run is not None
             if slot.run.cancelled():
                 self._finish(slot, "cancelled")
+        feed: dict[int, list[int]] = {}  # seq -> tokens this step reads for it
+        room = BATCH_TOKENS
+        for slot in running:
+            run = slot.run
+            if run is not None and run.next_token is not None:
+                feed[slot.seq] = [run.next_token]
+                run.next_token = None
+                room -= 1
+        for slot in running:
+            run = slot.run
+            if run is not None and run.pending and room > 0:
+                feed[slot.seq], run.pending = run.pending[:room], run.pending[room:]
+                room -= len(feed[slot.seq])
+        if not feed:
+            return 0
+        # In seq order: llama.cpp puts consecutive sequences in one graph evaluation.
         batch = self._batch
         batch.n_tokens = 0
         outputs: list[tuple[_Slot, int]] = []
         added: list[tuple[_Slot, int]] = []  # each slot's length before this step
-
-        def add(slot: _Slot, token: int, logits: bool) -> None:
-            i = batch.n_tokens
-            batch.token[i] = token
-            batch.pos[i] = len(slot.tokens)
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = slot.seq
-            batch.logits[i] = logits
-            batch.n_tokens = i + 1
-            slot.tokens.append(token)
-            if logits:
-                outputs.append((slot, i))
-
-        for slot in running:
-            run = slot.run
-            if run is not None and run.next_token is not None:
-                added.append((slot, len(slot.tokens)))
-                add(slot, run.next_token, True)
-                run.next_token = None
-        for slot in running:
-            run = slot.run
-            room = BATCH_TOKENS - batch.n_tokens
-            if run is None or not run.pending or room == 0:
-                continue
-            chunk, run.pending = run.pending[:room], run.pending[room:]
+        for seq in sorted(feed):
+            slot, tokens = self._slots[seq], feed[seq]
+            assert slot.run is not None
+            wants_logits = not slot.run.pending  # a decode token, or a prompt's last
             added.append((slot, len(slot.tokens)))
-            for j, token in enumerate(chunk):
-                add(slot, token, not run.pending and j == len(chunk) - 1)
-        if batch.n_tokens == 0:
-            return 0
+            for token in tokens:
+                i = batch.n_tokens
+                batch.token[i] = token
+                batch.pos[i] = len(slot.tokens)
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = False
+                batch.n_tokens = i + 1
+                slot.tokens.append(token)
+            if wants_logits:
+                batch.logits[batch.n_tokens - 1] = True
+                outputs.append((slot, batch.n_tokens - 1))
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status != 0:
             self._undo(added, f"llama_decode returned {status}")
@@ -372,7 +380,7 @@ class LlamaEngine:
         decode = time.perf_counter() - run.decode_started if run.produced else 0.0
         prompt = len(run.generation.prompt_tokens)
         run.sampler.close()
-        slot.run, slot.used = None, time.monotonic()
+        slot.run = None
         run.emit(Finished(reason, prompt, run.produced, run.cached, decode))
 
     def _undo(self, added: list[tuple[_Slot, int]], why: str) -> None:
@@ -389,7 +397,7 @@ class LlamaEngine:
         run = slot.run
         assert run is not None
         run.sampler.close()
-        slot.run, slot.used = None, time.monotonic()
+        slot.run = None
         run.emit(Failed(message))
 
     def fail_all(self, message: str) -> None:

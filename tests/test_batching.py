@@ -1,0 +1,288 @@
+"""Many streams at once on the real server: continuous batching gives each request the
+same answer it gets alone, keeps its own sampling and grammar, reuses shared prompt
+beginnings, frees a slot when its client leaves, lets a short answer pass a long one,
+and refuses past the queue."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import Server, make_state, model_state, start_server, wait_for
+
+pytestmark = pytest.mark.server
+
+SLOTS = 4
+SYSTEM = "You are a careful assistant on a hospital ward. Answer in plain words."
+QUESTIONS = [
+    "Tell me about the sea.",
+    "How do I check a patient's pulse?",
+    "Name three kinds of clouds.",
+    "What is a thermometer for?",
+    "Describe a quiet night shift.",
+    "Why do we wash hands?",
+]
+LONG = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Server]:
+    state = make_state(tmp_path_factory.mktemp("batching") / "state", model_file)
+    server = start_server(state, "--parallel-streams", str(SLOTS), "--queue-depth", "2")
+    yield server
+    server.stop()
+
+
+def sdk(server: Server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0, timeout=120)
+
+
+def messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def ask(server: Server, model: str, question: str, **params: Any) -> tuple[str, Any]:
+    """One streamed answer through the SDK: its text and its usage."""
+    chunks = list(
+        sdk(server).chat.completions.create(
+            model=model,
+            messages=messages(question),  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            **params,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage
+
+
+def together(calls: list[Any]) -> list[Any]:
+    """Run the calls at the same moment, one thread each; their results in order."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        try:
+            gate.wait(30)
+            results[i] = calls[i]()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
+def metric(server: Server, name: str, model: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("model") == model:
+                return float(sample.value)
+    raise AssertionError(f"{name} for {model} not in /metrics")
+
+
+def test_models_report_per_stream_context(server: Server, model_name: str) -> None:
+    card = sdk(server).models.retrieve(model_name).model_dump()
+    assert card["parallel_streams"] == SLOTS
+    assert card["n_ctx"] == 2048  # context_size is per stream, whatever the load
+
+
+def test_batched_answers_equal_answers_alone(server: Server, model_name: str) -> None:
+    greedy = {"max_tokens": 40, "temperature": 0}
+    seeded = {"max_tokens": 40, "temperature": 0.9, "top_p": 0.9, "seed": 7}
+    jobs = [(q, greedy if i % 2 == 0 else seeded) for i, q in enumerate(QUESTIONS)]
+    alone = [ask(server, model_name, q, **p)[0] for q, p in jobs]
+    steps_before = metric(server, "appliance_batch_steps_total", model_name)
+    tokens_before = metric(server, "appliance_batch_tokens_total", model_name)
+    batched = together([lambda q=q, p=p: ask(server, model_name, q, **p)[0] for q, p in jobs])
+    assert batched == alone
+    assert all(alone)
+    # Six requests on four slots: the steps carried more than one token each.
+    steps = metric(server, "appliance_batch_steps_total", model_name) - steps_before
+    tokens = metric(server, "appliance_batch_tokens_total", model_name) - tokens_before
+    assert steps > 0 and tokens / steps > 1.5
+
+
+def test_json_schema_batched_beside_free_text(server: Server, model_name: str) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ward": {"type": "string"}, "beds": {"type": "integer"}},
+        "required": ["ward", "beds"],
+        "additionalProperties": False,
+    }
+
+    def structured() -> str:
+        answer = sdk(server).chat.completions.create(
+            model=model_name,
+            messages=messages("Give the ward name and its number of beds as JSON."),  # type: ignore[arg-type]
+            max_tokens=80,
+            temperature=0.7,
+            seed=3,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "ward", "schema": schema},
+            },
+        )
+        return answer.choices[0].message.content or ""
+
+    free = [
+        lambda q=q: ask(server, model_name, q, max_tokens=60, temperature=0)[0]
+        for q in QUESTIONS[:3]
+    ]
+    results = together([structured, *free])
+    jsonschema.validate(json.loads(results[0]), schema)
+    assert all(results[1:]) and not any(r.lstrip().startswith("{") for r in results[1:])
+
+
+def test_shared_system_prompt_is_reused(server: Server, model_name: str) -> None:
+    long_system = SYSTEM + " " + "Keep to the facts of the ward. " * 40
+    first = sdk(server).chat.completions.create(
+        model=model_name,
+        messages=[
+            {"role": "system", "content": long_system},
+            {"role": "user", "content": "Hello."},
+        ],
+        max_tokens=4,
+        temperature=0,
+    )
+    second = sdk(server).chat.completions.create(
+        model=model_name,
+        messages=[
+            {"role": "system", "content": long_system},
+            {"role": "user", "content": "Where is the pharmacy?"},
+        ],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and cached > 200  # the system prompt, not read again
+    assert cached < second.usage.prompt_tokens  # the new question is read
+
+
+def _open_long_stream(
+    server: Server, client: httpx.Client, model: str, system: str = SYSTEM
+) -> Any:
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": "A story."}]
+    ctx = client.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"model": model, "messages": chat, "stream": True, **LONG},
+    )
+    resp = ctx.__enter__()
+    assert resp.status_code == 200
+    lines = resp.iter_lines()
+    for line in lines:
+        if '"content":"' in line and '"content":""' not in line:
+            break
+    return ctx, lines
+
+
+def test_beginning_held_by_a_busy_slot_is_copied(server: Server, model_name: str) -> None:
+    system = "You answer questions from the night pharmacy. " + "Name the dose. " * 60
+    with server.client() as client:
+        ctx, _lines = _open_long_stream(server, client, model_name, system)
+        answer = sdk(server).chat.completions.create(
+            model=model_name,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": "Is the pharmacy open?"},
+            ],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert model_state(server.url, model_name)["running"] == 1  # the long one goes on
+        ctx.__exit__(None, None, None)
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert (answer.usage.prompt_tokens_details.cached_tokens or 0) > 200
+
+
+def test_short_answer_passes_a_long_one(server: Server, model_name: str) -> None:
+    with server.client() as client:
+        ctx, lines = _open_long_stream(server, client, model_name)
+        started = time.monotonic()
+        text, usage = ask(server, model_name, QUESTIONS[2], max_tokens=8, temperature=0)
+        assert text and usage.completion_tokens <= 8
+        # The long answer is still running: the short one did not wait for it.
+        assert model_state(server.url, model_name)["running"] == 1
+        assert time.monotonic() - started < 30
+        next(lines)  # and the long one still streams
+        ctx.__exit__(None, None, None)
+    assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 10)
+
+
+def test_disconnect_frees_its_slot_for_a_waiting_request(server: Server, model_name: str) -> None:
+    clients = [server.client() for _ in range(SLOTS)]
+    try:
+        streams = [_open_long_stream(server, c, model_name) for c in clients]
+        assert model_state(server.url, model_name)["running"] == SLOTS
+        waiting: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: waiting.append(
+                ask(server, model_name, QUESTIONS[3], max_tokens=6, temperature=0)
+            )
+        )
+        waiter.start()
+        assert wait_for(lambda: model_state(server.url, model_name)["queued"] == 1, 10)
+        streams[0][0].__exit__(None, None, None)  # one client goes away
+        waiter.join(60)  # its slot goes to the waiting request, the others keep theirs
+        assert waiting and waiting[0][0]
+        assert model_state(server.url, model_name)["running"] == SLOTS - 1
+        for ctx, lines in streams[1:]:
+            next(lines)
+            ctx.__exit__(None, None, None)
+    finally:
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 10)
+
+
+def test_past_slots_and_queue_gives_503(server: Server, model_name: str) -> None:
+    clients = [server.client() for _ in range(SLOTS + 2)]
+    try:
+        streams = [_open_long_stream(server, c, model_name) for c in clients[:SLOTS]]
+        queued = [
+            c.stream(
+                "POST",
+                f"{server.url}/v1/chat/completions",
+                json={"model": model_name, "messages": messages("Hi."), "stream": True, **LONG},
+            )
+            for c in clients[SLOTS:]
+        ]
+        for q in queued:
+            assert q.__enter__().status_code == 200
+        state = model_state(server.url, model_name)
+        assert (state["running"], state["queued"]) == (SLOTS, 2)
+        refused = server.http.post(
+            "/v1/chat/completions",
+            timeout=10,
+            json={"model": model_name, "messages": messages("Hi."), "max_tokens": 4},
+        )
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert metric(server, "appliance_busy_slots", model_name) == SLOTS
+        for ctx, _ in streams:
+            ctx.__exit__(None, None, None)
+        for q in queued:
+            q.__exit__(None, None, None)
+    finally:
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: model_state(server.url, model_name)["busy"] is False, 15)
