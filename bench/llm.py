@@ -1,13 +1,18 @@
-"""Streaming through the appliance's HTTP API against llama-cpp-python in-process, in
-one run, on the same model, prompts and thread count.
+"""Many streams through the appliance's HTTP API against llama-cpp-python in-process
+single-stream, in one run, on the same model, thread count and prompts.
 
-For each prompt (a shared system prompt and a distinct question, as a ward or a line
-would send), greedy decoding, the in-process baseline and the API run back to back:
-- TTFT: request start to the first content token received;
-- decode tokens/s: (content chunks - 1) / (last chunk - first chunk).
-Prints both, p50 and p95, and the ratios. Usage:
+- Baseline: llama-cpp-python's `Llama` in this process, one stream at a time, greedy.
+- API: 1, 2, 4 and 8 clients at once, each streaming one greedy chat completion
+  (a shared system prompt and a distinct question, as a ward or a line would send),
+  `ignore_eos` so that every answer is `--max-tokens` long; the server batches them.
 
-    .venv/bin/python bench/llm.py [--state-dir DIR] [--rounds 3] [--max-tokens 128]
+Figures per level: aggregate decode tokens/s (all content tokens received / time from
+the first stream's first token to the last stream's last), its ratio to the baseline's
+single-stream rate, and TTFT p50/p95 (request start to first content token). Then
+prefix reuse: TTFT of a request whose long system prompt is new, and of the next one
+that shares it. Usage:
+
+    .venv/bin/python bench/llm.py [--rounds 3] [--max-tokens 128] [--streams 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import http.client
 import json
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,14 +38,20 @@ from appliance.registry import load_manifests, verify_model  # noqa: E402
 
 from helpers import CACHE, make_state, start_server  # noqa: E402
 
-HEADERS = {"Content-Type": "application/json"}
 SYSTEM = "You are a careful assistant on a hospital ward. Answer in plain words."
 QUESTIONS = [
     "Write a long story about a lighthouse keeper and a storm.",
     "Explain step by step how to check a patient's blood pressure.",
     "Describe the history of the printing press in detail.",
     "List and explain twenty kinds of weather.",
+    "Tell me about the life of honey bees.",
+    "How does a hospital pharmacy keep medicines safe?",
+    "Describe a walk through a forest in autumn.",
+    "Explain how a steam engine works.",
 ]
+LONG_SYSTEM = (
+    SYSTEM + " " + " ".join(f"Rule {i}: keep to the facts of the ward." for i in range(60))
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,14 +59,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def messages(question: str, round_no: int) -> list[dict[str, str]]:
+def messages(question: str, tag: str, system: str = SYSTEM) -> list[dict[str, str]]:
     return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"(request {round_no}) {question}"},
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"({tag}) {question}"},
     ]
 
 
-def measure_in_process(llm: Any, msgs: list[dict[str, str]], max_tokens: int) -> dict[str, float]:
+def in_process(llm: Any, msgs: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
     start = time.perf_counter()
     stamps = []
     for chunk in llm.create_chat_completion(
@@ -61,23 +74,26 @@ def measure_in_process(llm: Any, msgs: list[dict[str, str]], max_tokens: int) ->
     ):
         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
             stamps.append(time.perf_counter())
-    return summarize(start, stamps)
+    return {"start": start, "stamps": stamps}
 
 
-def measure_api(
-    conn: http.client.HTTPConnection, model: str, msgs: list[dict[str, str]], max_tokens: int
-) -> dict[str, float]:
+def through_api(
+    port: int, token: str, model: str, msgs: list[dict[str, str]], max_tokens: int
+) -> dict[str, Any]:
     body = json.dumps(
         {
             "model": model,
             "messages": msgs,
             "max_tokens": max_tokens,
             "temperature": 0,
+            "ignore_eos": True,
             "stream": True,
         }
     )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, HEADERS)
+    conn.request("POST", "/v1/chat/completions", body, headers)
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     stamps = []
@@ -87,12 +103,35 @@ def measure_api(
         elif line.startswith(b"data: [DONE]"):
             break
     resp.read()
-    return summarize(start, stamps)
+    conn.close()
+    return {"start": start, "stamps": stamps}
 
 
-def summarize(start: float, stamps: list[float]) -> dict[str, float]:
-    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return {"ttft_ms": (stamps[0] - start) * 1000, "tokens": len(stamps), "tok_s": decode}
+def rate(runs: list[dict[str, Any]]) -> float:
+    """Content tokens of all runs over the time from the first token to the last."""
+    first = min(r["stamps"][0] for r in runs)
+    last = max(r["stamps"][-1] for r in runs)
+    return sum(len(r["stamps"]) - 1 for r in runs) / (last - first)
+
+
+def ttfts(runs: list[dict[str, Any]]) -> list[float]:
+    return [(r["stamps"][0] - r["start"]) * 1000 for r in runs]
+
+
+def concurrent(n: int, call: Any) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = [{} for _ in range(n)]
+    gate = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        gate.wait(60)
+        results[i] = call(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return results
 
 
 def main() -> None:
@@ -100,8 +139,11 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=CACHE)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--context-size", type=int, default=4096)
+    parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--parallel-streams", type=int, default=4)
+    parser.add_argument("--context-size", type=int, default=2048)
     args = parser.parse_args()
+    levels = [int(n) for n in args.streams.split(",")]
 
     from llama_cpp import Llama
 
@@ -112,12 +154,18 @@ def main() -> None:
     model_file = settings.models_path / manifest.file
     threads = default_threads()
 
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         state = make_state(Path(tmp) / "state", model_file)
         server = start_server(
-            state, "--context-size", str(args.context_size), "--threads", str(threads)
+            state,
+            "--context-size",
+            str(args.context_size),
+            "--threads",
+            str(threads),
+            "--parallel-streams",
+            str(args.parallel_streams),
+            "--queue-depth",
+            str(max(levels)),
         )
         try:
             llm = Llama(
@@ -127,53 +175,94 @@ def main() -> None:
                 n_threads_batch=threads,
                 verbose=False,
             )
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-            HEADERS["Authorization"] = f"Bearer {server.token}"
-            # Warm both paths (page cache, first allocations).
-            measure_in_process(llm, messages("Say hello.", 0), 8)
-            measure_api(conn, manifest.name, messages("Say hello.", 0), 8)
-            base: list[dict[str, float]] = []
-            api: list[dict[str, float]] = []
+
+            def api(msgs: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+                return through_api(server.port, server.token, manifest.name, msgs, max_tokens)
+
+            in_process(llm, messages("Say hello.", "warm-up"), 8)  # page cache, allocations
+            api(messages("Say hello.", "warm-up"), 8)
+            base: list[dict[str, Any]] = []
+            by_level: dict[int, list[list[dict[str, Any]]]] = {n: [] for n in levels}
             for r in range(1, args.rounds + 1):
-                for q in QUESTIONS:
-                    base.append(measure_in_process(llm, messages(q, r), args.max_tokens))
-                    api.append(measure_api(conn, manifest.name, messages(q, r), args.max_tokens))
-            conn.close()
+                for q in QUESTIONS[:4]:
+                    base.append(in_process(llm, messages(q, f"base {r}"), args.max_tokens))
+                for n in levels:
+                    by_level[n].append(
+                        concurrent(
+                            n,
+                            lambda i, n=n, r=r: api(
+                                messages(QUESTIONS[i % len(QUESTIONS)], f"{n}x{r}.{i}"),
+                                args.max_tokens,
+                            ),
+                        )
+                    )
+            # Prefix reuse: a new long system prompt, then the next question under it.
+            cold, warm = [], []
+            for r in range(args.rounds):
+                system = f"[{r}] {LONG_SYSTEM}"
+                cold += ttfts([api(messages(QUESTIONS[0], "cold", system), 4)])
+                warm += ttfts([api(messages(QUESTIONS[1], "warm", system), 4)])
+            prompt_tokens = len(llm.tokenize(LONG_SYSTEM.encode(), add_bos=False))
         finally:
             server.stop()
 
-    def agg(rows: list[dict[str, float]]) -> dict[str, float]:
-        ttft = [r["ttft_ms"] for r in rows]
-        return {
-            "decode_tok_s_mean": statistics.fmean(r["tok_s"] for r in rows),
-            "ttft_ms_p50": statistics.median(ttft),
-            "ttft_ms_p95": percentile(ttft, 0.95),
-            "tokens_mean": statistics.fmean(r["tokens"] for r in rows),
+    base_rate = statistics.fmean(rate([b]) for b in base)
+    base_ttft = ttfts(base)
+    rows: dict[str, Any] = {}
+    for n in levels:
+        rounds = by_level[n]
+        t = [x for rnd in rounds for x in ttfts(rnd)]
+        agg = statistics.fmean(rate(rnd) for rnd in rounds)
+        rows[n] = {
+            "aggregate_tok_s": agg,
+            "ratio": agg / base_rate,
+            "ttft_ms_p50": statistics.median(t),
+            "ttft_ms_p95": percentile(t, 0.95),
         }
-
-    b, a = agg(base), agg(api)
-    result = {
-        "model": manifest.name,
-        "threads": threads,
-        "requests": len(api),
-        "max_tokens": args.max_tokens,
-        "in_process": b,
-        "api": a,
-        "decode_ratio_api_over_in_process": a["decode_tok_s_mean"] / b["decode_tok_s_mean"],
-        "ttft_p50_overhead_ms": a["ttft_ms_p50"] - b["ttft_ms_p50"],
-    }
-    print(f"{'':14}{'decode tok/s':>14}{'TTFT p50 ms':>14}{'TTFT p95 ms':>14}{'tokens':>9}")
-    for label, row in (("in-process", b), ("API (HTTP)", a)):
-        print(
-            f"{label:14}{row['decode_tok_s_mean']:14.1f}{row['ttft_ms_p50']:14.1f}"
-            f"{row['ttft_ms_p95']:14.1f}{row['tokens_mean']:9.1f}"
-        )
     print(
-        f"decode ratio API / in-process: {result['decode_ratio_api_over_in_process']:.3f} "
-        "(target >= 0.97)"
+        f"model {manifest.name}, {threads} threads, {args.parallel_streams} slots, "
+        f"{args.max_tokens} tokens per answer, {args.rounds} rounds"
     )
-    print(f"TTFT p50 overhead: {result['ttft_p50_overhead_ms']:+.1f} ms (target <= 10 ms)")
-    print(json.dumps(result))
+    print(f"{'':24}{'decode tok/s':>14}{'x baseline':>12}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
+    print(
+        f"{'in-process, 1 stream':24}{base_rate:14.1f}{1.0:12.2f}"
+        f"{statistics.median(base_ttft):13.1f}{percentile(base_ttft, 0.95):13.1f}"
+    )
+    for n, row in rows.items():
+        print(
+            f"{f'API, {n} stream(s)':24}{row['aggregate_tok_s']:14.1f}{row['ratio']:12.2f}"
+            f"{row['ttft_ms_p50']:13.1f}{row['ttft_ms_p95']:13.1f}"
+        )
+    targets = []
+    if 1 in rows:
+        targets.append(f"1 stream {rows[1]['ratio']:.2f} x (target >= 0.97)")
+    if 4 in rows:
+        targets.append(f"4 streams {rows[4]['ratio']:.2f} x (target >= 1.7)")
+    if 1 in rows and 4 in rows:
+        limit = 2 * rows[1]["ttft_ms_p50"]
+        targets.append(
+            f"TTFT p95 at 4 streams {rows[4]['ttft_ms_p95']:.0f} ms vs 2 x p50 at 1 = "
+            f"{limit:.0f} ms"
+        )
+    print("; ".join(targets))
+    print(
+        f"prefix reuse (system prompt of ~{prompt_tokens} tokens): TTFT p50 new "
+        f"{statistics.median(cold):.1f} ms, shared {statistics.median(warm):.1f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "model": manifest.name,
+                "threads": threads,
+                "slots": args.parallel_streams,
+                "max_tokens": args.max_tokens,
+                "baseline_tok_s": base_rate,
+                "levels": rows,
+                "ttft_new_prefix_ms_p50": statistics.median(cold),
+                "ttft_shared_prefix_ms_p50": statistics.median(warm),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

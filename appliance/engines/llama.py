@@ -61,7 +61,7 @@ MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 BATCH_TOKENS = 512  # tokens per llama_decode: the prompt chunk a step may read
-COPY_MIN_TOKENS = 64  # shorter shared beginnings are read again rather than copied
+COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
 
 
 def default_threads() -> int:
@@ -75,6 +75,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def runs(seqs: set[int]) -> int:
+    """How many runs of consecutive numbers ``seqs`` makes."""
+    return sum(1 for s in seqs if s - 1 not in seqs)
 
 
 @dataclass
@@ -251,15 +256,21 @@ class LlamaEngine:
         emit: Callable[[Event], None],
         cancelled: Callable[[], bool],
     ) -> None:
-        """Give a request a free slot: the one whose cache shares the longest beginning
-        with its prompt (then the lowest, so that busy slots stay together and a step
-        stays one llama.cpp batch). A longer beginning held by another slot is copied
-        in. The prompt is read by the following steps."""
+        """Give a request a free slot. Busy slots must stay together: llama.cpp
+        evaluates only consecutive streams in one pass, so a gap costs a whole extra
+        pass every step for as long as both sides run. Among the slots that keep them
+        together, the one whose cache shares the longest beginning with the prompt;
+        a longer beginning held by another slot is copied in. The prompt is read by
+        the following steps."""
         prompt = generation.prompt_tokens
         free = [s for s in self._slots if s.run is None]
         if not free:
             raise RuntimeError("no free slot")
-        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.seq))
+        busy = {s.seq for s in self._slots if s.run is not None}
+        slot = min(
+            free,
+            key=lambda s: (runs(busy | {s.seq}), -common_prefix(s.tokens, prompt), s.seq),
+        )
         cached = common_prefix(slot.tokens, prompt)
         donor = max(self._slots, key=lambda s: common_prefix(s.tokens, prompt))
         shared = min(common_prefix(donor.tokens, prompt), len(prompt) - 1)
