@@ -61,6 +61,12 @@ class Settings:
         "model's own; the KV cache holds parallel_streams times this.",
         minimum=16,
     )
+    kv_cache_type: str = _setting(
+        "f16",
+        "Number format of the KV cache: f16, or q8_0 (half the memory, answers differ "
+        "slightly from f16).",
+        choices=("f16", "q8_0"),
+    )
     parallel_streams: int = _setting(
         4,
         "Requests a language model answers at once, decoded together in one batch; "

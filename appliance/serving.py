@@ -96,6 +96,7 @@ def _load_engine(
             gpu_layers=settings.gpu_layers,
             model_context=manifest.context_length,
             parallel=settings.parallel_streams,
+            kv_type=settings.kv_cache_type,
         )
     # The file must be the one that was hashed, not one swapped in since.
     if file_identity(path) != verification.identity:

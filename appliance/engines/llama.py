@@ -61,6 +61,7 @@ MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 BATCH_TOKENS = 512  # tokens per llama_decode: the prompt chunk a step may read
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
 
 
@@ -114,6 +115,7 @@ class LlamaEngine:
         gpu_layers: int,
         model_context: int | None = None,
         parallel: int = 1,
+        kv_type: str = "f16",
     ) -> None:
         n_ctx = min(context_size, model_context) if model_context else context_size
         threads = threads or default_threads()
@@ -127,6 +129,7 @@ class LlamaEngine:
         ctx_params.n_seq_max = parallel
         ctx_params.kv_unified = False  # a stream per slot: see the module's note
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        ctx_params.type_k = ctx_params.type_v = KV_TYPES[kv_type]
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
