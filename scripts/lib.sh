@@ -30,6 +30,25 @@ ensure_chromium() {
     fi
 }
 
+# tests/test_nspawn.py boots a minimal Debian (debootstrap) with systemd as PID 1
+# (systemd-nspawn) to install the bundle in it for real; it needs root, as apt does.
+ensure_nspawn() {
+    if [ "$(id -u)" != 0 ]; then
+        return  # the test skips itself, saying so
+    fi
+    if command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null; then
+        return
+    fi
+    if command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            debootstrap systemd-container
+    else
+        echo "the systemd test needs debootstrap and systemd-nspawn (systemd-container)" >&2
+        exit 1
+    fi
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv

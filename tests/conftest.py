@@ -4,6 +4,7 @@ as a subprocess on a free port."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import pytest
 from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
+from packaging.version import Version
 
+from appliance import __version__
 from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
 from appliance.fetch import build_model, default_manifest, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
 
-from helpers import CACHE, Server, ServerFactory, admin_token, make_state, start_server
+from helpers import CACHE, REPO, Server, ServerFactory, admin_token, make_state, start_server
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +110,42 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) ->
     server = start_server(state, "--queue-depth", "4")
     yield server
     server.stop()
+
+
+def build_bundle(out: Path, key: Path, models: Path, *extra: str) -> None:
+    result = subprocess.run(
+        [
+            str(REPO / "provisioning" / "build-bundle"),
+            str(out),
+            "--signing-key",
+            str(key),
+            "--models",
+            str(models),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> tuple[Path, Path]:
+    """A signed offline bundle of this checkout (wheels from the local pip cache, the real
+    models) and the public key that verifies it."""
+    work = tmp_path_factory.mktemp("bundle")
+    out, key = work / "appliance.tar", work / "signing.pem"
+    build_bundle(out, key, model_file.parent)
+    return out, work / "signing.pub"
+
+
+@pytest.fixture(scope="session")
+def newer_bundle(bundle: tuple[Path, Path], model_file: Path) -> tuple[Path, str]:
+    """The same checkout as a newer version (the appliance's wheel one patch release up),
+    signed by the same key: what an upgrade installs. Its path and its version."""
+    major, minor, micro = (*Version(__version__).release, 0, 0)[:3]
+    version = f"{major}.{minor}.{micro + 1}"
+    out = bundle[0].with_name(f"appliance-{version}.tar")
+    build_bundle(out, bundle[1].with_suffix(".pem"), model_file.parent, "--version", version)
+    return out, version

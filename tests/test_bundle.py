@@ -1,7 +1,8 @@
 """The offline bundle and the installer, for real: build a signed bundle from this
-checkout (wheels from the local pip cache, the real models), install it with --root
-into a temporary tree, run it again, upgrade over a used audit log, and refuse a
-tampered bundle before anything is written."""
+checkout (wheels from the local pip cache, the real models; the `bundle` fixtures are in
+conftest.py), install it with --root into a temporary tree, run it again, upgrade to a
+newer bundle over a used audit log, and refuse a tampered bundle before anything is
+written. tests/test_nspawn.py installs the same bundles under systemd as PID 1."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,29 +18,6 @@ import pytest
 from helpers import REPO
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def bundle(
-    tmp_path_factory: pytest.TempPathFactory, model_file: Path
-) -> Iterator[tuple[Path, Path]]:
-    work = tmp_path_factory.mktemp("bundle")
-    out, key = work / "appliance.tar", work / "signing.pem"
-    result = subprocess.run(
-        [
-            str(REPO / "provisioning" / "build-bundle"),
-            str(out),
-            "--signing-key",
-            str(key),
-            "--models",
-            str(model_file.parent),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    yield out, work / "signing.pub"
 
 
 def install(bundle: Path, public_key: Path, root: Path) -> subprocess.CompletedProcess[str]:
@@ -88,7 +65,9 @@ def installed(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_install_layout_rerun_and_upgrade(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+def test_install_layout_rerun_and_upgrade(
+    bundle: tuple[Path, Path], newer_bundle: tuple[Path, str], tmp_path: Path
+) -> None:
     tar, pub = bundle
     root = tmp_path / "root"
     first = install(tar, pub, root)
@@ -104,6 +83,14 @@ def test_install_layout_rerun_and_upgrade(bundle: tuple[Path, Path], tmp_path: P
     assert mode(state) == 0o750
     for key in ("keys/audit-master.key", "keys/audit-signing.key", "tls/server.key", "tls/ca.key"):
         assert mode(state / key) == 0o600, key
+    # The unit's LoadCredential= sources: root-only copies of the audit keys.
+    credentials = root / "etc/appliance/credentials"
+    assert mode(credentials) == 0o700
+    for credential, key in (("audit-master-key", "master"), ("audit-signing-key", "signing")):
+        assert mode(credentials / credential) == 0o600
+        assert (credentials / credential).read_bytes() == (
+            state / f"keys/audit-{key}.key"
+        ).read_bytes()
     assert mode(state / "audit/audit.db") == 0o640
     assert {p.name for p in (state / "models").iterdir()} == {
         "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -122,8 +109,18 @@ def test_install_layout_rerun_and_upgrade(bundle: tuple[Path, Path], tmp_path: P
     # Use the audit log, then upgrade over it: the records stay and still verify.
     assert installed(root, "audit", "rotate-key").returncode == 0
     before_upgrade = json.loads(installed(root, "audit", "verify", "--json").stdout)
-    upgraded = install(tar, pub, root)
+    newer, version = newer_bundle
+    upgraded = install(newer, pub, root)
     assert upgraded.returncode == 0, upgraded.stderr[-3000:]
+    assert "first admin token" not in upgraded.stdout
+    python = root / "opt/appliance/venv/bin/python"
+    now = subprocess.run(
+        [str(python), "-I", "-c", "import appliance; print(appliance.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert now.stdout.strip() == version
     after = json.loads(installed(root, "audit", "verify", "--json").stdout)
     assert after["ok"], after["problem"]
     assert after["first_seq"] == before_upgrade["first_seq"] == 1
