@@ -2,17 +2,21 @@
 single-stream, in one run, on the same model, thread count and prompts.
 
 - Baseline: llama-cpp-python's `Llama` in this process, one stream at a time, greedy.
-- API: 1, 2, 4 and 8 clients at once, each streaming one greedy chat completion
-  (a shared system prompt and a distinct question, as a ward or a line would send),
-  `ignore_eos` so that every answer is `--max-tokens` long; the server batches them.
+- API: 1, 2, 4 and 8 clients at once, each streaming greedy chat completions one
+  after the other (a shared system prompt and a distinct question, as a ward or a line
+  would send), `ignore_eos` and answers from 0.5 to 1.5 x `--max-tokens` long (see
+  answer_length); the server batches them. Each client's first request is a warm-up
+  (they all start together).
 
 Figures per level: aggregate decode tokens/s (all content tokens received / time from
-the first stream's first token to the last stream's last), its ratio to the baseline's
+the first measured stream's first token to the last one's last), its ratio to the baseline's
 single-stream rate, and TTFT p50/p95 (request start to first content token). Then
 prefix reuse: TTFT of a request whose long system prompt is new, and of the next one
 that shares it. Usage:
 
     .venv/bin/python bench/llm.py [--rounds 3] [--max-tokens 128] [--streams 1,2,4,8]
+
+(`--rounds`: measured requests per client; the baseline runs 4 x rounds.)
 """
 
 from __future__ import annotations
@@ -118,20 +122,34 @@ def ttfts(runs: list[dict[str, Any]]) -> list[float]:
     return [(r["stamps"][0] - r["start"]) * 1000 for r in runs]
 
 
-def concurrent(n: int, call: Any) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = [{} for _ in range(n)]
+def answer_length(mean: int, client: int, request: int) -> int:
+    """Answers of different lengths (0.5 to 1.5 x the mean, the mean over any five),
+    as real answers are: equal lengths would keep the clients in lockstep, every
+    request arriving in the same instant as the others."""
+    return round(mean * (0.5 + 0.25 * ((client + 2 * request) % 5)))
+
+
+def clients(n: int, requests: int, call: Any) -> list[dict[str, Any]]:
+    """n clients at once, each sending `requests` + 1 requests one after the other (a
+    closed loop: the next when the last answer ended). Each client's first request is
+    left out of the figures: those n start in the same instant, which a ward or a line
+    in steady use does not do. Returns the other runs."""
+    results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     gate = threading.Barrier(n)
 
     def run(i: int) -> None:
         gate.wait(60)
-        results[i] = call(i)
+        for k in range(requests + 1):
+            result = call(i, k)
+            if k:
+                results[i].append(result)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(600)
-    return results
+        t.join(1800)
+    return [r for rs in results for r in rs]
 
 
 def main() -> None:
@@ -181,21 +199,21 @@ def main() -> None:
 
             in_process(llm, messages("Say hello.", "warm-up"), 8)  # page cache, allocations
             api(messages("Say hello.", "warm-up"), 8)
-            base: list[dict[str, Any]] = []
-            by_level: dict[int, list[list[dict[str, Any]]]] = {n: [] for n in levels}
-            for r in range(1, args.rounds + 1):
-                for q in QUESTIONS[:4]:
-                    base.append(in_process(llm, messages(q, f"base {r}"), args.max_tokens))
-                for n in levels:
-                    by_level[n].append(
-                        concurrent(
-                            n,
-                            lambda i, n=n, r=r: api(
-                                messages(QUESTIONS[i % len(QUESTIONS)], f"{n}x{r}.{i}"),
-                                args.max_tokens,
-                            ),
-                        )
-                    )
+            base = [
+                in_process(llm, messages(QUESTIONS[k % 4], f"base {k}"), args.max_tokens)
+                for k in range(4 * args.rounds)
+            ]
+            by_level = {
+                n: clients(
+                    n,
+                    args.rounds,
+                    lambda i, k, n=n: api(
+                        messages(QUESTIONS[(i + k) % len(QUESTIONS)], f"{n}:{i}.{k}"),
+                        answer_length(args.max_tokens, i, k),
+                    ),
+                )
+                for n in levels
+            }
             # Prefix reuse: a new long system prompt, then the next question under it.
             cold, warm = [], []
             for r in range(args.rounds):
@@ -210,18 +228,19 @@ def main() -> None:
     base_ttft = ttfts(base)
     rows: dict[str, Any] = {}
     for n in levels:
-        rounds = by_level[n]
-        t = [x for rnd in rounds for x in ttfts(rnd)]
-        agg = statistics.fmean(rate(rnd) for rnd in rounds)
+        runs = by_level[n]
+        t = ttfts(runs)
+        agg = rate(runs)
         rows[n] = {
             "aggregate_tok_s": agg,
             "ratio": agg / base_rate,
             "ttft_ms_p50": statistics.median(t),
             "ttft_ms_p95": percentile(t, 0.95),
+            "requests": len(runs),
         }
     print(
         f"model {manifest.name}, {threads} threads, {args.parallel_streams} slots, "
-        f"{args.max_tokens} tokens per answer, {args.rounds} rounds"
+        f"{args.max_tokens} tokens per answer, {args.rounds} measured requests per client"
     )
     print(f"{'':24}{'decode tok/s':>14}{'x baseline':>12}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     print(
