@@ -4,9 +4,10 @@ bindings), with continuous batching.
 Up to ``parallel`` requests run at once, each in its own *slot*: a sequence id in the
 KV cache, a sampler chain of its own (seed, temperature, top_p, grammar) and its own
 stop strings and token counts. One ``step`` is one ``llama_decode``: the next token of
-every answering slot, then as many prompt tokens of newly admitted slots as the batch
-has room for (a long prompt is read in chunks, so it never holds the others up by more
-than one step). Then each slot that produced logits samples its next token.
+every answering slot, then up to PROMPT_TOKENS_PER_STEP prompt tokens of newly admitted
+slots, oldest first (a long prompt is read in chunks, so it never holds the others up
+by more than one such step). Then each slot that produced logits samples its next
+token.
 
 The context: each slot has a KV stream of its own, ``context_size`` cells, so what is
 reported as the model's context window is the same per request whatever the load, and
@@ -60,7 +61,10 @@ TOP_K = 40
 MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
-BATCH_TOKENS = 512  # tokens per llama_decode: the prompt chunk a step may read
+BATCH_TOKENS = 512  # most tokens one llama_decode takes
+# Prompt tokens one step may read: on a 2-core CPU a prompt token costs ~3.5 ms, so a
+# step that reads 128 holds the other streams' next token back by ~0.5 s at most.
+PROMPT_TOKENS_PER_STEP = 128
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
 
@@ -312,13 +316,12 @@ class LlamaEngine:
             if slot.run.cancelled():
                 self._finish(slot, "cancelled")
         feed: dict[int, list[int]] = {}  # seq -> tokens this step reads for it
-        room = BATCH_TOKENS
         for slot in running:
             run = slot.run
             if run is not None and run.next_token is not None:
                 feed[slot.seq] = [run.next_token]
                 run.next_token = None
-                room -= 1
+        room = min(PROMPT_TOKENS_PER_STEP, BATCH_TOKENS - len(feed))
         for slot in running:
             run = slot.run
             if run is not None and run.pending and room > 0:
