@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Server, make_state, model_state, start_server, wait_for
+from helpers import Server, make_state, model_state, run_cli, start_server, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -36,8 +36,12 @@ LONG = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Server]:
-    state = make_state(tmp_path_factory.mktemp("batching") / "state", model_file)
+def state(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
+    return make_state(tmp_path_factory.mktemp("batching") / "state", model_file)
+
+
+@pytest.fixture(scope="module")
+def server(state: Path) -> Iterator[Server]:
     server = start_server(state, "--parallel-streams", str(SLOTS), "--queue-depth", "2")
     yield server
     server.stop()
@@ -286,3 +290,36 @@ def test_past_slots_and_queue_gives_503(server: Server, model_name: str) -> None
         for c in clients:
             c.close()
     assert wait_for(lambda: model_state(server.url, model_name)["busy"] is False, 15)
+
+
+def test_every_batched_stream_has_its_audit_pair(
+    server: Server, state: Path, model_name: str
+) -> None:
+    def streamed(question: str) -> tuple[str, str]:
+        with server.http.stream(
+            "POST",
+            "/v1/chat/completions",
+            timeout=120,
+            json={
+                "model": model_name,
+                "messages": messages(question),
+                "max_tokens": 24,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as resp:
+            text = "".join(
+                json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                for line in resp.iter_lines()
+                if line.startswith("data: {") and '"choices":[{' in line
+            )
+            return resp.headers["X-Request-Id"], text
+
+    answers = together([lambda q=q: streamed(q) for q in QUESTIONS[:SLOTS]])
+    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
+    assert exported.returncode == 0, exported.stderr
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    for request_id, text in answers:
+        pair = [r for r in rows if r["request_id"] == request_id]
+        assert [r["kind"] for r in pair] == ["request", "outcome"]
+        assert pair[1]["status"] == 200 and pair[1]["content"]["output"] == text
