@@ -202,3 +202,42 @@ def test_reopening_continues_the_chain(tmp_path: Path) -> None:
         store.close()
     report = verify(settings)
     assert report.ok and report.records == 6 and report.incomplete == []
+
+
+def test_the_wal_is_checkpointed_off_the_commit_path_and_reused(tmp_path: Path) -> None:
+    """Commits from an idle log's caller, many of them: the writer copies the WAL back
+    into the database after it has answered (never inside a commit), so the WAL stays
+    at about a MiB and is overwritten rather than grown; every record is there and the
+    chain verifies."""
+    settings = settings_for(tmp_path)
+    store = AuditStore(settings)
+    wal = Path(str(settings.audit_db_path) + "-wal")
+    sizes = []
+    for i in range(600):  # ~1800 WAL pages: several times the checkpoint threshold
+        store.commit(
+            [
+                Entry(kind="request", request_id=f"r{i}", content={"input": {"i": i}}),
+                Entry(kind="outcome", request_id=f"r{i}", status=200, content={"output": "o"}),
+            ]
+        )
+        sizes.append(wal.stat().st_size)
+    store.close()
+    assert max(sizes) < 3 * 2**20  # SQLite's own autocheckpoint would let it reach ~4 MiB
+    # Appended to, the last 200 commits would have added ~2.4 MiB; reused, about nothing.
+    assert sizes[-1] - sizes[-200] < 2**18
+    report = verify(settings)
+    assert report.ok and report.records == 1200 and report.incomplete == []
+
+
+def test_checkpoints_fall_where_due_when_callers_write_their_own(tmp_path: Path) -> None:
+    """Callers writing their own records (an idle log) seal a signed checkpoint every
+    checkpoint_records records, exactly where it falls due."""
+    settings = settings_for(tmp_path, checkpoint_records=5)
+    store = AuditStore(settings)
+    for i in range(12):
+        store.append(Entry(kind="event", request_id=f"e{i}", content={"i": i}))
+    store.close()
+    cps, bad = chain.read_file(settings.checkpoint_path)
+    assert bad == [] and [cp.size for cp in cps][:2] == [5, 10]
+    report = verify(settings)
+    assert report.ok and report.records == 12

@@ -187,8 +187,13 @@ class Sealed:
 
 
 def seal(data_key: bytes, plaintext: bytes, aad: bytes) -> Sealed:
+    return seal_with(AESGCM(data_key), plaintext, aad)
+
+
+def seal_with(aead: AESGCM, plaintext: bytes, aad: bytes) -> Sealed:
+    """seal() with the key's cipher made once (the writer keeps one per data key)."""
     nonce = secrets.token_bytes(NONCE_BYTES)
-    return Sealed(nonce, AESGCM(data_key).encrypt(nonce, plaintext, aad))
+    return Sealed(nonce, aead.encrypt(nonce, plaintext, aad))
 
 
 def open_sealed(data_key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:

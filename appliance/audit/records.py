@@ -97,8 +97,11 @@ def record_hash(row: dict[str, Any] | tuple[Any, ...]) -> str:
     return hashlib.sha256(canonical(row)).hexdigest()
 
 
+_CONTENT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
 def content_bytes(content: dict[str, Any]) -> bytes:
-    return json.dumps(content, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+    return _CONTENT(content).encode()
 
 
 def aad(seq: int, ts: str, key_id: str) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 
 from appliance.api.errors import ApiError, error_response
-from appliance.audit.records import ANONYMOUS, Actor, Entry
+from appliance.audit.records import ANONYMOUS, Entry
 from appliance.audit.store import AuditStore, AuditUnavailable, Ticket
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,20 @@ def get_store(app: Flask) -> AuditStore:
     return store
 
 
-def _base(kind: str) -> Entry:
-    actor: Actor = g.get("actor") or ANONYMOUS  # set by authentication when there is one
+def _base(kind: str, like: Entry | None = None) -> Entry:
+    """A record of this request; `like`: another record of it, whose who-and-where it
+    shares (cheaper than asking the request again)."""
+    if like is not None:
+        return Entry(kind, like.request_id, like.actor, like.client, like.method, like.route)
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+    rule = req.url_rule
     return Entry(
         kind=kind,
         request_id=g.request_id,
-        actor=actor,
-        client=request.remote_addr,
-        method=request.method,
-        route=request.url_rule.rule if request.url_rule else request.path,
+        actor=g.get("actor") or ANONYMOUS,  # set by authentication when there is one
+        client=req.remote_addr,
+        method=req.method,
+        route=rule.rule if rule else req.path,
     )
 
 
@@ -111,14 +116,8 @@ def confirm_inference() -> None:
     ctx.opened = True
 
 
-def _commit_together(entries: list[Entry]) -> None:
-    store = get_store(current_app)
-    for ticket in store.submit_together(entries):
-        store.wait(ticket)
-
-
 def _outcome(ctx: RequestAudit, fields: dict[str, Any], status: int, kind: str) -> Entry:
-    entry = _base(kind)
+    entry = _base(kind, ctx.deferred)
     entry.model = ctx.model or fields.get("model")
     entry.model_sha256 = ctx.model_sha256
     entry.status = status
@@ -169,14 +168,15 @@ def init_app(app: Flask, store: AuditStore) -> None:
 
     @app.after_request
     def _close(response: Response) -> Response:
-        if request.path in UNAUDITED or "audit" not in g:
+        ctx: RequestAudit | None = g.get("audit")
+        if ctx is None or request.path in UNAUDITED:
             return response
-        ctx: RequestAudit = g.audit
         fields: dict[str, Any] = g.log_fields
-        try:
-            confirm_inference()  # a request refused after its record was queued
-        except ApiError as err:
-            return error_response(err)
+        if ctx.ticket is not None:
+            try:
+                confirm_inference()  # a request refused after its record was queued
+            except ApiError as err:
+                return error_response(err)
         if response.is_streamed and ctx.opened:
             entry = _outcome(ctx, fields, response.status_code, "outcome")
 
@@ -208,7 +208,7 @@ def init_app(app: Flask, store: AuditStore) -> None:
         # A deferred request record goes in the same commit as its outcome.
         entries = [entry] if ctx.deferred is None else [ctx.deferred, entry]
         try:
-            _timed(lambda: _commit_together(entries))
+            _timed(lambda: store.commit(entries))
         except AuditUnavailable as exc:
             return error_response(unavailable(exc))
         return response
