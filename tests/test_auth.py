@@ -446,3 +446,23 @@ def test_cli_tokens_and_users(settings: Settings) -> None:
         input=f"{PASSWORD}\n{PASSWORD}\n",
     )
     assert prompted.exit_code == 0, prompted.output
+
+
+def test_a_remembered_token_is_still_checked_on_every_request(
+    app: Flask, settings: Settings, tokens: dict[str, str]
+) -> None:
+    """A request thread remembers the tokens it has verified, but asks the database on
+    every request whether anything changed: a wrong secret behind a remembered token's
+    id is refused, and a revocation by another process (here a plain sqlite3
+    connection, as the CLI's would be) counts from the very next request."""
+    client = app.test_client()
+    line = tokens["line"]
+    for _ in range(3):
+        assert client.get("/v1/models", headers=bearer(line)).status_code != 401
+    wrong = line[:-1] + ("A" if line[-1] != "A" else "B")
+    assert client.get("/v1/models", headers=bearer(wrong)).status_code == 401
+    assert client.get("/v1/models", headers=bearer(line)).status_code != 401
+    with sqlite3.connect(settings.auth_db_path) as conn:
+        conn.execute("UPDATE tokens SET revoked = ? WHERE id = ?", ("now", line.split("_")[1]))
+    assert client.get("/v1/models", headers=bearer(line)).status_code == 401
+    assert client.get("/v1/models", headers=bearer(tokens["admin"])).status_code != 401

@@ -132,6 +132,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 TOKEN_BY_ID = "SELECT id, name, role, secret_sha256, expires, revoked FROM tokens WHERE id = ?"
+VERIFIED_PER_THREAD = 256  # tokens a request thread remembers as checked, at most
 
 
 @dataclass(frozen=True)
@@ -247,29 +248,53 @@ class AuthStore:
         parts = presented.split("_", 2)
         if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
             return None, "malformed_token"
-        # Every request asks this: one indexed read on this thread's own connection,
-        # no cache, so a revocation counts from the very next request.
-        row = self._token_row(parts[1])
+        # Every request asks the database, on this thread's own connection, whether
+        # anything changed since this thread last looked (PRAGMA data_version moves
+        # with every commit by any other connection, this process's admin API and the
+        # CLI alike): a revocation counts from the very next request. Only when nothing
+        # changed does a token this thread has already verified skip the lookup.
+        conn = self._reader()
+        local = self._local
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        verified: dict[str, _TokenRow] = local.verified
+        if local.version != version:
+            verified.clear()
+            local.version = version
+        # Keyed by the token's hash: no secret stays in memory past its request.
+        fingerprint = sha256(presented)
+        row: _TokenRow | None = verified.get(fingerprint)
         if row is None:
-            hmac.compare_digest(sha256(parts[2]), "0" * 64)  # same work either way
-            return None, "unknown_token"
-        if not hmac.compare_digest(sha256(parts[2]), row.secret_sha256):
-            return None, "wrong_secret"
+            row = self._token_row(parts[1])
+            if row is None:
+                hmac.compare_digest(sha256(parts[2]), "0" * 64)  # same work either way
+                return None, "unknown_token"
+            if not hmac.compare_digest(sha256(parts[2]), row.secret_sha256):
+                return None, "wrong_secret"
+            if row.revoked is None:
+                if len(verified) >= VERIFIED_PER_THREAD:
+                    verified.clear()
+                verified[fingerprint] = row  # the exact token, checked: a hit needs it
         if row.revoked is not None:
             return None, "revoked_token"
         if row.expires is not None and parse_iso(row.expires) <= now():
             return None, "expired_token"
         return Principal("token", f"token:{row.id}", row.name, row.role), ""
 
-    def _token_row(self, public_id: str) -> Any:
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection: in autocommit, each statement its own
+        snapshot, holding no lock."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            # Read-only and in autocommit: each lookup is its own snapshot, holds no lock.
             path = self.settings.auth_db_path
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             conn.execute("PRAGMA trusted_schema=OFF")
             self._local.conn = conn
-        found = conn.execute(TOKEN_BY_ID, (public_id,)).fetchone()
+            self._local.version = None
+            self._local.verified = {}
+        return conn
+
+    def _token_row(self, public_id: str) -> _TokenRow | None:
+        found = self._reader().execute(TOKEN_BY_ID, (public_id,)).fetchone()
         return None if found is None else _TokenRow(*found)
 
     # -- users -----------------------------------------------------------------------
