@@ -28,6 +28,7 @@ from appliance.serving import ServedTensorModel, get_pool
 bp = Blueprint("kserve", __name__, url_prefix="/v2")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_ENVIRON = "HTTP_" + HEADER_LENGTH.upper().replace("-", "_")  # as WSGI passes it
 VERSION = "1"
 PLATFORM = "onnxruntime_onnx"
 
@@ -97,7 +98,7 @@ def model_ready(name: str, version: str | None = None) -> Response:
 
 def _split_body() -> tuple[dict[str, Any], bytes]:
     raw = request.get_data(cache=True)
-    header = request.headers.get(HEADER_LENGTH)
+    header = request.environ.get(HEADER_ENVIRON)
     if header is None:
         json_part, binary = raw, b""
     else:
@@ -341,23 +342,20 @@ def infer(name: str, version: str | None = None) -> Response:
         raise ApiError(400, f"the model could not run these inputs: {exc}") from None
     specs = {s.name: s for s in model.engine.outputs}
     outputs, blobs = [], []
+    audited: dict[str, Any] = {}  # what the outcome record keeps of the answer
     for out_name, as_binary in wanted:
-        entry, blob = _encode_output(specs[out_name], results[out_name], as_binary)
+        spec, array = specs[out_name], results[out_name]
+        entry, blob = _encode_output(spec, array, as_binary)
         outputs.append(entry)
         blobs.append(blob)
+        if spec.datatype == "BYTES":
+            audited[out_name] = len(array)
+        else:  # the flat values, as the JSON answer has them already
+            audited[out_name] = entry["data"] if "data" in entry else array.reshape(-1).tolist()
     response: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": outputs}
     if "id" in body:
         response["id"] = body["id"]
-    g.audit.output.append(
-        json.dumps(
-            {
-                o["name"]: results[o["name"]].reshape(-1).tolist()
-                if specs[o["name"]].datatype != "BYTES"
-                else len(results[o["name"]])
-                for o in outputs
-            }
-        )
-    )
+    g.audit.output.append(json.dumps(audited))
     header = json.dumps(response).encode()
     if not any(blobs):
         return Response(header, mimetype="application/json")
