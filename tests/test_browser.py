@@ -276,7 +276,7 @@ def test_busy_state_says_when_to_retry(
 ) -> None:
     state = make_state(tmp_path / "state", model_file)
     add_user(state, "nurse.gil")
-    server = server_factory(state, "--queue-depth", "0")
+    server = server_factory(state, "--queue-depth", "0", "--parallel-streams", "1")
     with (
         server.client() as client,
         client.stream(
