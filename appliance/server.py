@@ -21,6 +21,7 @@ from gunicorn.glogging import Logger
 from appliance import systemd
 from appliance.config import Settings
 from appliance.reqlog import JsonFormatter, setup_logging
+from appliance.serving import get_pool
 from appliance.tls import tls_enabled
 
 
@@ -48,8 +49,6 @@ class JsonLogger(Logger):  # type: ignore[misc]
 
 
 def ready_message(settings: Settings, app: Flask) -> str:
-    from appliance.serving import get_pool
-
     pool = get_pool(app)
     url = base_url(settings)
     names = sorted(pool.served)
@@ -114,10 +113,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def _announce(self, worker: Any) -> None:
-        # Imported here, in the worker: the arbiter stays small (what it imports before
-        # the fork is copied into the worker page by page as Python touches it).
         from appliance.app import health_problem
-        from appliance.serving import get_pool
 
         app = worker.wsgi
         print(ready_message(self.settings, app), flush=True)
@@ -149,17 +145,13 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         return self.app_factory(self.settings)
 
 
-def _create_app(settings: Settings) -> Flask:
-    from appliance.app import create_app  # in the worker only: see _announce
-
-    return create_app(settings)
-
-
 def serve(settings: Settings) -> None:
+    from appliance.app import create_app
+
     setup_logging(settings.log_level)
     systemd.take_socket_from_gunicorn()
     logging.getLogger(__name__).info(
         "starting", extra={"bind": bind_address(settings.host, settings.port)}
     )
     sys.stdout.flush()
-    ApplianceServer(settings, _create_app).run()
+    ApplianceServer(settings, create_app).run()

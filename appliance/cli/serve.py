@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -17,8 +16,6 @@ from appliance.cli.common import (
 )
 from appliance.config import Settings
 from appliance.registry import ManifestError
-
-CHECKED = "_APPLIANCE_PREFLIGHT_DONE"  # not APPLIANCE_*: that prefix is for settings
 
 
 def _check_audit_keys(settings: Settings) -> None:
@@ -37,22 +34,8 @@ def _check_audit_keys(settings: Settings) -> None:
 @settings_options()
 def serve(settings: Settings) -> None:
     """Serve the verified models over HTTP (gunicorn; SIGTERM stops gracefully)."""
-    from appliance.server import serve as run_server
-
-    if os.environ.get(CHECKED) != "1":
-        _preflight(settings)
-        # Start again as a fresh process (same PID, argv and environment): what the
-        # checks imported and allocated would otherwise stay in gunicorn's arbiter, and
-        # be copied into the worker page by page after the fork.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, CHECKED: "1"})
-    os.environ.pop(CHECKED, None)
-    run_server(settings)
-
-
-def _preflight(settings: Settings) -> None:
     from appliance.registry import load_manifests, verify_all
+    from appliance.server import serve as run_server
     from appliance.tls import TLSError, check_serving
 
     # Hash before the server starts, with progress bars: the worker then finds the
@@ -68,6 +51,7 @@ def _preflight(settings: Settings) -> None:
         check_serving(settings)
     except TLSError as exc:
         raise click.ClickException(str(exc)) from None
+    run_server(settings)
 
 
 @main.group(name="config")
