@@ -10,7 +10,8 @@ single-stream, in one run, on the same model, thread count and prompts.
 
 Figures per level: aggregate decode tokens/s (all content tokens received / time from
 the first measured stream's first token to the last one's last), its ratio to the baseline's
-single-stream rate, and TTFT p50/p95 (request start to first content token). Then
+single-stream rate, TTFT p50/p95 (request start to first content token), and the mean
+number of streams a batch step carried (the server's /metrics counters). Then
 prefix reuse: TTFT of a request whose long system prompt is new, and of the next one
 that shares it. Usage:
 
@@ -111,6 +112,22 @@ def through_api(
     return {"start": start, "stamps": stamps}
 
 
+def batch_counters(port: int, model: str) -> dict[str, float]:
+    """The server's batch counters (/metrics): steps, and the streams they carried."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = {}
+    for name, key in (
+        ("appliance_batch_steps_total", "steps"),
+        ("appliance_batch_sequences_total", "sequences"),
+    ):
+        line = next(x for x in text.splitlines() if x.startswith(f'{name}{{model="{model}"}}'))
+        found[key] = float(line.split()[-1])
+    return found
+
+
 def rate(runs: list[dict[str, Any]]) -> float:
     """Content tokens of all runs over the time from the first token to the last."""
     first = min(r["stamps"][0] for r in runs)
@@ -203,8 +220,11 @@ def main() -> None:
                 in_process(llm, messages(QUESTIONS[k % 4], f"base {k}"), args.max_tokens)
                 for k in range(4 * args.rounds)
             ]
-            by_level = {
-                n: clients(
+            by_level: dict[int, list[dict[str, Any]]] = {}
+            batching: dict[int, float] = {}
+            for n in levels:
+                before = batch_counters(server.port, manifest.name)
+                by_level[n] = clients(
                     n,
                     args.rounds,
                     lambda i, k, n=n: api(
@@ -212,8 +232,9 @@ def main() -> None:
                         answer_length(args.max_tokens, i, k),
                     ),
                 )
-                for n in levels
-            }
+                after = batch_counters(server.port, manifest.name)
+                steps = after["steps"] - before["steps"]
+                batching[n] = (after["sequences"] - before["sequences"]) / max(steps, 1)
             # Prefix reuse: a new long system prompt, then the next question under it.
             cold, warm = [], []
             for r in range(args.rounds):
@@ -237,12 +258,16 @@ def main() -> None:
             "ttft_ms_p50": statistics.median(t),
             "ttft_ms_p95": percentile(t, 0.95),
             "requests": len(runs),
+            "streams_per_step": batching[n],
         }
     print(
         f"model {manifest.name}, {threads} threads, {args.parallel_streams} slots, "
         f"{args.max_tokens} tokens per answer, {args.rounds} measured requests per client"
     )
-    print(f"{'':24}{'decode tok/s':>14}{'x baseline':>12}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
+    print(
+        f"{'':24}{'decode tok/s':>14}{'x baseline':>12}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}"
+        f"{'streams/step':>14}"
+    )
     print(
         f"{'in-process, 1 stream':24}{base_rate:14.1f}{1.0:12.2f}"
         f"{statistics.median(base_ttft):13.1f}{percentile(base_ttft, 0.95):13.1f}"
@@ -250,7 +275,7 @@ def main() -> None:
     for n, row in rows.items():
         print(
             f"{f'API, {n} stream(s)':24}{row['aggregate_tok_s']:14.1f}{row['ratio']:12.2f}"
-            f"{row['ttft_ms_p50']:13.1f}{row['ttft_ms_p95']:13.1f}"
+            f"{row['ttft_ms_p50']:13.1f}{row['ttft_ms_p95']:13.1f}{row['streams_per_step']:14.2f}"
         )
     targets = []
     if 1 in rows:
