@@ -9,15 +9,16 @@ single-stream, in one run, on the same model, thread count and prompts.
   (they all start together).
 
 Figures per level: aggregate decode tokens/s (all content tokens received / time from
-the first measured stream's first token to the last one's last), its ratio to the baseline's
-single-stream rate, TTFT p50/p95 (request start to first content token), and the mean
-number of streams a batch step carried (the server's /metrics counters). Then
-prefix reuse: TTFT of a request whose long system prompt is new, and of the next one
-that shares it. Usage:
+the first measured stream's first token to the last one's last), its ratio to the
+baseline's single-stream rate measured just before and after that level, TTFT p50/p95
+(request start to first content token), and the mean number of streams a batch step
+carried (the server's /metrics counters). Then prefix reuse: TTFT of a request whose
+long system prompt is new, and of the next one that shares it. Usage:
 
     .venv/bin/python bench/llm.py [--rounds 3] [--max-tokens 128] [--streams 1,2,4,8]
 
-(`--rounds`: measured requests per client; the baseline runs 4 x rounds.)
+(`--rounds`: measured requests per client; the baseline runs 4 requests before each
+level and after the last.)
 """
 
 from __future__ import annotations
@@ -216,13 +217,22 @@ def main() -> None:
 
             in_process(llm, messages("Say hello.", "warm-up"), 8)  # page cache, allocations
             api(messages("Say hello.", "warm-up"), 8)
-            base = [
-                in_process(llm, messages(QUESTIONS[k % 4], f"base {k}"), args.max_tokens)
-                for k in range(4 * args.rounds)
-            ]
+
+            def baseline(tag: str) -> list[dict[str, Any]]:
+                return [
+                    in_process(llm, messages(q, f"base {tag}"), args.max_tokens)
+                    for q in QUESTIONS[:4]
+                ]
+
+            # The baseline runs before every level and after the last: each level is
+            # compared with the baseline measured on either side of it, so that a
+            # machine whose speed drifts over minutes (shared hosts do) compares fairly.
+            chunks = [baseline("0")]
             by_level: dict[int, list[dict[str, Any]]] = {}
             batching: dict[int, float] = {}
-            for n in levels:
+            for j, n in enumerate(levels):
+                if j:
+                    chunks.append(baseline(str(j)))
                 before = batch_counters(server.port, manifest.name)
                 by_level[n] = clients(
                     n,
@@ -235,6 +245,7 @@ def main() -> None:
                 after = batch_counters(server.port, manifest.name)
                 steps = after["steps"] - before["steps"]
                 batching[n] = (after["sequences"] - before["sequences"]) / max(steps, 1)
+            chunks.append(baseline("last"))
             # Prefix reuse: a new long system prompt, then the next question under it.
             cold, warm = [], []
             for r in range(args.rounds):
@@ -245,16 +256,19 @@ def main() -> None:
         finally:
             server.stop()
 
+    base = [b for chunk in chunks for b in chunk]
     base_rate = statistics.fmean(rate([b]) for b in base)
     base_ttft = ttfts(base)
     rows: dict[str, Any] = {}
-    for n in levels:
+    for j, n in enumerate(levels):
         runs = by_level[n]
         t = ttfts(runs)
         agg = rate(runs)
+        beside = statistics.fmean(rate([b]) for b in chunks[j] + chunks[j + 1])
         rows[n] = {
             "aggregate_tok_s": agg,
-            "ratio": agg / base_rate,
+            "baseline_beside_tok_s": beside,
+            "ratio": agg / beside,
             "ttft_ms_p50": statistics.median(t),
             "ttft_ms_p95": percentile(t, 0.95),
             "requests": len(runs),
