@@ -146,13 +146,7 @@ class LlamaEngine:
         self._slots = [_Slot(seq) for seq in range(parallel)]
         self._admitted = 0  # admission order, so that older prompts are read first
         self._order: dict[int, int] = {}
-        self.n_ctx = n_ctx
-        self.info = EngineInfo(
-            n_ctx=n_ctx,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            extra={"parallel": parallel, "kv_cells": llama_cpp.llama_n_ctx(self._ctx.ctx)},
-        )
+        self.info = EngineInfo(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._buffer = ctypes.create_string_buffer(64)
@@ -274,13 +268,11 @@ class LlamaEngine:
         if not free:
             raise RuntimeError("no free slot")
         busy = {s.seq for s in self._slots if s.run is not None}
-        slot = min(
-            free,
-            key=lambda s: (runs(busy | {s.seq}), -common_prefix(s.tokens, prompt), s.seq),
-        )
-        cached = common_prefix(slot.tokens, prompt)
-        donor = max(self._slots, key=lambda s: common_prefix(s.tokens, prompt))
-        shared = min(common_prefix(donor.tokens, prompt), len(prompt) - 1)
+        held = [common_prefix(s.tokens, prompt) for s in self._slots]  # by seq
+        slot = min(free, key=lambda s: (runs(busy | {s.seq}), -held[s.seq], s.seq))
+        cached = held[slot.seq]
+        donor = max(self._slots, key=lambda s: held[s.seq])
+        shared = min(held[donor.seq], len(prompt) - 1)
         memory = self._ctx.memory
         if shared - cached >= COPY_MIN_TOKENS:
             # Streams are copied whole; the copy is then cut to the shared beginning.
@@ -375,7 +367,9 @@ class LlamaEngine:
             run.emit(TextDelta(text))
         if stopped:
             self._finish(slot, "stop")
-        elif run.produced >= run.generation.params.max_tokens or len(slot.tokens) >= self.n_ctx:
+        elif (
+            run.produced >= run.generation.params.max_tokens or len(slot.tokens) >= self.info.n_ctx
+        ):
             self._finish(slot, "length")
         else:
             run.next_token = token
