@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -190,6 +191,20 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return False
+
+
+def open_stream(server: Server, client: httpx.Client, body: dict[str, Any]) -> Any:
+    """Start a chat completion stream and return it once its first token has arrived,
+    with its line iterator, which must stay referenced: dropping it closes the
+    response. Leave the returned context (``ctx.__exit__``) to hang up."""
+    ctx = client.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True})
+    resp = ctx.__enter__()
+    assert resp.status_code == 200
+    lines = resp.iter_lines()
+    for line in lines:
+        if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+            break
+    return ctx, lines
 
 
 def model_state(url: str, name: str) -> dict[str, object]:

@@ -18,7 +18,15 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Server, make_state, model_state, run_cli, start_server, wait_for
+from helpers import (
+    Server,
+    make_state,
+    model_state,
+    open_stream,
+    run_cli,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.server
 
@@ -185,18 +193,7 @@ def _open_long_stream(
     server: Server, client: httpx.Client, model: str, system: str = SYSTEM
 ) -> Any:
     chat = [{"role": "system", "content": system}, {"role": "user", "content": "A story."}]
-    ctx = client.stream(
-        "POST",
-        f"{server.url}/v1/chat/completions",
-        json={"model": model, "messages": chat, "stream": True, **LONG},
-    )
-    resp = ctx.__enter__()
-    assert resp.status_code == 200
-    lines = resp.iter_lines()
-    for line in lines:
-        if '"content":"' in line and '"content":""' not in line:
-            break
-    return ctx, lines
+    return open_stream(server, client, {"model": model, "messages": chat, **LONG})
 
 
 def test_beginning_held_by_a_busy_slot_is_copied(server: Server, model_name: str) -> None:

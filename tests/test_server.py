@@ -20,7 +20,7 @@ from openai import OpenAI
 from appliance.config import load_settings
 from appliance.registry import Manifest, import_model
 
-from helpers import Server, ServerFactory, model_state, wait_for
+from helpers import Server, ServerFactory, model_state, open_stream, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -159,20 +159,8 @@ def test_request_log_lines_carry_ids_and_never_content(
 
 
 def _open_stream(server: Server, client: httpx.Client, model: str) -> Any:
-    """Start a long stream and return it once its first token has arrived (with its
-    line iterator, which must stay referenced: dropping it closes the response)."""
-    ctx = client.stream(
-        "POST",
-        f"{server.url}/v1/chat/completions",
-        json={"model": model, "messages": USER, "stream": True, **LONG},
-    )
-    resp = ctx.__enter__()
-    assert resp.status_code == 200
-    lines = resp.iter_lines()
-    for line in lines:
-        if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-            break
-    return ctx, lines
+    """A long stream, once its first token has arrived (see helpers.open_stream)."""
+    return open_stream(server, client, {"model": model, "messages": USER, **LONG})
 
 
 def test_queue_full_gives_503_with_retry_after(
