@@ -13,26 +13,17 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from appliance.clock import utc_second
+
 _RESERVED = frozenset(vars(logging.makeLogRecord({})))
 ACCESS = logging.getLogger("appliance.request")
 _DUMPS = json.JSONEncoder(default=str).encode  # what json.dumps(data, default=str) does
-_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
-
-
-def _timestamp(created: float, msecs: float) -> str:
-    global _second
-    whole = int(created)
-    second, text = _second
-    if whole != second:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second = (whole, text)
-    return f"{text}.{int(msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": _timestamp(record.created, record.msecs),
+            "ts": f"{utc_second(int(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -53,6 +53,7 @@ from appliance.audit.records import (
     record_hash,
 )
 from appliance.audit.schema import checkpoints, data_keys, open_engine, records
+from appliance.clock import utc_second
 from appliance.config import Settings
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,10 @@ class AuditUnavailable(Exception):
     """The audit log cannot take a record now; the request must not be served."""
 
 
-_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
-
-
 def utc_now() -> str:
-    """The time as records carry it (%Y-%m-%dT%H:%M:%S.%fZ), its second formatted
-    once: datetime's strftime costs more than the rest of a record's sealing."""
-    global _second
+    """The time as records carry it: %Y-%m-%dT%H:%M:%S.%fZ."""
     second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    cached, text = _second
-    if second != cached:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = (second, text)
-    return f"{text}.{micros:06d}Z"
+    return f"{utc_second(second)}.{micros:06d}Z"
 
 
 def migrate(engine: Any) -> None:
