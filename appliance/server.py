@@ -1,14 +1,21 @@
-"""The production server: gunicorn in-process, one gthread worker (so each model is
-loaded once), JSON logs on stderr, graceful stop on SIGTERM.
+"""The production server: gunicorn's gthread worker run in this process, without
+gunicorn's arbiter (so each model is loaded once, and the service is one process),
+JSON logs on stderr, graceful stop on SIGTERM.
 
-SIGTERM: gunicorn stops accepting, in-flight requests (streams included) get
+The arbiter would only fork the worker and watch it. Here systemd watches the process
+(Type=notify, WatchdogSec, Restart=), and a second Python holding its own copy of
+the imports cost the service ~45 MiB for nothing.
+
+SIGTERM: the worker stops accepting, in-flight requests (streams included) get
 ``shutdown_grace`` seconds to finish, then the process exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
-import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -17,6 +24,8 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.sock import create_sockets
+from gunicorn.workers.gthread import ThreadWorker
 
 from appliance import systemd
 from appliance.config import Settings
@@ -74,6 +83,13 @@ def ready_message(settings: Settings, app: Flask) -> str:
     return "\n".join(lines)
 
 
+def trim_heap() -> None:
+    """Return the heap that start-up used and freed (hashing, model metadata, schema
+    checks) to the system: glibc keeps it otherwise, resident for the service's life."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class ApplianceServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings, app_factory: Callable[[Settings], Flask]) -> None:
         self.settings = settings
@@ -89,11 +105,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             "worker_class": "gthread",
             "threads": s.http_threads,
             "graceful_timeout": s.shutdown_grace,
-            # gthread's main loop heartbeats independently of request threads, so a
-            # long stream does not trip this.
-            "timeout": 120,
             "keepalive": 5,
-            "preload_app": False,  # load models in the worker, never fork llama.cpp
             "accesslog": None,
             "errorlog": "-",
             "loglevel": s.log_level,
@@ -106,7 +118,6 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 if tls_enabled(s)
                 else {}
             ),
-            "worker_exit": self._close,
         }
         for key, value in options.items():
             if key in self.cfg.settings:
@@ -116,6 +127,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         from appliance.app import health_problem
 
         app = worker.wsgi
+        trim_heap()
         print(ready_message(self.settings, app), flush=True)
         # Models verified and loaded, audit log open: now systemd may call it ready.
         systemd.notify(f"READY=1\nSTATUS=serving {', '.join(sorted(get_pool(app).served))}")
@@ -131,8 +143,12 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 previous(signum, frame)
 
         signal.signal(signal.SIGTERM, stopping)
+        # systemd's watchdog ends a hung service with SIGABRT: die at once (and dump
+        # core where allowed), not through gunicorn's exit path, which would first wait
+        # for the engines that stopped answering.
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
 
-    def _close(self, server: Any, worker: Any) -> None:
+    def close(self, worker: Any) -> None:
         from appliance.app import close_app
 
         if self._watchdog is not None:
@@ -149,9 +165,25 @@ def serve(settings: Settings) -> None:
     from appliance.app import create_app
 
     setup_logging(settings.log_level)
-    systemd.take_socket_from_gunicorn()
-    logging.getLogger(__name__).info(
-        "starting", extra={"bind": bind_address(settings.host, settings.port)}
-    )
     sys.stdout.flush()
-    ApplianceServer(settings, create_app).run()
+    server = ApplianceServer(settings, create_app)
+    cfg = server.cfg
+    log = cfg.logger_class(cfg)
+    # Bound before the models load, as gunicorn's arbiter did: a client that connects
+    # meanwhile waits in the backlog instead of being refused.
+    sockets = create_sockets(cfg, log)
+    for listener in sockets:
+        log.info("Listening at: %s (%s)", listener, os.getpid())
+    worker = ThreadWorker(1, os.getppid(), sockets, server, cfg.timeout, cfg, log)
+    worker.pid = os.getpid()
+    try:
+        # Loads the app (post_worker_init: READY=1), then serves until SIGTERM.
+        worker.init_process()
+    except Exception:
+        log.exception("the appliance failed to start")
+        raise SystemExit(3) from None
+    finally:
+        server.close(worker)
+        worker.tmp.close()
+        for listener in sockets:
+            listener.close()

@@ -2,8 +2,9 @@
 verified and loaded and the audit log is open, WATCHDOG=1 while the engines and the
 audit writer are alive, STOPPING=1 when a stop begins. Does nothing outside systemd.
 
-gunicorn's arbiter sends its own READY=1 as soon as it has bound its socket, before a
-model is loaded: the unit sets NotifyAccess=all and the worker sends the one that counts.
+The server runs gunicorn's worker without gunicorn's arbiter (whose READY=1 would come
+as soon as it had bound its socket, before any model is loaded): these are the only
+notifications the service sends, from its main process.
 """
 
 from __future__ import annotations
@@ -15,19 +16,11 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-# Where serve() keeps systemd's NOTIFY_SOCKET, out of gunicorn's sight, so that the
-# arbiter's early READY=1 is never sent.
-SOCKET_ENV = "APPLIANCE_NOTIFY_SOCKET"
-
-
-def take_socket_from_gunicorn() -> None:
-    if "NOTIFY_SOCKET" in os.environ:
-        os.environ[SOCKET_ENV] = os.environ.pop("NOTIFY_SOCKET")
 
 
 def notify(message: str) -> bool:
     """Send one notification; False when there is no NOTIFY_SOCKET (not under systemd)."""
-    address = os.environ.get(SOCKET_ENV) or os.environ.get("NOTIFY_SOCKET")
+    address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
@@ -46,7 +39,7 @@ def watchdog_interval() -> float | None:
     """Half of WATCHDOG_USEC, as systemd advises; None when no watchdog is asked for."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid()) and pid != str(os.getppid())):
+    if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
         return int(usec) / 2_000_000
