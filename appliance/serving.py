@@ -149,6 +149,7 @@ def open_pool(settings: Settings) -> ModelPool:
                 "parallel_streams": engine.free_slots(),
                 "threads": engine.info.threads,
                 "cached_hash": verification.cached,
+                **engine.info.extra,
             },
         )
     return pool

@@ -115,6 +115,20 @@ def test_models_report_per_stream_context(server: Server, model_name: str) -> No
     assert card["n_ctx"] == 2048  # context_size is per stream, whatever the load
 
 
+def test_kv_cache_is_not_resident_until_used(server: Server, model_name: str) -> None:
+    """llama.cpp clears the whole KV cache at start (every page resident); the engine
+    gives the zero pages back, so memory follows the text the streams hold."""
+    loaded = [
+        json.loads(line)
+        for line in server.stderr
+        if '"model loaded"' in line and f'"model": "{model_name}"' in line
+    ]
+    assert loaded, server.stderr[-20:]
+    # SmolLM2-135M: 30 layers, K and V of 192 f16 values per cell each.
+    kv_mib = SLOTS * 2048 * 30 * 2 * 192 * 2 >> 20
+    assert loaded[-1]["zero_pages_released_mib"] >= kv_mib
+
+
 def test_batched_answers_equal_answers_alone(server: Server, model_name: str) -> None:
     greedy = {"max_tokens": 40, "temperature": 0}
     seeded = {"max_tokens": 40, "temperature": 0.9, "top_p": 0.9, "seed": 7}

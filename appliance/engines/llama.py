@@ -17,8 +17,8 @@ wherever room is, and the order in which attention adds them up (so the last bit
 the logits, and now and then a greedy choice) would depend on the neighbours.
 A slot keeps its tokens after its request ends; the next request with the same
 beginning (a conversation's next turn, a common system prompt) reuses them. A long
-beginning held by another slot is copied into a free one (llama.cpp copies a whole
-stream; that beats reading the tokens again from COPY_MIN_TOKENS on).
+beginning held by another slot is copied into a free one (that beats reading the
+tokens again from COPY_MIN_TOKENS on).
 
 The model and its context are used by exactly one thread, the scheduler's; request
 threads only tokenize (which reads the vocabulary and nothing else).
@@ -42,6 +42,7 @@ from llama_cpp import _logger as llama_log
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from appliance.engines import zero_pages
 from appliance.engines.base import (
     EngineInfo,
     Event,
@@ -137,16 +138,20 @@ class LlamaEngine:
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
+        before = zero_pages.anonymous_ranges()
         try:
             self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
         except Exception:
             self._model.close()
             raise
+        # The KV cache, cleared, resident in full: let its pages come as streams fill.
+        released = zero_pages.release(before)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq) for seq in range(parallel)]
         self._admitted = 0  # admission order, so that older prompts are read first
         self._order: dict[int, int] = {}
         self.info = EngineInfo(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+        self.info.extra["zero_pages_released_mib"] = released >> 20
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._buffer = ctypes.create_string_buffer(64)
@@ -251,6 +256,21 @@ class LlamaEngine:
             sampler.add_dist(RANDOM_SEED if p.seed is None else p.seed & 0xFFFFFFFF)
         return sampler
 
+    def _copy(self, source: int, target: int) -> bool:
+        """Copy sequence `source`'s cells into `target`'s (emptied) stream, at the same
+        cell indices, so that attention adds them up in the same order. Through the
+        state API, which copies the cells the sequence holds: llama.cpp's own
+        cross-stream copy takes the whole stream, which then stays resident in full."""
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, source)
+        data = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, data, size, source)
+        if written and llama_cpp.llama_state_seq_set_data(ctx, data, written, target):
+            return True
+        log.warning("prefix copy failed", extra={"source": source, "target": target})
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, target, -1, -1)
+        return False
+
     def admit(
         self,
         generation: Generation,
@@ -275,10 +295,10 @@ class LlamaEngine:
         shared = min(held[donor.seq], len(prompt) - 1)
         memory = self._ctx.memory
         if shared - cached >= COPY_MIN_TOKENS:
-            # Streams are copied whole; the copy is then cut to the shared beginning.
-            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(memory, donor.seq, slot.seq, -1, -1)
-            slot.tokens, cached = list(donor.tokens), shared
+            if self._copy(donor.seq, slot.seq):
+                slot.tokens, cached = list(donor.tokens), shared  # then cut to the shared part
+            else:
+                slot.tokens, cached = [], 0
         cached = min(cached, len(prompt) - 1)  # at least one token makes fresh logits
         if not llama_cpp.llama_memory_seq_rm(memory, slot.seq, cached, -1):
             llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
