@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,6 +194,35 @@ def test_migrations_create_exactly_the_declared_schema(tmp_path: Path) -> None:
         store.close()
     assert diff == []
     assert version == "0001"
+
+
+def test_schema_head_is_the_newest_migration() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from appliance.audit import store
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store.__file__).parent / "migrations"))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == store.SCHEMA_HEAD
+
+
+def test_a_current_database_opens_without_alembic(tmp_path: Path) -> None:
+    """Alembic (~11 MiB resident) is imported only when there is something to migrate."""
+    AuditStore(settings_for(tmp_path)).close()  # made, and migrated, here
+    script = (
+        "import sys\n"
+        "from appliance.audit.store import AuditStore\n"
+        "from appliance.config import load_settings\n"
+        f"settings = load_settings(env={{}}, overrides={{'state_dir': {str(tmp_path)!r}}})\n"
+        "AuditStore(settings).close()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_reopening_continues_the_chain(tmp_path: Path) -> None:
