@@ -16,8 +16,10 @@ import contextlib
 import ctypes
 import ipaddress
 import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +90,54 @@ def trim_heap() -> None:
     checks) to the system: glibc keeps it otherwise, resident for the service's life."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
+
+
+class LingeringWorker(ThreadWorker):  # type: ignore[misc]
+    """gthread, except that a kept-alive connection whose next request arrives within
+    LINGER_MS is served again by the thread that answered it. gthread hands every
+    request from its main thread's poller to a pool thread and the connection back
+    again, two thread wake-ups (~0.1 ms) per request; a line system that sends its
+    next reading as soon as it has the answer skips both.
+
+    A thread lingers only while another is idle, so a new connection never waits
+    for one that lingers; and at most LINGER_REQUESTS times in a row, so that one
+    busy connection cannot keep a thread from the others."""
+
+    LINGER_MS = 2
+    LINGER_REQUESTS = 100
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    def handle(self, conn: Any) -> Any:
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            keep = super().handle(conn)
+            for _ in range(self.LINGER_REQUESTS):
+                if keep is not True or not self.alive or not self._next_request_soon(conn):
+                    break
+                keep = super().handle(conn)
+            return keep
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def _next_request_soon(self, conn: Any) -> bool:
+        if conn.is_http2:
+            return False
+        if conn.parser.unreader.buf.getvalue():
+            return True  # read ahead already
+        pending = getattr(conn.sock, "pending", None)  # TLS: bytes already decrypted
+        if pending is not None and pending():
+            return True
+        if self._busy >= self.cfg.threads:
+            return False  # no other thread idle: back to the poller
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        return bool(poller.poll(self.LINGER_MS))
 
 
 class ApplianceServer(BaseApplication):  # type: ignore[misc]
@@ -174,7 +224,7 @@ def serve(settings: Settings) -> None:
     sockets = create_sockets(cfg, log)
     for listener in sockets:
         log.info("Listening at: %s (%s)", listener, os.getpid())
-    worker = ThreadWorker(1, os.getppid(), sockets, server, cfg.timeout, cfg, log)
+    worker = LingeringWorker(1, os.getppid(), sockets, server, cfg.timeout, cfg, log)
     worker.pid = os.getpid()
     try:
         # Loads the app (post_worker_init: READY=1), then serves until SIGTERM.
