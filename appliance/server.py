@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import logging
 import os
 import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +112,20 @@ class LingeringWorker(ThreadWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._loop_at = time.monotonic()
+
+    def notify(self) -> None:
+        """Each turn of the main loop (every second at most, idle or not): what the
+        arbiter's timeout watched, now the watchdog's."""
+        self._loop_at = time.monotonic()
+        super().notify()
+
+    def stalled(self, limit: float) -> str | None:
+        quiet = time.monotonic() - self._loop_at
+        return f"the HTTP loop has not turned for {quiet:.0f} s" if quiet > limit else None
+
+    def is_parent_alive(self) -> bool:
+        return True  # no arbiter to outlive: the process that started it may go
 
     def handle(self, conn: Any) -> Any:
         with self._busy_lock:
@@ -174,7 +190,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def _announce(self, worker: Any) -> None:
-        from appliance.app import health_problem
+        from appliance.app import STALL_SECONDS, health_problem
 
         app = worker.wsgi
         trim_heap()
@@ -183,7 +199,9 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         systemd.notify(f"READY=1\nSTATUS=serving {', '.join(sorted(get_pool(app).served))}")
         interval = systemd.watchdog_interval()
         if interval:
-            self._watchdog = systemd.Watchdog(lambda: health_problem(app), interval)
+            self._watchdog = systemd.Watchdog(
+                lambda: health_problem(app) or worker.stalled(STALL_SECONDS), interval
+            )
             self._watchdog.start()
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -192,7 +210,12 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             if callable(previous):
                 previous(signum, frame)
 
+        # SIGHUP (a closed terminal) stops gracefully too, as SIGTERM does; the signals
+        # gunicorn's arbiter would have taken do nothing here.
         signal.signal(signal.SIGTERM, stopping)
+        signal.signal(signal.SIGHUP, stopping)
+        for ignored in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(ignored, signal.SIG_IGN)
         # systemd's watchdog ends a hung service with SIGABRT: die at once (and dump
         # core where allowed), not through gunicorn's exit path, which would first wait
         # for the engines that stopped answering.
@@ -226,14 +249,30 @@ def serve(settings: Settings) -> None:
         log.info("Listening at: %s (%s)", listener, os.getpid())
     worker = LingeringWorker(1, os.getppid(), sockets, server, cfg.timeout, cfg, log)
     worker.pid = os.getpid()
+    code = 0
     try:
         # Loads the app (post_worker_init: READY=1), then serves until SIGTERM.
         worker.init_process()
+    except SystemExit as stop:  # gunicorn's quick stop (SIGINT, SIGQUIT)
+        code = stop.code if isinstance(stop.code, int) else 0
     except Exception:
-        log.exception("the appliance failed to start")
-        raise SystemExit(3) from None
+        log.exception(
+            "the appliance stopped on an error"
+            if worker.booted
+            else "the appliance failed to start"
+        )
+        code = 3
     finally:
-        server.close(worker)
-        worker.tmp.close()
-        for listener in sockets:
-            listener.close()
+        try:
+            server.close(worker)
+        finally:
+            worker.tmp.close()
+            for listener in sockets:
+                listener.close()
+    # The audit log is sealed and closed. A request thread still blocked on a client
+    # past the grace period must not keep the process alive (the arbiter would have
+    # killed the worker): leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

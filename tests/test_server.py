@@ -5,8 +5,11 @@ graceful stop."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,15 @@ from openai import OpenAI
 from appliance.config import load_settings
 from appliance.registry import Manifest, import_model
 
-from helpers import Server, ServerFactory, model_state, open_stream, wait_for
+from helpers import (
+    Server,
+    ServerFactory,
+    free_port,
+    model_state,
+    open_stream,
+    run_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.server
 
@@ -292,6 +303,84 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(
     assert server.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         server.http.get("/healthz", timeout=2)
+
+
+def test_past_the_grace_period_the_stream_is_cut_and_the_process_exits_0(
+    server_factory: ServerFactory, state_dir: Path, model_name: str
+) -> None:
+    """A stream that outlasts `shutdown_grace` ends with an error event, its audit pair
+    is complete, and the process leaves (no thread left waiting keeps it alive)."""
+    server = server_factory(state_dir, "--shutdown-grace", "1")
+    body = {
+        "model": model_name,
+        "messages": USER,
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with (
+        server.client() as client,
+        client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        server.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert any("the appliance is stopping" in line for line in rest), rest[-3:]
+    assert server.proc.wait(30) == 0
+    report = json.loads(run_cli("audit", "verify", "--json", state=state_dir).stdout)
+    assert report["ok"] and not report["incomplete"], report
+
+
+def test_sighup_stops_gracefully(server_factory: ServerFactory, state_dir: Path) -> None:
+    """A closed terminal stops it as SIGTERM does: exit 0, the audit log sealed by a
+    last checkpoint over its head."""
+    server = server_factory(state_dir)
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.proc.wait(30) == 0
+    report = json.loads(run_cli("audit", "verify", "--json", state=state_dir).stdout)
+    checkpoints = (state_dir / "audit" / "checkpoints.jsonl").read_text().splitlines()
+    last = json.loads(checkpoints[-1])
+    assert report["ok"] and last["head"] == report["head_hash"]
+
+
+def test_outlives_the_shell_that_started_it(state_dir: Path) -> None:
+    """No arbiter: the server does not stop when the process that started it ends
+    (`appliance serve &` from a shell that then exits)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    shell = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            f'"{sys.executable}" -m appliance serve --state-dir "{state_dir}" '
+            f"--port {port} >/dev/null 2>&1 & echo $!; read line",  # waits for stdin
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert shell.stdout is not None and shell.stdin is not None
+    pid = int(shell.stdout.readline())
+    try:
+        url = f"http://127.0.0.1:{port}/healthz"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(up, 60)  # serving, its parent the shell
+        shell.stdin.close()  # the shell ends: the server is re-parented
+        shell.wait(10)  # (read, at end of input, fails: exit 1)
+        time.sleep(3)  # gthread looks at its parent every second
+        assert up()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30)
 
 
 def test_readyz_without_a_model(
