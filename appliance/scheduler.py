@@ -184,6 +184,12 @@ class ModelScheduler:
             except Exception as exc:  # never let one request kill the worker
                 log.exception("model worker error")
                 self.engine.fail_all(f"internal error in the model worker: {exc}")
+        # Stopping: the requests still waiting for a slot and those in one end now, so
+        # that no request thread waits for an answer that will not come.
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.events.put(Failed("the appliance is stopping"))
         self.engine.fail_all("the appliance is stopping")
 
 
