@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,7 +146,11 @@ class LlamaEngine:
             self._model.close()
             raise
         # The KV cache, cleared, resident in full: let its pages come as streams fill.
-        released = zero_pages.release(before)
+        # (On a GPU the cache is in the GPU's memory, and the driver's threads run.)
+        released = zero_pages.release(before) if gpu_layers == 0 else 0
+        # Sliding-window layers: the state API leaves out the cells outside the donor's
+        # window, which a shorter shared beginning still needs; copy whole streams.
+        self._whole_stream_copy = llama_cpp.llama_model_n_swa(self._model.model) > 0
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq) for seq in range(parallel)]
         self._admitted = 0  # admission order, so that older prompts are read first
@@ -261,11 +266,24 @@ class LlamaEngine:
         cell indices, so that attention adds them up in the same order. Through the
         state API, which copies the cells the sequence holds: llama.cpp's own
         cross-stream copy takes the whole stream, which then stays resident in full."""
+        if self._whole_stream_copy:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, target, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._ctx.memory, source, target, -1, -1)
+            return True
         ctx = self._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, source)
-        data = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, data, size, source)
-        if written and llama_cpp.llama_state_seq_set_data(ctx, data, written, target):
+        # A mapping of its own, unmapped when done: from malloc, a buffer this size
+        # would raise glibc's mmap threshold and stay in the heap ever after.
+        with mmap.mmap(-1, size) as buffer:
+            data = (ctypes.c_uint8 * size).from_buffer(buffer)
+            try:
+                written = llama_cpp.llama_state_seq_get_data(ctx, data, size, source)
+                ok = bool(written) and bool(
+                    llama_cpp.llama_state_seq_set_data(ctx, data, written, target)
+                )
+            finally:
+                del data  # the buffer cannot close while exported
+        if ok:
             return True
         log.warning("prefix copy failed", extra={"source": source, "target": target})
         llama_cpp.llama_memory_seq_rm(self._ctx.memory, target, -1, -1)
@@ -438,7 +456,9 @@ class LlamaEngine:
             if slot.run is not None:
                 self.fail(slot, message)
             slot.tokens.clear()
-        llama_cpp.llama_memory_clear(self._ctx.memory, True)
+        # The cells only: their data is never read again before it is written, and
+        # clearing it too would make the whole cache resident again.
+        llama_cpp.llama_memory_clear(self._ctx.memory, False)
 
     def close(self) -> None:
         if self._batch is not None:

@@ -13,14 +13,19 @@ That holds for a page nobody writes between the check and the madvise. So:
   one of them), and only in runs of zero pages of at least RUN_MIN bytes, less
   EDGE bytes at each end: an allocation of someone else's that shares a run's
   mapping (a CPython arena is 1 MiB, and has its first page written) stays out;
-- no other Python thread runs meanwhile (the switch interval is raised and nothing
-  here blocks or releases the GIL), and the loop allocates no memory of size;
-- it runs at start-up, when no other thread is inside llama.cpp or onnxruntime.
+- from the check to the madvise, nothing here releases the GIL or blocks, the switch
+  interval is raised (a thread already waiting for the GIL may still take it once)
+  and the garbage collector is off (no finalizer frees memory mid-scan); the loop
+  allocates nothing of size, and each run is given back as soon as it ends;
+- it runs at start-up, when no other thread is inside llama.cpp or onnxruntime, and
+  only for a CPU context (the engine skips it when layers go to a GPU, whose driver
+  has threads of its own).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import sys
 from collections.abc import Iterator
@@ -95,21 +100,27 @@ def zero_runs(ranges: list[Range]) -> Iterator[Range]:
 
 @contextmanager
 def others_held() -> Iterator[None]:
-    """No other Python thread takes the GIL while this runs (nothing inside blocks)."""
+    """Other Python threads (bar one already waiting) do not take the GIL, and the
+    garbage collector does not run, while this runs (nothing inside blocks)."""
     interval = sys.getswitchinterval()
+    collecting = gc.isenabled()
     sys.setswitchinterval(1000.0)
+    gc.disable()
     try:
         yield
     finally:
+        if collecting:
+            gc.enable()
         sys.setswitchinterval(interval)
 
 
 def release(before: list[Range]) -> int:
     """Give back the zero pages of the memory mapped since `before` was taken; the
     number of bytes given back (resident or not)."""
+    fresh = new_ranges(before, anonymous_ranges())  # reading the maps may block
     released = 0
     with others_held():
-        for start, end in list(zero_runs(new_ranges(before, anonymous_ranges()))):
+        for start, end in zero_runs(fresh):
             if _madvise(start, end - start, MADV_DONTNEED) == 0:
                 released += end - start
     return released
