@@ -77,18 +77,19 @@ def utc_now() -> str:
 SCHEMA_HEAD = "0001"
 
 
-def schema_version(engine: Any) -> str | None:
+def schema_versions(engine: Any) -> set[str]:
+    """The versions Alembic recorded in the database (none for a new one)."""
     with engine.connect() as conn:
         try:
-            row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
+            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
         except OperationalError:  # a new database: no table yet
-            return None
-    return None if row is None else str(row[0])
+            return set()
+    return {str(row[0]) for row in rows}
 
 
 def migrate(engine: Any) -> None:
     """Bring the schema to the newest version (Alembic); an upgrade keeps every row."""
-    if schema_version(engine) == SCHEMA_HEAD:
+    if schema_versions(engine) == {SCHEMA_HEAD}:
         return
     from alembic import command
     from alembic.config import Config
