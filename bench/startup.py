@@ -140,9 +140,9 @@ def main() -> None:
     print(f"server flags: {' '.join(args.flags) or '(defaults)'}")
     print(f"start to READY=1: median {ready:.2f} s over {args.runs} starts (target <= 2 s)")
     print(
-        f"service memory, RSS (PSS): {rest[0] / 2**20:.0f} MiB ({rest[1] / 2**20:.0f}) at "
-        f"rest, {used[0] / 2**20:.0f} MiB ({used[1] / 2**20:.0f}) after {args.streams} "
-        f"streams at once; budget model file + 150 MB = {budget / 2**20:.0f} MiB "
+        f"service memory, RSS (PSS): {rest[0] / 2**20:.1f} MiB ({rest[1] / 2**20:.1f}) at "
+        f"rest, {used[0] / 2**20:.1f} MiB ({used[1] / 2**20:.1f}) after {args.streams} "
+        f"streams at once; budget model file + 150 MB = {budget / 2**20:.1f} MiB "
         "(target: RSS within it)"
     )
 
