@@ -184,3 +184,18 @@ def test_tampered_bundle_is_refused_before_anything_is_written(
     foreign = install(tar, other_pub, root)
     assert foreign.returncode == 1 and "signature does not verify" in foreign.stderr
     assert not root.exists()
+
+
+@pytest.mark.parametrize("script", ["build-bundle", "install"])
+def test_an_option_where_the_file_belongs_gets_the_usage(script: str, tmp_path: Path) -> None:
+    """`build-bundle --help` once built a 190 MB bundle named --help."""
+    result = subprocess.run(
+        [str(REPO / "provisioning" / script), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: ")
+    assert not (REPO / "--help").exists() and not list(tmp_path.iterdir())
