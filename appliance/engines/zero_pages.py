@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import mmap
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 Range = tuple[int, int]
 
-PAGE = mmap.PAGESIZE
 BLOCK = 64 * 1024  # checked at a time
 EDGE = 1 << 20  # left alone at each end of a zero run
 RUN_MIN = 4 << 20  # shorter zero runs are left alone
