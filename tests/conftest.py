@@ -4,7 +4,6 @@ as a subprocess on a free port."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,15 @@ from appliance.config import Settings, load_settings
 from appliance.fetch import build_model, default_manifest, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
 
-from helpers import CACHE, REPO, Server, ServerFactory, admin_token, make_state, start_server
+from helpers import (
+    CACHE,
+    Server,
+    ServerFactory,
+    admin_token,
+    make_state,
+    provision,
+    start_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -113,19 +120,8 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) ->
 
 
 def build_bundle(out: Path, key: Path, models: Path, *extra: str) -> None:
-    result = subprocess.run(
-        [
-            str(REPO / "provisioning" / "build-bundle"),
-            str(out),
-            "--signing-key",
-            str(key),
-            "--models",
-            str(models),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = provision(
+        "build-bundle", str(out), "--signing-key", str(key), "--models", str(models), *extra
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

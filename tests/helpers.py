@@ -115,6 +115,19 @@ def _drain(stream: object, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
+def provision(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """provisioning/SCRIPT ARGS in a subprocess, free of the caller's APPLIANCE_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run(
+        [str(REPO / "provisioning" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
+
+
 def run_cli(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`appliance ARGS --state-dir STATE` in a subprocess, free of the caller's APPLIANCE_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}

@@ -15,27 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, provision
 
 pytestmark = pytest.mark.server
 
 
 def install(bundle: Path, public_key: Path, root: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    return subprocess.run(
-        [
-            str(REPO / "provisioning" / "install"),
-            str(bundle),
-            "--public-key",
-            str(public_key),
-            "--root",
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    return provision("install", str(bundle), "--public-key", str(public_key), "--root", str(root))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -133,16 +119,13 @@ def test_uninstall_keeps_the_audit_log_unless_purged(
     tar, pub = bundle
     root = tmp_path / "root"
     assert install(tar, pub, root).returncode == 0
-    uninstall = REPO / "provisioning" / "uninstall"
-    kept = subprocess.run([str(uninstall), "--root", str(root)], capture_output=True, text=True)
+    kept = provision("uninstall", "--root", str(root))
     assert kept.returncode == 0, kept.stderr
     state = root / "var/lib/appliance"
     assert not (root / "opt/appliance").exists()
     assert not (root / "etc/systemd/system/appliance.service").exists()
     assert (state / "audit/audit.db").is_file() and (state / "keys/audit-master.key").is_file()
-    purged = subprocess.run(
-        [str(uninstall), "--purge", "--root", str(root)], capture_output=True, text=True
-    )
+    purged = provision("uninstall", "--purge", "--root", str(root))
     assert purged.returncode == 0 and not state.exists()
     assert not (root / "etc/appliance").exists()
 
@@ -189,13 +172,7 @@ def test_tampered_bundle_is_refused_before_anything_is_written(
 @pytest.mark.parametrize("script", ["build-bundle", "install"])
 def test_an_option_where_the_file_belongs_gets_the_usage(script: str, tmp_path: Path) -> None:
     """`build-bundle --help` once built a 190 MB bundle named --help."""
-    result = subprocess.run(
-        [str(REPO / "provisioning" / script), "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = provision(script, "--help", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ")
     assert not (REPO / "--help").exists() and not list(tmp_path.iterdir())
