@@ -73,6 +73,12 @@ class Settings:
         "more wait in the queue.",
         minimum=1,
     )
+    cpu_kernels: str = _setting(
+        "auto",
+        "llama.cpp CPU kernels: auto (the best this CPU runs, never AMX, which crashes), "
+        "amx (AMX allowed, guarded by the start-up self-test) or a variant's name "
+        "(x64, haswell, skylakex, icelake, zen4, ...).",
+    )
     gpu_layers: int = _setting(
         0, "Layers to offload to the GPU (-1: all; 0: CPU only).", minimum=-1
     )

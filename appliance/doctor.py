@@ -13,7 +13,8 @@ import psutil
 
 from appliance.audit import chain, crypto
 from appliance.config import Settings
-from appliance.registry import ManifestError, load_manifests, verify_model
+from appliance.engines.kernels import AMX_FLAGS, cpu_flags
+from appliance.registry import Manifest, ManifestError, load_manifests, verify_model
 from appliance.resources import MIB, footprint
 from appliance.tls import tls_enabled
 
@@ -28,38 +29,67 @@ class Check:
 
 
 def _cpu() -> list[Check]:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     avx2 = "avx2" in flags
     avx512 = "avx512f" in flags
+    amx = bool(AMX_FLAGS & flags)
     physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count()
     return [
         Check(
             "cpu features",
             "ok" if avx2 else "warn",
-            f"AVX2 {'yes' if avx2 else 'no'}, AVX-512 {'yes' if avx512 else 'no'}"
+            f"AVX2 {'yes' if avx2 else 'no'}, AVX-512 {'yes' if avx512 else 'no'}, "
+            f"AMX {'yes' if amx else 'no'}"
             + ("" if avx2 else " (llama.cpp runs much slower without AVX2)"),
         ),
         Check("cpu cores", "ok", f"{physical} physical, {logical} logical"),
     ]
 
 
-def _models_and_memory(settings: Settings) -> list[Check]:
+def _kernels(settings: Settings, manifests: list[Manifest], selftest: bool) -> list[Check]:
+    """The llama.cpp kernels this machine gets, and (from the CLI) whether each verified
+    language model decodes on them in a child process, as the server checks at start."""
+    from appliance.engines import kernels
+
+    try:
+        plan = kernels.plan(settings.cpu_kernels)
+    except kernels.KernelError as exc:
+        return [Check("llama.cpp kernels", "fail", str(exc))]
+    checks = [Check("llama.cpp kernels", "ok", plan.summary())]
+    if not selftest:
+        return checks
+    from appliance.engines.selftest import check
+
+    for manifest in manifests:
+        outcome, attempts = check(
+            settings.models_path / manifest.file,
+            settings.cpu_kernels,
+            plan.extra_buffers,
+            settings.gpu_layers,
+        )
+        crashed = [a for a in attempts if not a.ok]
+        detail = "; ".join(
+            f"extra buffers {'on' if a.extra_buffers else 'off'}: "
+            f"{'passed, ' + a.detail if a.ok else a.detail}"
+            for a in attempts
+        )
+        status = "fail" if not outcome.ok else "warn" if crashed else "ok"
+        checks.append(Check(f"self-test {manifest.name}", status, detail))
+    return checks
+
+
+def _models_and_memory(settings: Settings, selftest: bool) -> list[Check]:
     try:
         manifests = load_manifests(settings)
     except ManifestError as exc:
         return [Check("models", "fail", str(exc))]
-    checks, need = [], 0
+    checks, need, language = [], 0, []
     for manifest in manifests.values():
         result = verify_model(manifest, settings.models_path)
         if result.ok:
             need += footprint(manifest, settings.models_path / manifest.file, settings)
+            if manifest.format == "gguf":
+                language.append(manifest)
         checks.append(
             Check(f"model {manifest.name}", "ok" if result.ok else "fail", result.message)
         )
@@ -73,7 +103,7 @@ def _models_and_memory(settings: Settings) -> list[Check]:
             f"{memory.total // MIB} MiB, reserve {settings.memory_reserve_mb} MiB",
         )
     )
-    return checks
+    return checks + _kernels(settings, language, selftest)
 
 
 def _disk(settings: Settings) -> Check:
@@ -165,10 +195,12 @@ def _audit(settings: Settings) -> Check:
     )
 
 
-def examine(settings: Settings) -> list[Check]:
+def examine(settings: Settings, selftest: bool = False) -> list[Check]:
+    """Every check; ``selftest`` also decodes with each language model in a child process
+    (the CLI does; the status page shows what the server's own self-test saw)."""
     return [
         *_cpu(),
-        *_models_and_memory(settings),
+        *_models_and_memory(settings, selftest),
         _disk(settings),
         _gpu(),
         *_keys(settings),

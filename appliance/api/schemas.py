@@ -166,6 +166,14 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class Kernels(BaseModel):
+    variant: str = Field(description="llama.cpp's CPU variant loaded (haswell, zen4, ...).")
+    extra_buffers: bool = Field(description="Repacked weights (extra buffer types) in use.")
+    cpu_amx: bool = Field(description="The CPU has AMX (whose llama.cpp kernels are avoided).")
+    reason: str
+    selftest: str = Field(description="What the start-up self-test in a child process saw.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -186,6 +194,9 @@ class ModelCard(BaseModel):
     default: bool
     n_ctx: int = Field(description="The context window of each request (each stream has its own).")
     parallel_streams: int = Field(description="Requests this model answers at once.")
+    kernels: Kernels | None = Field(
+        default=None, description="The llama.cpp CPU kernels this model runs on, and why."
+    )
 
 
 class ModelList(BaseModel):

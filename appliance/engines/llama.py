@@ -6,8 +6,8 @@ KV cache, a sampler chain of its own (seed, temperature, top_p, grammar) and its
 stop strings and token counts. One ``step`` is one ``llama_decode``: the next token of
 every answering slot, then up to PROMPT_TOKENS_PER_STEP prompt tokens of newly admitted
 slots, oldest first (a long prompt is read in chunks, so it never holds the others up
-by more than one such step). Then each slot that produced logits samples its next
-token.
+by more than one such step; with no slot answering, a chunk is a whole batch). Then
+each slot that produced logits samples its next token.
 
 The context: each slot has a KV stream of its own, ``context_size`` cells, so what is
 reported as the model's context window is the same per request whatever the load, and
@@ -43,7 +43,7 @@ from llama_cpp import _logger as llama_log
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from appliance.engines import zero_pages
+from appliance.engines import kernels, zero_pages
 from appliance.engines.base import (
     EngineInfo,
     Event,
@@ -64,8 +64,8 @@ MIN_P = 0.05
 PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 BATCH_TOKENS = 512  # most tokens one llama_decode takes
-# Prompt tokens one step may read: on a 2-core CPU a prompt token costs ~3.5 ms, so a
-# step that reads 128 holds the other streams' next token back by ~0.5 s at most.
+# Prompt tokens one step may read while other streams wait for their next token: on a
+# 2-core CPU a prompt token costs ~3.5 ms, so such a step holds them back ~0.5 s at most.
 PROMPT_TOKENS_PER_STEP = 128
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
@@ -122,11 +122,15 @@ class LlamaEngine:
         model_context: int | None = None,
         parallel: int = 1,
         kv_type: str = "f16",
+        extra_buffers: bool = True,
     ) -> None:
+        kernels.plan()  # llama.cpp's CPU backend, chosen before anything loads one
         n_ctx = min(context_size, model_context) if model_context else context_size
         threads = threads or default_threads()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
+        # Off: plain weights, no repacked (or AMX) matrix kernels; see engines/kernels.py.
+        model_params.use_extra_bufts = extra_buffers
         self._model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx * parallel
@@ -351,7 +355,9 @@ class LlamaEngine:
             if run is not None and run.next_token is not None:
                 feed[slot.seq] = [run.next_token]
                 run.next_token = None
-        room = min(PROMPT_TOKENS_PER_STEP, BATCH_TOKENS - len(feed))
+        # With no stream waiting for its next token, a prompt may fill the whole batch:
+        # one 512-token pass is faster than four of 128 and holds nobody back.
+        room = min(PROMPT_TOKENS_PER_STEP if feed else BATCH_TOKENS, BATCH_TOKENS - len(feed))
         for slot in running:
             run = slot.run
             if run is not None and run.pending and room > 0:

@@ -1,0 +1,157 @@
+"""The start-up self-test: before a language model serves, a child process loads it
+with the kernels the server chose and decodes a prompt and a few tokens. A native
+crash (a bad kernel, an illegal instruction) kills the child, not the server; the
+server then loads the model on the safe path (no extra buffer types: neither repacked
+weights nor AMX) and tests that too, or refuses the model with the child's fate.
+
+Run as ``python -m appliance.engines.selftest MODEL [--kernels K] [--extra-buffers
+0|1] [--gpu-layers N]``: it prints one JSON line (the kernels and the tokens) and exits
+0. ``APPLIANCE_SELFTEST_FAULT`` makes the child abort as a crashing kernel would:
+``extra-buffers`` while it tests with extra buffer types, ``always`` whatever it tests
+(for the tests of the fallback; never set in service).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+FAULT_ENV = "APPLIANCE_SELFTEST_FAULT"
+PROMPT_TOKENS = 48  # enough for the batched (GEMM) kernels, not only the GEMV ones
+DECODE_TOKENS = 4
+TIMEOUT_SECONDS = 300.0  # an emulated CPU is slow; a hung child counts as failed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    extra_buffers: bool
+    detail: str  # what the child did: its tokens, or how it died
+
+
+def _fate(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        how = f"killed by {name}"
+    else:
+        how = f"exited {returncode}"
+    tail = stderr.strip().splitlines()[-1:] if stderr.strip() else []
+    return how + (f" ({tail[0][:200]})" if tail else "")
+
+
+def probe(
+    model: Path, kernels: str, extra_buffers: bool, gpu_layers: int, timeout: float
+) -> Outcome:
+    command = [
+        sys.executable,
+        "-m",
+        "appliance.engines.selftest",
+        str(model),
+        "--kernels",
+        kernels,
+        "--extra-buffers",
+        "1" if extra_buffers else "0",
+        "--gpu-layers",
+        str(gpu_layers),
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Outcome(False, extra_buffers, f"did not finish within {timeout:.0f} s")
+    if done.returncode != 0:
+        return Outcome(False, extra_buffers, _fate(done.returncode, done.stderr))
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return Outcome(False, extra_buffers, f"printed no result: {done.stdout[-200:]!r}")
+    return Outcome(True, extra_buffers, f"decoded {len(result['tokens'])} tokens")
+
+
+def check(
+    model: Path,
+    kernels: str,
+    extra_buffers: bool,
+    gpu_layers: int,
+    timeout: float = TIMEOUT_SECONDS,
+) -> tuple[Outcome, list[Outcome]]:
+    """The path the model may load on: the first that decodes, fastest first. Returns
+    it and every attempt (a failed one says how the child died)."""
+    attempts = [probe(model, kernels, extra_buffers, gpu_layers, timeout)]
+    if not attempts[0].ok and extra_buffers:
+        attempts.append(probe(model, kernels, False, gpu_layers, timeout))
+    return attempts[-1], attempts
+
+
+def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]:
+    import llama_cpp
+    import numpy
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    params.use_extra_bufts = extra_buffers
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise SystemExit(f"llama.cpp could not load {model_path}")
+    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params.n_ctx = 128
+    ctx_params.n_batch = ctx_params.n_ubatch = 64
+    ctx_params.n_threads = ctx_params.n_threads_batch = os.cpu_count() or 1
+    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    prompt = [(7 + 13 * i) % n_vocab for i in range(PROMPT_TOKENS)]
+    batch = llama_cpp.llama_batch_init(64, 0, 1)
+    produced: list[int] = []
+
+    def run(tokens: list[int], start: int) -> None:
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+
+    run(prompt, 0)
+    for step in range(DECODE_TOKENS):
+        logits = numpy.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), (n_vocab,))
+        token = int(logits.argmax())
+        produced.append(token)
+        run([token], PROMPT_TOKENS + step)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return produced
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m appliance.engines.selftest")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--kernels", default="auto")
+    parser.add_argument("--extra-buffers", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    args = parser.parse_args(argv)
+    from appliance.engines import kernels
+
+    plan = kernels.plan(args.kernels)
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == "always" or (fault == "extra-buffers" and args.extra_buffers):
+        os.abort()  # as a kernel that faults would end the process
+    tokens = _decode(args.model, bool(args.extra_buffers), args.gpu_layers)
+    print(json.dumps({"variant": plan.variant, "features": plan.features, "tokens": tokens}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

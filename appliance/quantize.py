@@ -1,0 +1,45 @@
+"""Requantize a GGUF through llama.cpp's own quantize API (llama_model_quantize), as
+`llama-quantize --allow-requantize` does: e.g. the shipped Q4_1 default into a format
+whose CPU kernels batch well (see README, "Models"). Quantization runs in llama.cpp's
+base library, not in the CPU kernel variants, so a pinned llama.cpp gives the same
+bytes on every machine, and the result's SHA-256 can be pinned too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+FORMATS = {
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+
+
+class QuantizeError(RuntimeError):
+    """llama.cpp refused to quantize; the message names the files and the format."""
+
+
+def requantize(source: Path, target: Path, fmt: str, threads: int = 0) -> Path:
+    if fmt not in FORMATS:
+        raise QuantizeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    import llama_cpp
+
+    from appliance.engines import kernels
+
+    kernels.plan()  # llama.cpp needs its CPU backend loaded, whichever variant
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FORMATS[fmt])
+    params.allow_requantize = True
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(target).encode(), ctypes.byref(params)
+    )
+    if status != 0 or not target.is_file():
+        raise QuantizeError(f"llama.cpp could not quantize {source} to {fmt} (status {status})")
+    return target

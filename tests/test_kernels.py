@@ -1,0 +1,193 @@
+"""llama.cpp's CPU kernels chosen at run time (issue #13): never the AMX ones on an
+AMX CPU unless asked, a start-up self-test in a child process that a native crash
+cannot take the server down with, and the choice shown where IT looks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.engines import kernels, selftest
+from appliance.engines.kernels import KernelError, Variant, choose
+
+from helpers import ServerFactory, make_state, run_cli, wait_for
+
+P = Path("/x")
+# Scores as ggml_backend_score() gives them: 0 where the CPU lacks a feature.
+AMX_CPU = [
+    Variant("sapphirerapids", P, 90, amx=True),
+    Variant("zen4", P, 80, amx=False),
+    Variant("haswell", P, 20, amx=False),
+    Variant("x64", P, 1, amx=False),
+]
+AVX2_CPU = [
+    Variant("haswell", P, 20, amx=False),
+    Variant("x64", P, 1, amx=False),
+    Variant("sapphirerapids", P, 0, amx=True),
+    Variant("zen4", P, 0, amx=False),
+]
+
+
+def test_auto_never_picks_amx_on_an_amx_cpu() -> None:
+    chosen, reason = choose("auto", AMX_CPU, cpu_amx=True)
+    assert chosen.name == "zen4"
+    assert "AMX" in reason and "#20824" in reason and "sapphirerapids" in reason
+
+
+def test_auto_takes_the_best_variant_elsewhere() -> None:
+    assert choose("auto", AVX2_CPU, cpu_amx=False)[0].name == "haswell"
+    # An AMX variant that scores best where the CPU reports no AMX flags is no risk.
+    assert choose("auto", AMX_CPU, cpu_amx=False)[0].name == "sapphirerapids"
+
+
+def test_amx_setting_allows_the_amx_variant() -> None:
+    assert choose("amx", AMX_CPU, cpu_amx=True)[0].name == "sapphirerapids"
+
+
+def test_named_variant_must_exist_and_run_here() -> None:
+    assert choose("x64", AMX_CPU, cpu_amx=True)[0].name == "x64"
+    with pytest.raises(KernelError, match="'zen4', which this CPU cannot run"):
+        choose("zen4", AVX2_CPU, cpu_amx=False)
+    with pytest.raises(KernelError, match="'pentium'; this build has auto, amx and haswell"):
+        choose("pentium", AVX2_CPU, cpu_amx=False)
+    with pytest.raises(KernelError, match="no CPU variant"):
+        choose("auto", [Variant("zen4", P, 0, amx=False)], cpu_amx=False)
+
+
+def _expected_variant(flags: set[str]) -> str:
+    """What a reader of /proc/cpuinfo expects ggml's best non-AMX variant to be."""
+    if {"avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16"} <= flags:
+        return "zen4"
+    if {"avx512f", "avx512vbmi", "avx512_vnni"} <= flags:
+        return "icelake"
+    if {"avx512f", "avx512_vnni"} <= flags:
+        return "cascadelake"
+    if "avx512f" in flags:
+        return "skylakex"
+    if "avx_vnni" in flags:
+        return "alderlake"
+    return "haswell" if "avx2" in flags else "sse42"
+
+
+def test_the_build_is_split_into_cpu_variants() -> None:
+    """The installed llama.cpp carries a variant per CPU generation, scores them on
+    this CPU, and only the AMX variant exports AMX kernels."""
+    found = {v.name: v for v in kernels.variants(kernels.library_dir())}
+    assert {"x64", "haswell", "skylakex", "icelake", "zen4", "sapphirerapids"} <= set(found)
+    assert found["x64"].score > 0
+    assert found["sapphirerapids"].amx and not found["zen4"].amx and not found["haswell"].amx
+    flags = kernels.cpu_flags()
+    assert (found["haswell"].score > 0) == ("avx2" in flags)
+    assert (found["sapphirerapids"].score > 0) == ("amx_int8" in flags)
+
+
+def test_selftest_decodes_in_a_child(model_file: Path) -> None:
+    outcome, attempts = selftest.check(model_file, "auto", True, 0)
+    assert outcome.ok and outcome.extra_buffers, outcome.detail
+    assert len(attempts) == 1 and outcome.detail == f"decoded {selftest.DECODE_TOKENS} tokens"
+
+
+def test_selftest_falls_back_when_the_fast_path_crashes(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(selftest.FAULT_ENV, "extra-buffers")
+    outcome, attempts = selftest.check(model_file, "auto", True, 0)
+    assert [a.ok for a in attempts] == [False, True]
+    assert attempts[0].detail.startswith("killed by SIGABRT")
+    assert outcome.ok and not outcome.extra_buffers
+    monkeypatch.setenv(selftest.FAULT_ENV, "always")
+    outcome, attempts = selftest.check(model_file, "auto", True, 0)
+    assert not outcome.ok and len(attempts) == 2
+
+
+def _card(server_url: str, auth: dict[str, str], name: str) -> dict[str, object]:
+    card: dict[str, object] = httpx.get(
+        f"{server_url}/v1/models/{name}", headers=auth, timeout=10
+    ).json()
+    return card
+
+
+@pytest.mark.server
+def test_server_shows_its_kernels_everywhere(shared_server: object, model_name: str) -> None:
+    from helpers import Server
+
+    assert isinstance(shared_server, Server)
+    kernels_row = _card(shared_server.url, shared_server.auth, model_name)["kernels"]
+    assert isinstance(kernels_row, dict)
+    assert kernels_row["variant"] == _expected_variant(kernels.cpu_flags())
+    assert kernels_row["extra_buffers"] is True
+    assert kernels_row["selftest"].startswith("self-test passed")
+    chosen = [r for r in shared_server.log_records() if r.get("msg") == "llama.cpp kernels chosen"]
+    assert chosen and chosen[0]["variant"] == kernels_row["variant"]
+    metrics = httpx.get(f"{shared_server.url}/metrics", timeout=10).text
+    assert (
+        f'appliance_llama_kernels{{extra_buffers="true",model="{model_name}",'
+        f'variant="{kernels_row["variant"]}"}} 1.0' in metrics
+    )
+    page = httpx.get(f"{shared_server.url}/status", headers=shared_server.auth, timeout=30)
+    assert f"{kernels_row['variant']}, extra buffers on" in page.text
+    assert "llama.cpp kernels" in page.text
+
+
+@pytest.mark.server
+def test_server_survives_a_crashing_kernel_path(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """A child that dies on the fast path: the server loads the model on the safe path,
+    says why, and answers."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, env={selftest.FAULT_ENV: "extra-buffers"})
+    card = _card(server.url, server.auth, model_name)
+    kernels_row = card["kernels"]
+    assert isinstance(kernels_row, dict)
+    assert kernels_row["extra_buffers"] is False
+    assert "safe path" in kernels_row["selftest"] and "SIGABRT" in kernels_row["selftest"]
+    failures = [r for r in server.log_records() if r.get("msg", "").startswith("self-test failed")]
+    assert failures and "SIGABRT" in str(failures[0]["child"])
+    answer = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers=server.auth,
+        json={
+            "model": model_name,
+            "max_tokens": 4,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}],
+        },
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.server
+def test_server_refuses_a_model_whose_every_path_crashes(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, env={selftest.FAULT_ENV: "always"})
+    ready = httpx.get(f"{server.url}/readyz", timeout=10)
+    assert ready.status_code == 503
+    refused = next(m for m in ready.json()["models"] if m["name"] == model_name)
+    assert refused["state"] == "refused"
+    assert "self-test crashed on every kernel path" in refused["reason"]
+    assert "SIGABRT" in refused["reason"]
+    assert wait_for(lambda: server.proc.poll() is None, 1)
+
+
+def test_doctor_runs_the_selftest(tmp_path: Path, model_file: Path, model_name: str) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    result = run_cli("doctor", "--json", state=state)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["llama.cpp kernels"]["status"] == "ok"
+    assert _expected_variant(kernels.cpu_flags()) in checks["llama.cpp kernels"]["detail"]
+    assert checks[f"self-test {model_name}"]["status"] == "ok"
+    assert result.returncode == 0, result.stdout
+    crashing = run_cli("doctor", "--json", state=state, env={selftest.FAULT_ENV: "extra-buffers"})
+    warned = {c["name"]: c for c in json.loads(crashing.stdout)}[f"self-test {model_name}"]
+    assert warned["status"] == "warn" and "SIGABRT" in warned["detail"]
+    broken = run_cli("doctor", "--json", state=state, env={selftest.FAULT_ENV: "always"})
+    failed = {c["name"]: c for c in json.loads(broken.stdout)}[f"self-test {model_name}"]
+    assert failed["status"] == "fail" and broken.returncode == 1
