@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from appliance.config import load_settings  # noqa: E402
+from appliance.engines import kernels  # noqa: E402
 from appliance.engines.llama import default_threads  # noqa: E402
 from appliance.fetch import default_manifest, fetch_default  # noqa: E402
 from appliance.registry import load_manifests, verify_model  # noqa: E402
@@ -204,6 +205,7 @@ def main() -> None:
             str(max(levels)),
         )
         try:
+            kernels.plan()  # the CPU kernels the appliance picks, before Llama loads any
             llm = Llama(
                 model_path=str(model_file),
                 n_ctx=args.context_size,

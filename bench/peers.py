@@ -1,0 +1,225 @@
+"""The appliance beside llama.cpp's own tools: same llama.cpp source (bench/build-peers
+builds them from the vendored copy the appliance's wheel was built from), same model
+file, same machine, same thread count, one run (issue #13).
+
+- Decode: aggregate tokens/s of 1, 4 and 8 clients streaming greedy chat completions
+  (bench/llm.py's clients: a shared system prompt, distinct questions, ignore_eos,
+  answers 0.5-1.5 x --max-tokens) through the appliance's API (4 parallel streams)
+  and through `llama-server -np 4`, level by level, each server measured right after
+  the other.
+- Prompt processing: `llama-bench -p 512 -n 0` against the appliance reading a
+  512-token prompt (new each time, so no prefix is reused) for one token of answer:
+  prompt tokens / time to that token, median of --rounds.
+
+Usage:
+
+    .venv/bin/python bench/peers.py [--model FILE] [--rounds 3] [--streams 1,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+import httpx  # noqa: E402
+from llm import (  # noqa: E402
+    QUESTIONS,
+    answer_length,
+    clients,
+    messages,
+    rate,
+    through_api,
+)
+
+from appliance.config import load_settings  # noqa: E402
+from appliance.engines.llama import default_threads  # noqa: E402
+from appliance.fetch import default_manifest  # noqa: E402
+from appliance.registry import load_manifests  # noqa: E402
+
+from helpers import CACHE, free_port, make_state, start_server  # noqa: E402
+
+
+def long_prompt(tag: int) -> list[dict[str, str]]:
+    rules = " ".join(f"Rule {i}: check the dose twice." for i in range(60))
+    return [{"role": "user", "content": f"Case {tag}. {rules} What is rule 7?"}]
+
+
+def prompt_rate(port: int, token: str, model: str, tag: int) -> float:
+    started = time.perf_counter()
+    answer = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": model, "messages": long_prompt(tag), "max_tokens": 1, "temperature": 0},
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - started
+    answer.raise_for_status()
+    return int(answer.json()["usage"]["prompt_tokens"]) / elapsed
+
+
+def llama_server(bin_dir: Path, model: Path, threads: int, ctx: int) -> tuple[Any, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(bin_dir / "llama-server"),
+            "-m",
+            str(model),
+            "-np",
+            "4",
+            "-c",
+            str(4 * ctx),
+            "-t",
+            str(threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-disable",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server did not become ready")
+
+
+def llama_bench(bin_dir: Path, model: Path, threads: int) -> float:
+    done = subprocess.run(
+        [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            str(model),
+            "-p",
+            "512",
+            "-n",
+            "0",
+            "-t",
+            str(threads),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="GGUF file; default: the default model")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--context-size", type=int, default=2048)
+    args = parser.parse_args()
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    manifest = default_manifest(load_manifests(settings))
+    model = args.model or CACHE / "models" / manifest.file
+    threads = default_threads()
+    built = subprocess.run(
+        [str(REPO / "bench" / "build-peers")], capture_output=True, text=True, check=True
+    )
+    bin_dir = Path(built.stdout.strip().splitlines()[-1])
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(f"CPU: {cpu}; {threads} threads; model {model.name}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = make_state(Path(tmp) / "state", model)
+        if model.name != manifest.file:  # another file: serve it under the default's name
+            os.replace(state / "models" / model.name, state / "models" / manifest.file)
+        ours = start_server(
+            state,
+            "--parallel-streams",
+            "4",
+            "--context-size",
+            str(args.context_size),
+            "--threads",
+            str(threads),
+            env={"APPLIANCE_MEMORY_RESERVE_MB": "0"},
+        )
+        theirs, their_port = llama_server(bin_dir, model, threads, args.context_size)
+        try:
+            kernels = (
+                httpx.get(f"{ours.url}/v1/models/{manifest.name}", headers=ours.auth, timeout=10)
+                .json()
+                .get("kernels")
+            )
+            print(f"appliance kernels: {kernels}")
+            targets = {"appliance": (ours.port, ours.token), "llama-server": (their_port, "-")}
+            print(f"{'streams':>7} {'appliance tok/s':>16} {'llama-server tok/s':>19} {'ratio':>6}")
+            for n in [int(x) for x in args.streams.split(",")]:
+                rates = {}
+                for label, (port, token) in targets.items():
+
+                    def call(
+                        i: int,
+                        k: int,
+                        port: int = port,
+                        token: str = token,
+                        label: str = label,
+                        n: int = n,
+                    ) -> dict[str, Any]:
+                        q = QUESTIONS[(i + k) % len(QUESTIONS)]
+                        return through_api(
+                            port,
+                            token,
+                            manifest.name,
+                            messages(q, f"{label}-{n}-{i}-{k}"),
+                            answer_length(args.max_tokens, i, k),
+                        )
+
+                    rates[label] = rate(clients(n, args.rounds, call))
+                print(
+                    f"{n:7d} {rates['appliance']:16.1f} {rates['llama-server']:19.1f} "
+                    f"{rates['appliance'] / rates['llama-server']:6.2f}",
+                    flush=True,
+                )
+            ours_pp = statistics.median(
+                prompt_rate(ours.port, ours.token, manifest.name, 1000 + k)
+                for k in range(args.rounds)
+            )
+            server_pp = statistics.median(
+                prompt_rate(their_port, "-", manifest.name, 2000 + k) for k in range(args.rounds)
+            )
+        finally:
+            ours.stop()
+            theirs.terminate()
+            theirs.wait(30)
+    bench_pp = llama_bench(bin_dir, model, threads)
+    print(
+        f"prompt processing (512 tokens): appliance {ours_pp:.0f} tok/s, llama-server "
+        f"{server_pp:.0f} tok/s, llama-bench pp512 {bench_pp:.0f} tok/s; "
+        f"appliance / llama-bench {ours_pp / bench_pp:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
