@@ -23,7 +23,7 @@ from appliance.engines.llama import LlamaEngine, default_threads  # noqa: E402
 
 from helpers import CACHE  # noqa: E402
 
-MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
 SIZES = (1, 2, 4, 8)
 
 

@@ -8,14 +8,19 @@ process of its own, with the kernels the appliance picks on this CPU:
 - perplexity over a fixed text (bench/data/fixed-text.txt: the first 6,000 bytes of
   the Apache License 2.0), in 512-token windows scored on their second half, as
   llama.cpp's llama-perplexity does;
-- prompt processing: tokens/s of one 512-token llama_decode (median of --rounds);
+- RSS of that process with the model and 4 streams in use; how much of the 4 greedy
+  answers matches Q4_1's (the share of characters they begin with alike);
+
+then, every format's engine (LlamaEngine, 4 slots) open in one process and measured in
+turn, round after round (the host's speed drifts over minutes), medians of --rounds:
+
+- prompt processing: tokens/s of a new 512-token prompt through the engine (one step);
 - decode: aggregate tokens/s of 1 and of 4 greedy streams batched by the engine
-  (LlamaEngine, --max-tokens each, ignore_eos), and the 4-stream figure over 1-stream;
-- RSS of the measuring process after it all; whether the greedy answers are Q4_1's.
+  (--max-tokens each, ignore_eos), and the 4-stream figure over the 1-stream one.
 
 Every ratio is to Q4_1 measured in the same run. Usage:
 
-    .venv/bin/python bench/formats.py [--formats Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_M] [--rounds 3]
+    .venv/bin/python bench/formats.py [--formats Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_S,Q4_K_M] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -50,9 +55,13 @@ QUESTIONS = [
 ]
 
 
-def _perplexity_and_pp(path: Path, threads: int, rounds: int) -> tuple[float, float]:
+def perplexity(path: Path, threads: int) -> float:
     import llama_cpp
     import numpy as np
+
+    from appliance.engines import kernels
+
+    kernels.plan()
 
     params = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -68,47 +77,36 @@ def _perplexity_and_pp(path: Path, threads: int, rounds: int) -> tuple[float, fl
     tokens = list(buf[:n])
     batch = llama_cpp.llama_batch_init(WINDOW, 0, 1)
     memory = llama_cpp.llama_get_memory(ctx)
-
-    def decode(window: list[int], all_logits: bool) -> None:
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - WINDOW + 1, WINDOW):
+        window = tokens[start : start + WINDOW]
         llama_cpp.llama_memory_clear(memory, True)
         batch.n_tokens = len(window)
         for i, token in enumerate(window):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = all_logits or i == len(window) - 1
+            batch.logits[i] = True
         assert llama_cpp.llama_decode(ctx, batch) == 0
-
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - WINDOW + 1, WINDOW):
-        window = tokens[start : start + WINDOW]
-        decode(window, True)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), (WINDOW, n_vocab))
         for i in range(WINDOW // 2, WINDOW - 1):
             row = logits[i].astype(np.float64)
             top = row.max()
             nll += float(np.log(np.exp(row - top).sum()) + top - row[window[i + 1]])
             count += 1
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        decode(tokens[:WINDOW], False)
-        times.append(time.perf_counter() - started)
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
-    return float(np.exp(nll / count)), WINDOW / statistics.median(times)
+    return float(np.exp(nll / count))
 
 
-def _decode_rate(
-    path: Path, threads: int, streams: int, max_tokens: int
-) -> tuple[float, list[str]]:
+def run(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[str]]:
+    """Greedy generations of ``prompts`` at once through the engine's batch step:
+    completion tokens/s over the whole run, and the answers."""
     from appliance.engines.base import Finished, Generation, SamplingParams, TextDelta
-    from appliance.engines.llama import LlamaEngine
 
-    engine = LlamaEngine(path, context_size=1024, threads=threads, gpu_layers=0, parallel=4)
-    texts = [""] * streams
+    texts = [""] * len(prompts)
     done: list[Finished] = []
-    for i in range(streams):
+    for i, prompt in enumerate(prompts):
 
         def emit(event: object, i: int = i) -> None:
             if isinstance(event, TextDelta):
@@ -116,45 +114,69 @@ def _decode_rate(
             elif isinstance(event, Finished):
                 done.append(event)
 
-        prompt = engine.chat_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         engine.admit(Generation(prompt, params), emit, lambda: False)
     started = time.perf_counter()
-    while len(done) < streams:
+    while len(done) < len(prompts):
         engine.step()
-    elapsed = time.perf_counter() - started
-    engine.close()
-    return sum(d.completion_tokens for d in done) / elapsed, texts
+    return sum(d.completion_tokens for d in done) / (time.perf_counter() - started), texts
 
 
-def measure(path: Path, threads: int, rounds: int, max_tokens: int) -> dict[str, Any]:
+def shared_start(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def open_engine(path: Path, threads: int) -> Any:
+    from appliance.engines.llama import LlamaEngine
+
+    return LlamaEngine(path, context_size=1024, threads=threads, gpu_layers=0, parallel=4)
+
+
+def alone(path: Path, threads: int, max_tokens: int) -> dict[str, Any]:
+    """In a process of its own: perplexity, and RSS with the model and 4 streams in use."""
     import psutil
 
-    from appliance.engines import kernels
+    ppl = perplexity(path, threads)
+    engine = open_engine(path, threads)
+    prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    _, answers = run(engine, prompts, max_tokens)
+    return {"ppl": ppl, "rss_mib": psutil.Process().memory_info().rss / 2**20, "answers": answers}
 
-    plan = kernels.plan()
-    ppl, pp = _perplexity_and_pp(path, threads, rounds)
-    one = [_decode_rate(path, threads, 1, max_tokens)[0] for _ in range(rounds)]
-    four, answers = [], []
-    for _ in range(rounds):
-        rate, answers = _decode_rate(path, threads, 4, max_tokens)
-        four.append(rate)
-    return {
-        "variant": plan.variant,
-        "size_mib": path.stat().st_size / 2**20,
-        "ppl": ppl,
-        "pp512": pp,
-        "decode1": statistics.median(one),
-        "decode4": statistics.median(four),
-        "rss_mib": psutil.Process().memory_info().rss / 2**20,
-        "answers": answers,
+
+def speeds(
+    paths: dict[str, Path], threads: int, rounds: int, max_tokens: int
+) -> dict[str, dict[str, float]]:
+    """Every format's engine open in this one process, measured in turn, round after
+    round: the host's drift over minutes falls on all of them alike."""
+    engines = {fmt: open_engine(path, threads) for fmt, path in paths.items()}
+    figures: dict[str, dict[str, list[float]]] = {
+        fmt: {"pp512": [], "decode1": [], "decode4": []} for fmt in paths
     }
+    for r in range(rounds):
+        for fmt, engine in engines.items():
+            prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+            # A prompt no slot holds yet (its first token differs each round): 512 tokens
+            # read in one step, then one token.
+            fresh = [1000 + r] + [(7 + 13 * i) % 20000 + 100 for i in range(511)]
+            started = time.perf_counter()
+            run(engine, [fresh], 1)
+            figures[fmt]["pp512"].append(512 / (time.perf_counter() - started))
+            figures[fmt]["decode1"].append(run(engine, prompts[:1], max_tokens)[0])
+            figures[fmt]["decode4"].append(run(engine, prompts, max_tokens)[0])
+    for engine in engines.values():
+        engine.close()
+    return {fmt: {k: statistics.median(v) for k, v in f.items()} for fmt, f in figures.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_M")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--formats", default="Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_S,Q4_K_M")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "formats")
@@ -164,7 +186,7 @@ def main() -> None:
 
     threads = args.threads or default_threads()
     if args.measure:
-        print(json.dumps(measure(args.measure, threads, args.rounds, args.max_tokens)))
+        print(json.dumps(alone(args.measure, threads, args.max_tokens)))
         return
     from appliance.quantize import requantize
 
@@ -189,11 +211,14 @@ def main() -> None:
         "?",
     )
     print(f"CPU: {cpu}; {threads} threads; each format in its own process")
-    results: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
     for fmt in args.formats.split(","):
-        path = source if fmt == "Q4_1" else args.out / f"smollm2-135m.{fmt}.gguf"
-        if not path.is_file():
-            requantize(source, path, fmt)
+        name = f"smollm2-135m.{fmt.replace('+', '-')}.gguf"
+        paths[fmt] = source if fmt == "Q4_1" else args.out / name
+        if not paths[fmt].is_file():
+            requantize(source, paths[fmt], fmt)
+    results: dict[str, dict[str, Any]] = {}
+    for fmt, path in paths.items():
         command = [
             sys.executable,
             __file__,
@@ -201,23 +226,30 @@ def main() -> None:
             str(path),
             "--threads",
             str(threads),
-            "--rounds",
-            str(args.rounds),
             "--max-tokens",
             str(args.max_tokens),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[fmt] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  measured {fmt}", flush=True)
+    print("  perplexity and RSS measured; now speed, formats in turn", flush=True)
+    for fmt, figures in speeds(paths, threads, args.rounds, args.max_tokens).items():
+        results[fmt].update(figures, size_mib=paths[fmt].stat().st_size / 2**20)
+    from appliance.engines import kernels
+
+    results_variant = kernels.plan().variant
     base = results.get("Q4_1")
     head = (
         f"{'format':8} {'MiB':>6} {'ppl':>7} {'Δppl':>6} {'pp512/s':>8} {'x':>5} "
-        f"{'dec1/s':>7} {'x':>5} {'dec4/s':>7} {'x':>5} {'4/1':>5} {'RSS MiB':>8} same"
+        f"{'dec1/s':>7} {'x':>5} {'dec4/s':>7} {'x':>5} {'4/1':>5} {'RSS MiB':>8} {'same':>6}"
     )
     print(head)
     for fmt, r in results.items():
         reference = base or r
-        same = sum(a == b for a, b in zip(r["answers"], reference["answers"], strict=True))
+        shared = [
+            shared_start(a, b) / max(len(b), 1)
+            for a, b in zip(r["answers"], reference["answers"], strict=True)
+        ]
+        same = 100 * statistics.mean(shared)
 
         def ratio(key: str, r: dict[str, Any] = r, reference: dict[str, Any] = reference) -> float:
             return float(r[key] / reference[key])
@@ -226,9 +258,9 @@ def main() -> None:
             f"{fmt:8} {r['size_mib']:6.1f} {r['ppl']:7.2f} {100 * (ratio('ppl') - 1):+5.1f}% "
             f"{r['pp512']:8.0f} {ratio('pp512'):5.2f} {r['decode1']:7.1f} {ratio('decode1'):5.2f} "
             f"{r['decode4']:7.1f} {ratio('decode4'):5.2f} {r['decode4'] / r['decode1']:5.2f} "
-            f"{r['rss_mib']:8.0f} {same}/4"
+            f"{r['rss_mib']:8.0f} {same:5.0f}%"
         )
-    print(f"kernels: {next(iter(results.values()))['variant']}")
+    print(f"kernels: {results_variant}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ file, same machine, same thread count, one run (issue #13).
   answers 0.5-1.5 x --max-tokens) through the appliance's API (4 parallel streams)
   and through `llama-server -np 4`, level by level, each server measured right after
   the other.
-- Prompt processing: `llama-bench -p 512 -n 0` against the appliance reading a
-  512-token prompt (new each time, so no prefix is reused) for one token of answer:
-  prompt tokens / time to that token, median of --rounds.
+- Prompt processing: `llama-bench -p 512 -n 0` against the appliance (and
+  llama-server) reading a 512-token prompt (token ids through /v1/completions, new
+  each time so that no prefix is reused) for one token of answer: prompt tokens / time
+  to the answer, request to response, median of --rounds.
 
 Usage:
 
@@ -51,17 +52,15 @@ from appliance.registry import load_manifests  # noqa: E402
 from helpers import CACHE, free_port, make_state, start_server  # noqa: E402
 
 
-def long_prompt(tag: int) -> list[dict[str, str]]:
-    rules = " ".join(f"Rule {i}: check the dose twice." for i in range(60))
-    return [{"role": "user", "content": f"Case {tag}. {rules} What is rule 7?"}]
-
-
 def prompt_rate(port: int, token: str, model: str, tag: int) -> float:
+    """512 prompt tokens (as ids, the first new each time so that nothing is reused)
+    and one token of answer, through /v1/completions: tokens/s to that answer."""
+    prompt = [1000 + tag] + [(7 + 13 * i) % 20000 + 100 for i in range(511)]
     started = time.perf_counter()
     answer = httpx.post(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
+        f"http://127.0.0.1:{port}/v1/completions",
         headers={"Authorization": f"Bearer {token}"},
-        json={"model": model, "messages": long_prompt(tag), "max_tokens": 1, "temperature": 0},
+        json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0},
         timeout=300,
     )
     elapsed = time.perf_counter() - started
@@ -151,6 +150,7 @@ def main() -> None:
     )
     print(f"CPU: {cpu}; {threads} threads; model {model.name}")
 
+    bench_before = llama_bench(bin_dir, model, threads)
     with tempfile.TemporaryDirectory() as tmp:
         state = make_state(Path(tmp) / "state", model)
         if model.name != manifest.file:  # another file: serve it under the default's name
@@ -213,7 +213,8 @@ def main() -> None:
             ours.stop()
             theirs.terminate()
             theirs.wait(30)
-    bench_pp = llama_bench(bin_dir, model, threads)
+    # Before and after the servers: the shared host's speed drifts over minutes.
+    bench_pp = (bench_before + llama_bench(bin_dir, model, threads)) / 2
     print(
         f"prompt processing (512 tokens): appliance {ours_pp:.0f} tok/s, llama-server "
         f"{server_pp:.0f} tok/s, llama-bench pp512 {bench_pp:.0f} tok/s; "

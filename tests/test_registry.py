@@ -136,7 +136,7 @@ def test_import_writes_manifest_with_hash(tmp_path: Path, model_file: Path) -> N
     )
     assert manifest.sha256 == verify_model(manifest, settings.models_path).actual
     assert (manifest.quantization, manifest.domain, manifest.license) == (
-        "Q4_1",
+        "Q8_0",
         "triage",
         "apache-2.0",
     )
