@@ -105,7 +105,44 @@ def read_json_object() -> dict[str, Any]:
             f"request body must be a JSON object, got {type(data).__name__}",
             code="invalid_json",
         )
+    where = _lone_surrogate(data, "")
+    if where is not None:
+        raise ApiError(
+            400,
+            f"{where or 'a key'} holds a lone UTF-16 surrogate escape (such as \\ud800), "
+            "which is not a character; send valid Unicode text",
+            param=where or None,
+            code="invalid_json",
+        )
     return data
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where in the parsed body a string holds a lone surrogate (JSON allows the escape,
+    UTF-8 cannot carry it), as a parameter path (messages[0].content); None if nowhere."""
+    if isinstance(value, str):
+        return path if not value.isascii() and _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _has_surrogate(key):
+                return ""
+            found = _lone_surrogate(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_body(model: type[M], data: dict[str, Any]) -> M:

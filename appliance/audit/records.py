@@ -101,7 +101,21 @@ _CONTENT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys
 
 
 def content_bytes(content: dict[str, Any]) -> bytes:
-    return _CONTENT(content).encode()
+    # A client's JSON may hold a lone surrogate ("\ud800"), which UTF-8 cannot encode;
+    # written back as its JSON escape, it reads back as the same string.
+    return _CONTENT(content).encode("utf-8", "backslashreplace")
+
+
+def storable(value: Any) -> Any:
+    """A column value SQLite and the canonical form can take: text with a lone
+    surrogate (from a client's JSON) gets it as a visible escape (\ud800); valid text,
+    which every earlier record holds, is unchanged."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def aad(seq: int, ts: str, key_id: str) -> bytes:

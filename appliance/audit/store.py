@@ -50,6 +50,7 @@ from appliance.audit.records import (
     aad,
     content_bytes,
     record_hash,
+    storable,
 )
 from appliance.audit.schema import checkpoints, data_keys, open_engine, records
 from appliance.clock import utc_second
@@ -446,9 +447,14 @@ class AuditStore:
                     state.uses = 0
                 for p in entries:
                     assert p.entry is not None
-                    seq += 1
                     last_ts = max(utc_now(), last_ts)
-                    row = self._seal_entry(db, p.entry, seq, last_ts, head, key_id)
+                    try:
+                        row = self._seal_entry(db, p.entry, seq + 1, last_ts, head, key_id)
+                    except Exception as exc:  # this record alone: the batch goes on
+                        p.error = f"the audit record could not be sealed: {exc}"
+                        log.error("audit record refused", extra={"error": p.error})
+                        continue
+                    seq += 1
                     sealed_count += row[CIPHERTEXT] is not None
                     rows.append(row)
                     head = row[-1]
@@ -569,6 +575,7 @@ class AuditStore:
             prev,
         )
         # The hash's canonical form writes binary columns in hex: hand them over so.
+        values = tuple(storable(v) for v in values)
         hashed = (
             values if binary_hex is None else (*values[:NONCE], *binary_hex, *values[NONCE + 2 :])
         )

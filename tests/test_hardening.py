@@ -1,0 +1,66 @@
+"""Hardening (issue #14): a bad request cannot fail good ones, and the attacks the
+outside review found stay closed. Each test here failed before its fix."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from helpers import Server
+
+pytestmark = pytest.mark.server
+
+# JSON that parses to a lone surrogate, which UTF-8 cannot encode.
+SURROGATE = (
+    '{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "\\ud800 hi"}]}'
+)
+
+
+def test_lone_surrogates_fail_no_one_else(shared_server: Server, model_name: str) -> None:
+    """Surrogate bodies, with and without a token, during 50 normal requests: all 50
+    answer, the service stays ready, the bad ones get a client error and every one is
+    in an audit log that still verifies."""
+    good: list[int] = []
+    bad: list[tuple[int, str]] = []
+    body = (SURROGATE % model_name).encode()
+
+    def normal() -> None:
+        with shared_server.client() as client:
+            for i in range(50):
+                answer = client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model_name,
+                        "max_tokens": 1,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": f"Say {i}"}],
+                    },
+                )
+                good.append(answer.status_code)
+
+    def hostile() -> None:
+        headers = {"Content-Type": "application/json"}
+        with (
+            httpx.Client(base_url=shared_server.url, timeout=60) as anon,
+            shared_server.client() as authed,
+        ):
+            for _ in range(20):
+                for client in (anon, authed):
+                    answer = client.post("/v1/chat/completions", content=body, headers=headers)
+                    bad.append((answer.status_code, answer.text))
+
+    threads = [threading.Thread(target=normal), threading.Thread(target=hostile)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert good == [200] * 50
+    assert {status for status, _ in bad} == {400, 401}, bad[:4]
+    refused = next(text for status, text in bad if status == 400)
+    assert "surrogate" in refused and "messages" in refused
+    ready = httpx.get(f"{shared_server.url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    report = shared_server.http.get("/audit/verify").json()
+    assert report["ok"] is True, report
