@@ -6,6 +6,7 @@ written. tests/test_nspawn.py installs the same bundles under systemd as PID 1."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -167,6 +168,42 @@ def test_tampered_bundle_is_refused_before_anything_is_written(
     foreign = install(tar, other_pub, root)
     assert foreign.returncode == 1 and "signature does not verify" in foreign.stderr
     assert not root.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "says"),
+    [
+        (tarfile.SYMTYPE, "./models/stolen.gguf", "not regular files or directories"),
+        (tarfile.CHRTYPE, "./models/tty.gguf", "not regular files or directories"),
+        (tarfile.REGTYPE, "../escaped.txt", "outside its own tree"),
+    ],
+)
+def test_install_refuses_odd_members_before_extracting(
+    bundle: tuple[Path, Path], tmp_path: Path, kind: bytes, name: str, says: str
+) -> None:
+    """A signed bundle with one more member appended (the signature covers SHA256SUMS,
+    which does not list it): a link to a key file on the host, a device node, a path out
+    of the tree. Refused from the listing, before anything is extracted or written; the
+    link's target is never copied in."""
+    import shutil
+
+    tar, pub = bundle
+    secret = tmp_path / "host-secret.key"
+    secret.write_text("not for the bundle")
+    evil = tmp_path / "evil.tar"
+    shutil.copyfile(tar, evil)
+    with tarfile.open(evil, "a") as archive:
+        member = tarfile.TarInfo(name)
+        member.type = kind
+        if kind == tarfile.SYMTYPE:
+            member.linkname = str(secret)
+        archive.addfile(member, io.BytesIO() if kind == tarfile.REGTYPE else None)
+    root = tmp_path / "root"
+    refused = install(evil, pub, root)
+    assert refused.returncode == 1, refused.stdout[-2000:]
+    assert says in refused.stderr and "nothing was installed" in refused.stderr
+    assert not root.exists()
+    assert not (tmp_path / "escaped.txt").exists()
 
 
 @pytest.mark.parametrize("script", ["build-bundle", "install"])
