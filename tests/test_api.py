@@ -325,3 +325,16 @@ def test_openapi_document_is_valid_and_generated(client: FlaskClient, app: Flask
         (f.alias or name) for name, f in ChatCompletionRequest.model_fields.items()
     }
     assert "/v1/chat/completions" in doc["paths"] and "/v1/models" in doc["paths"]
+
+
+def test_stop_strings_are_bounded(client: FlaskClient, model_name: str) -> None:
+    """Each stop string is matched after every token: one past 256 characters is a 400
+    naming which one, the limit and its length."""
+    long_one = chat(client, model_name, max_tokens=2, stop=["ok", "x" * 257])
+    assert long_one.status_code == 400
+    error = long_one.get_json()["error"]
+    assert error["param"] == "stop[1]" and "257 characters" in error["message"]
+    assert "at most 256" in error["message"]
+    single = chat(client, model_name, max_tokens=2, stop="y" * 300)
+    assert single.status_code == 400 and single.get_json()["error"]["param"] == "stop"
+    assert chat(client, model_name, max_tokens=2, stop=["z" * 256]).status_code == 200

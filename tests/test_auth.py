@@ -294,6 +294,13 @@ def test_client_subnet_allowlist(tmp_path: Path) -> None:
     for app in make_app(settings):
         resp = app.test_client().get("/healthz")
         assert resp.status_code == 403 and "127.0.0.1" in resp.get_json()["error"]["message"]
+        # Bound to ::, an IPv4 client arrives as ::ffff:a.b.c.d: IPv4 subnets match it.
+        inside = app.test_client().get("/healthz", environ_base={"REMOTE_ADDR": "::ffff:10.20.1.2"})
+        assert inside.status_code == 200
+        outside = app.test_client().get(
+            "/healthz", environ_base={"REMOTE_ADDR": "::ffff:10.30.1.2"}
+        )
+        assert outside.status_code == 403
 
 
 def test_admin_api_users_and_passwords(

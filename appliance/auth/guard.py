@@ -117,6 +117,18 @@ def _authenticate(gate: Gate) -> tuple[Principal | None, str, str | None]:
     return None, "no_credentials", None
 
 
+def client_address(remote: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address; an IPv4 client seen through a dual-stack socket (bound to
+    ::) as ::ffff:a.b.c.d is its IPv4 address, so IPv4 subnets match it."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: bool) -> None:
     gate = Gate(
         store,
@@ -129,10 +141,7 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
     @app.before_request
     def _guard() -> BaseResponse | None:
         if gate.networks:
-            try:
-                client = ipaddress.ip_address(request.remote_addr or "")
-            except ValueError:
-                client = None
+            client = client_address(request.remote_addr)
             if client is None or not any(client in net for net in gate.networks):
                 return refusal(
                     403,

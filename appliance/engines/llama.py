@@ -69,6 +69,7 @@ BATCH_TOKENS = 512  # most tokens one llama_decode takes
 PROMPT_TOKENS_PER_STEP = 128
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
+MARK = "\ue000"  # a private-use character: stands for a message's content in the template
 
 
 def default_threads() -> int:
@@ -189,11 +190,21 @@ class LlamaEngine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self._formatter is None:
             raise PromptError("this model has no chat template; use /v1/completions", param="model")
-        formatted = self._formatter(messages=messages)  # type: ignore[arg-type]
-        # The template writes the special tokens itself (e.g. <|im_start|>).
-        tokens: list[int] = self._model.tokenize(
-            formatted.prompt.encode("utf-8"), add_bos=self._add_bos, special=True
-        )
+        # The template writes the control tokens (<|im_start|>system ...); what the
+        # messages say is text, even where it spells a control token: a user must not
+        # open a system turn of their own. So the template is rendered around marks,
+        # and only its own text is tokenized with control tokens recognised.
+        marked = [{**m, "content": f"{MARK}{i}{MARK}"} for i, m in enumerate(messages)]
+        formatted = self._formatter(messages=marked)  # type: ignore[arg-type]
+        tokens: list[int] = []
+        for n, piece in enumerate(formatted.prompt.split(MARK)):
+            content = n % 2 == 1
+            if content:
+                piece = messages[int(piece)]["content"]
+            if piece:
+                tokens += self._model.tokenize(
+                    piece.encode("utf-8"), add_bos=self._add_bos and n == 0, special=not content
+                )
         return tokens
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
