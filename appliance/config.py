@@ -169,9 +169,14 @@ class Settings:
         15, "Minutes without activity after which a web session ends.", minimum=1
     )
     login_max_failures: int = _setting(
-        5, "Failed sign-ins in a row that lock an account.", minimum=1
+        5,
+        "Failed sign-ins in a row that lock an account for the client address they came "
+        "from; 4 times as many from one address, over all names, turn it away (429).",
+        minimum=1,
     )
-    login_lockout_minutes: int = _setting(15, "Minutes a locked account stays locked.", minimum=1)
+    login_lockout_minutes: int = _setting(
+        15, "Minutes a lockout (of an account for an address, or of an address) lasts.", minimum=1
+    )
     rate_limit_per_minute: int = _setting(
         600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
     )

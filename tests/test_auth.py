@@ -239,11 +239,83 @@ def test_lockout_and_its_end(app: Flask, settings: Settings) -> None:
         assert sign_in(client, "nurse.ana", "wrong password!").status_code == 401
     locked = sign_in(client, "nurse.ana", PASSWORD)
     assert locked.status_code == 401 and "locked" in locked.get_data(as_text=True)
+    # The lockout shuts out the address that guessed, not the nurse at her own desk.
+    desk = app.test_client()
+    desk.environ_base["REMOTE_ADDR"] = "10.1.2.3"
+    assert sign_in(desk, "nurse.ana", PASSWORD).status_code == 303
     with sqlite3.connect(settings.auth_db_path) as conn:  # the lockout time passes
         conn.execute(
-            "UPDATE users SET locked_until = ?", (iso(datetime.now(UTC) - timedelta(seconds=1)),)
+            "UPDATE login_failures SET locked_until = ?",
+            (iso(datetime.now(UTC) - timedelta(seconds=1)),),
         )
     assert sign_in(client, "nurse.ana", PASSWORD).status_code == 303
+
+
+def test_an_address_that_guesses_many_names_is_turned_away(app: Flask, settings: Settings) -> None:
+    add_user(settings)
+    client = app.test_client()
+    limit = settings.login_max_failures * 4
+    for i in range(limit):
+        assert sign_in(client, f"guess{i}", "wrong password!").status_code == 401
+    turned = sign_in(client, "nurse.ana", PASSWORD)
+    assert turned.status_code == 429 and "from this computer" in turned.get_data(as_text=True)
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "10.1.2.3"
+    assert sign_in(other, "nurse.ana", PASSWORD).status_code == 303
+    # The names tried (a password typed in the wrong field, say) are kept nowhere in
+    # clear: the auth database has their digest, the audit log "unknown user".
+    raw = b"".join(
+        p.read_bytes()
+        for db in (settings.auth_db_path, settings.audit_db_path)
+        for p in db.parent.glob(db.name + "*")
+    )
+    assert b"guess1" not in raw and b"unknown user" in raw
+
+
+def test_sign_in_never_holds_the_write_lock_over_scrypt(
+    app: Flask, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scrypt runs for every attempt (an unknown name, a locked account: timing tells
+    nothing), and never while the auth database's write lock is held, which every
+    signed-in request would queue behind."""
+    from appliance.auth import store as store_module
+
+    add_user(settings)
+    seen: list[bool] = []
+    real = store_module.check_password
+
+    def spy(password: str, stored: str) -> bool:
+        probe = sqlite3.connect(settings.auth_db_path, timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # fails at once if someone holds the lock
+            probe.execute("ROLLBACK")
+            seen.append(True)
+        except sqlite3.OperationalError:
+            seen.append(False)
+        finally:
+            probe.close()
+        return real(password, stored)
+
+    monkeypatch.setattr(store_module, "check_password", spy)
+    client = app.test_client()
+    for _ in range(settings.login_max_failures + 1):  # the last one meets the lock
+        sign_in(client, "nurse.ana", "wrong password!")
+    sign_in(client, "nobody.here", "wrong password!")
+    assert seen == [True] * (settings.login_max_failures + 2)
+
+
+def test_signed_in_requests_do_not_take_the_write_lock(app: Flask, settings: Settings) -> None:
+    add_user(settings)
+    client = app.test_client()
+    assert sign_in(client, "nurse.ana", PASSWORD).status_code == 303
+    holder = sqlite3.connect(settings.auth_db_path)
+    holder.execute("BEGIN IMMEDIATE")  # a long write elsewhere (a sign-in, the admin API)
+    try:
+        assert client.get("/").status_code == 200
+        assert client.get("/v1/models").status_code == 200
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_idle_timeout_signs_out(app: Flask, settings: Settings) -> None:

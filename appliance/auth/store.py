@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    func,
     insert,
     select,
     update,
@@ -39,6 +40,10 @@ TOKEN_PREFIX = "apl"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 MIN_PASSWORD = 10
+# An address is turned away after this many times login_max_failures failed sign-ins
+# (over all names) within login_lockout_minutes.
+CLIENT_FAILURE_FACTOR = 4
+SESSION_TOUCH = 15  # seconds: how stale a session's idle timer may be
 
 metadata = MetaData()
 tokens = Table(
@@ -61,6 +66,19 @@ users = Table(
     Column("created", String(32), nullable=False),
     Column("disabled", Integer, nullable=False, default=0),
     Column("failures", Integer, nullable=False, default=0),
+    Column("locked_until", String(32)),
+)
+# Failed sign-ins per account *and client address*: the lockout shuts out the address
+# that guessed, not the clinician at another workstation (else anyone could lock any
+# account with a few tries). ``user`` is the SHA-256 of the name typed, so that an
+# unknown name (perhaps a password typed in the wrong field) is never stored.
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("user", String(64), primary_key=True),
+    Column("client", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failure", String(32), nullable=False),
     Column("locked_until", String(32)),
 )
 sessions = Table(
@@ -329,18 +347,35 @@ class AuthStore:
             )
 
     def list_users(self) -> list[dict[str, Any]]:
+        """Each user; ``failures`` and ``locked_until`` over the client addresses that
+        failed to sign in as them (the lockout is per address)."""
+        stamp = iso(now())
         with self.reader.connect() as conn:
             rows = conn.execute(
-                select(
-                    users.c.name,
-                    users.c.role,
-                    users.c.created,
-                    users.c.disabled,
-                    users.c.failures,
-                    users.c.locked_until,
-                ).order_by(users.c.name)
-            )
-            return [{**dict(r), "disabled": bool(r.disabled)} for r in rows.mappings()]
+                select(users.c.name, users.c.role, users.c.created, users.c.disabled).order_by(
+                    users.c.name
+                )
+            ).all()
+            found = []
+            for r in rows:
+                lock = conn.execute(
+                    select(
+                        func.coalesce(func.sum(login_failures.c.failures), 0),
+                        func.max(login_failures.c.locked_until),
+                    ).where(login_failures.c.user == sha256(r.name))
+                ).one()
+                until = lock[1] if lock[1] is not None and lock[1] > stamp else None
+                found.append(
+                    {
+                        "name": r.name,
+                        "role": r.role,
+                        "created": r.created,
+                        "disabled": bool(r.disabled),
+                        "failures": int(lock[0]),
+                        "locked_until": until,
+                    }
+                )
+            return found
 
     def disable_user(self, name: str) -> dict[str, Any]:
         with self.engine.begin() as conn:
@@ -352,50 +387,78 @@ class AuthStore:
 
     def reset_password(self, name: str, password: str) -> dict[str, Any]:
         self._check_password_rules(password)
+        hashed = hash_password(password)  # scrypt, outside the write lock
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(users)
                 .where(users.c.name == name)
-                .values(password=hash_password(password), failures=0, locked_until=None)
+                .values(password=hashed, failures=0, locked_until=None)
             )
             if done.rowcount == 0:
                 raise AuthError(f"no user {name!r}")
             conn.execute(delete(sessions).where(sessions.c.user == name))
+            conn.execute(delete(login_failures).where(login_failures.c.user == sha256(name)))
         return {"name": name, "password_reset": True}
 
-    def login(self, name: str, password: str) -> LoginResult:
-        """Check a sign-in; count failures and lock the account past the limit."""
+    def login(self, name: str, password: str, client: str = "") -> LoginResult:
+        """Check a sign-in from ``client`` (its address). scrypt runs outside any write
+        transaction and for every attempt (unknown names and locked accounts too, so
+        that timing tells nothing); failures lock the account for that address only,
+        and an address with too many failures over all names is turned away."""
         s = self.settings
-        with self.engine.begin() as conn:
+        stamp = now()
+        since = iso(stamp - timedelta(minutes=s.login_lockout_minutes))
+        key = sha256(name)
+        with self.reader.connect() as conn:
             row = conn.execute(select(users).where(users.c.name == name)).first()
-            if row is None:
-                check_password(password, self._dummy_hash)  # the same cost as a real check
-                return LoginResult(None, reason="unknown_user")
-            if row.locked_until and parse_iso(row.locked_until) > now():
+            mine = conn.execute(
+                select(login_failures).where(
+                    login_failures.c.user == key, login_failures.c.client == client
+                )
+            ).first()
+            from_client: int = conn.execute(
+                select(func.coalesce(func.sum(login_failures.c.failures), 0)).where(
+                    login_failures.c.client == client, login_failures.c.last_failure > since
+                )
+            ).scalar_one()
+        if from_client >= s.login_max_failures * CLIENT_FAILURE_FACTOR:
+            return LoginResult(None, reason="too_many_attempts")
+        right = check_password(password, row.password if row is not None else self._dummy_hash)
+        locked = mine is not None and mine.locked_until and parse_iso(mine.locked_until) > stamp
+        if row is None or locked or not right:
+            if locked:
                 return LoginResult(None, reason="locked")
-            if not check_password(password, row.password):
-                failures = (0 if row.locked_until else row.failures) + 1
-                locked = (
-                    iso(now() + timedelta(minutes=s.login_lockout_minutes))
-                    if failures >= s.login_max_failures
-                    else None
-                )
-                conn.execute(
-                    update(users)
-                    .where(users.c.name == name)
-                    .values(failures=0 if locked else failures, locked_until=locked)
-                )
-                return LoginResult(None, reason="locked_now" if locked else "wrong_password")
-            if row.disabled:  # said only to whoever knows the password
-                return LoginResult(None, reason="disabled")
-            conn.execute(
-                update(users).where(users.c.name == name).values(failures=0, locked_until=None)
+            stale = mine is None or mine.last_failure <= since or mine.locked_until is not None
+            failures = 1 if mine is None or stale else int(mine.failures) + 1
+            until = (
+                iso(stamp + timedelta(minutes=s.login_lockout_minutes))
+                if row is not None and failures >= s.login_max_failures
+                else None
             )
-            session = secrets.token_urlsafe(32)
-            stamp = iso(now())
+            values = {"failures": failures, "last_failure": iso(stamp), "locked_until": until}
+            with self.engine.begin() as conn:
+                done = conn.execute(
+                    update(login_failures)
+                    .where(login_failures.c.user == key, login_failures.c.client == client)
+                    .values(**values)
+                )
+                if done.rowcount == 0:
+                    conn.execute(insert(login_failures).values(user=key, client=client, **values))
+            if row is None:
+                return LoginResult(None, reason="unknown_user")
+            return LoginResult(None, reason="locked_now" if until else "wrong_password")
+        if row.disabled:  # said only to whoever knows the password
+            return LoginResult(None, reason="disabled")
+        session = secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(login_failures).where(
+                    login_failures.c.user == key, login_failures.c.client == client
+                )
+            )
             conn.execute(
                 insert(sessions).values(
-                    id_sha256=sha256(session), user=name, created=stamp, last_seen=stamp
+                    id_sha256=sha256(session), user=name, created=iso(stamp), last_seen=iso(stamp)
                 )
             )
         return LoginResult(Principal("user", f"user:{name}", name, row.role), session)
@@ -403,26 +466,37 @@ class AuthStore:
     # -- sessions --------------------------------------------------------------------
 
     def check_session(self, cookie: str) -> tuple[Principal | None, str]:
-        """The session's user, refreshing its idle timer; None and why otherwise."""
+        """The session's user, refreshing its idle timer; None and why otherwise. Read
+        without the write lock; the idle timer is written at most every SESSION_TOUCH
+        seconds, so signed-in users do not queue behind each other (or behind sign-ins)."""
         key = sha256(cookie)
         idle = timedelta(minutes=self.settings.session_idle_minutes)
-        with self.engine.begin() as conn:
+        stamp = now()
+        with self.reader.connect() as conn:
             row = conn.execute(
                 select(sessions.c.user, sessions.c.last_seen).where(sessions.c.id_sha256 == key)
             ).first()
-            if row is None:
-                return None, "unknown_session"
-            if parse_iso(row.last_seen) + idle <= now():
-                conn.execute(delete(sessions).where(sessions.c.id_sha256 == key))
-                return None, "session_idle_timeout"
-            user = conn.execute(
-                select(users.c.role, users.c.disabled).where(users.c.name == row.user)
-            ).first()
-            if user is None or user.disabled:
-                return None, "disabled"
-            conn.execute(
-                update(sessions).where(sessions.c.id_sha256 == key).values(last_seen=iso(now()))
+            user = (
+                conn.execute(
+                    select(users.c.role, users.c.disabled).where(users.c.name == row.user)
+                ).first()
+                if row is not None
+                else None
             )
+        if row is None:
+            return None, "unknown_session"
+        last_seen = parse_iso(row.last_seen)
+        if last_seen + idle <= stamp:
+            with self.engine.begin() as conn:
+                conn.execute(delete(sessions).where(sessions.c.id_sha256 == key))
+            return None, "session_idle_timeout"
+        if user is None or user.disabled:
+            return None, "disabled"
+        if stamp - last_seen >= timedelta(seconds=SESSION_TOUCH):
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(sessions).where(sessions.c.id_sha256 == key).values(last_seen=iso(stamp))
+                )
         return Principal("user", f"user:{row.user}", row.user, user.role), ""
 
     def end_session(self, cookie: str) -> None:

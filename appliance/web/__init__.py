@@ -37,6 +37,7 @@ MESSAGES = {
     "disabled": "This account is disabled. Ask IT.",
     "locked": "Too many failed sign-ins: this account is locked for now. Try again later.",
     "locked_now": "Too many failed sign-ins: this account is locked for now. Try again later.",
+    "too_many_attempts": "Too many failed sign-ins from this computer. Try again later.",
     "csrf": "The sign-in form expired. Please try again.",
 }
 
@@ -82,11 +83,17 @@ def login() -> BaseResponse:
         g.log_fields["error_type"] = "csrf_failed"
         return _login_form(MESSAGES["csrf"], 403)
     name = request.form.get("username", "")[:64]
-    result = get_gate(current_app).store.login(name, request.form.get("password", ""))
+    result = get_gate(current_app).store.login(
+        name, request.form.get("password", ""), request.remote_addr or ""
+    )
     if result.principal is None or result.session is None:
         g.log_fields["error_type"] = result.reason
-        g.actor = Actor(f"user:{name}", name or "unauthenticated", None)
-        return _login_form(MESSAGES.get(result.reason, "Sign-in failed."), 401)
+        # A name no account has is not recorded: it may be a password typed in the
+        # wrong field, and the audit's actor column is not encrypted.
+        known = result.reason not in ("unknown_user", "too_many_attempts")
+        g.actor = Actor(f"user:{name}", name, None) if known else Actor(None, "unknown user", None)
+        status = 429 if result.reason == "too_many_attempts" else 401
+        return _login_form(MESSAGES.get(result.reason, "Sign-in failed."), status)
     principal = result.principal
     g.actor = Actor(principal.id, principal.name, principal.role)
     resp = redirect("/", code=303)
