@@ -168,30 +168,45 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
     )
 
 
-def _read_manifest_dir(directory: Path) -> list[Manifest]:
-    if not directory.is_dir():
-        return []
-    manifests = []
-    for path in sorted(directory.glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{path}: not valid TOML: {exc}") from None
-        manifests.append(parse_manifest(data, str(path)))
-    return manifests
+def _read_manifest(path: Path, trusted: bool) -> Manifest:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    manifest = parse_manifest(data, str(path))
+    if not trusted and (manifest.build is not None or manifest.fetch is not None):
+        # An imported manifest sits in the state directory, which the service can write:
+        # naming a script there would have `appliance models build` (as root) run it.
+        raise ManifestError(
+            f"{path}: an imported manifest may not have a [build] or [fetch] table; "
+            "only the shipped manifests do"
+        )
+    return manifest
 
 
-def load_manifests(settings: Settings) -> dict[str, Manifest]:
-    """Every known manifest by name; a name given twice is an error naming both files."""
+def load_manifests(settings: Settings, problems: list[str] | None = None) -> dict[str, Manifest]:
+    """Every known manifest by name; a name given twice is an error naming both files.
+    With ``problems``, a bad imported manifest (one file an import or a hand wrote in
+    STATE_DIR/manifests) is left out and said there, and the others load; without it,
+    any bad manifest raises. The shipped manifests must always be sound."""
     builtin = settings.manifest_dir or builtin_manifest_dir()
     found: dict[str, Manifest] = {}
-    for directory in (builtin, settings.imported_manifests_path):
-        for manifest in _read_manifest_dir(directory):
-            if manifest.name in found:
-                raise ManifestError(
-                    f"model name {manifest.name!r} is declared twice: "
-                    f"{found[manifest.name].origin} and {manifest.origin}"
-                )
+    for directory, trusted in ((builtin, True), (settings.imported_manifests_path, False)):
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.toml")):
+            try:
+                manifest = _read_manifest(path, trusted)
+                if manifest.name in found:
+                    raise ManifestError(
+                        f"model name {manifest.name!r} is declared twice: "
+                        f"{found[manifest.name].origin} and {manifest.origin}"
+                    )
+            except ManifestError as exc:
+                if trusted or problems is None:
+                    raise
+                problems.append(str(exc))
+                continue
             found[manifest.name] = manifest
     return found
 

@@ -155,11 +155,13 @@ def _load_engine(
 def open_pool(settings: Settings) -> ModelPool:
     pool = ModelPool(settings)
     try:
-        pool.manifests = load_manifests(settings)
+        pool.manifests = load_manifests(settings, pool.problems)
     except ManifestError as exc:
         pool.problems.append(str(exc))
         log.error("manifests refused", extra={"reason": str(exc)})
         return pool
+    for problem in pool.problems:  # bad imported manifests, left out
+        log.error("manifest refused", extra={"reason": problem})
     budget = MemoryBudget(settings)
     for verification in verify_all(settings, pool.manifests.values()):
         manifest = pool.manifests[verification.name]

@@ -4,12 +4,13 @@ outside review found stay closed. Each test here failed before its fix."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
 from flask import Flask
 
-from helpers import Server
+from helpers import Server, make_state, run_cli
 
 # JSON that parses to a lone surrogate, which UTF-8 cannot encode.
 SURROGATE = (
@@ -90,3 +91,38 @@ def test_message_content_cannot_open_a_turn(app: Flask, model_name: str) -> None
     assert engine.chat_prompt(ordinary) == model.tokenize(
         whole, add_bos=engine._add_bos, special=True
     )
+
+
+def test_an_imported_manifest_cannot_name_a_build_script(tmp_path: Path, model_file: Path) -> None:
+    """STATE_DIR/manifests is writable by the service: a [build] there would have
+    `appliance models build` (run as root) run any script. Refused, and not run."""
+    state = make_state(tmp_path / "state", model_file)
+    marker = tmp_path / "ran"
+    (state / "manifests").mkdir()
+    (state / "manifests" / "evil.py").write_text(
+        f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+    )
+    (state / "manifests" / "evil.toml").write_text(
+        'name = "evil"\nfile = "evil.onnx"\nsha256 = "' + "0" * 64 + '"\nformat = "onnx"\n'
+        '[build]\nscript = "evil.py"\n'
+    )
+    built = run_cli("models", "build", state=state)
+    assert built.returncode != 0
+    assert "evil.toml: an imported manifest may not have a [build]" in built.stdout + built.stderr
+    assert not marker.exists()
+
+
+def test_one_bad_imported_manifest_refuses_only_itself(tmp_path: Path, model_file: Path) -> None:
+    from appliance.config import load_settings
+    from appliance.serving import open_pool
+
+    state = make_state(tmp_path / "state", model_file)
+    (state / "manifests").mkdir()
+    (state / "manifests" / "broken.toml").write_text("name = [this is not toml")
+    pool = open_pool(load_settings(env={}, overrides={"state_dir": state}))
+    try:
+        assert "smollm2-135m-instruct" in pool.served and "line-anomaly" in pool.tensors
+        assert len(pool.problems) == 1 and "broken.toml: not valid TOML" in pool.problems[0]
+        assert not pool.ready  # /readyz says why until IT mends or removes the file
+    finally:
+        pool.close()
