@@ -177,6 +177,12 @@ class Settings:
     login_lockout_minutes: int = _setting(
         15, "Minutes a lockout (of an account for an address, or of an address) lasts.", minimum=1
     )
+    max_requests_per_caller: int = _setting(
+        8,
+        "Inference requests one token or user may have in flight at once (running, queued "
+        "or streaming), over all models; beyond it: 429. 0: no limit.",
+        minimum=0,
+    )
     rate_limit_per_minute: int = _setting(
         600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
     )

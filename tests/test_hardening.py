@@ -10,7 +10,15 @@ import httpx
 import pytest
 from flask import Flask
 
-from helpers import Server, make_state, run_cli
+from helpers import (
+    Server,
+    ServerFactory,
+    admin_token,
+    make_state,
+    open_stream,
+    run_cli,
+    wait_for,
+)
 
 # JSON that parses to a lone surrogate, which UTF-8 cannot encode.
 SURROGATE = (
@@ -126,3 +134,43 @@ def test_one_bad_imported_manifest_refuses_only_itself(tmp_path: Path, model_fil
         assert not pool.ready  # /readyz says why until IT mends or removes the file
     finally:
         pool.close()
+
+
+@pytest.mark.server
+def test_one_caller_cannot_take_every_slot(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """max_requests_per_caller: a token with that many streams open gets 429 with the
+    limit for one more; another token is served; the place frees when a stream ends."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, "--max-requests-per-caller", "2", "--queue-depth", "8")
+    other = admin_token(state)
+    body = {
+        "model": model_name,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+    }
+    short = {**body, "max_tokens": 2}
+    with server.client() as first, server.client() as second:
+        held = [open_stream(server, first, body), open_stream(server, second, body)]
+        refused = server.http.post("/v1/chat/completions", json=short)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "too_many_in_flight" and "2 requests in flight" in error["message"]
+        assert refused.headers["Retry-After"] == "1"
+        served = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=short,
+            timeout=60,
+            headers={"Authorization": f"Bearer {other}"},
+        )
+        assert served.status_code == 200
+        ctx, _ = held.pop()
+        ctx.__exit__(None, None, None)  # hang up one stream: its place frees
+        assert wait_for(
+            lambda: server.http.post("/v1/chat/completions", json=short).status_code == 200, 30
+        )
+        for ctx, _ in held:
+            ctx.__exit__(None, None, None)

@@ -14,14 +14,16 @@ import ipaddress
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, g, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance.api.errors import ApiError, error_response
 from appliance.audit.records import Actor
-from appliance.auth.policy import PUBLIC, ROUTE_ROLES, allowed
+from appliance.auth.policy import MODEL_WORK, PUBLIC, ROUTE_ROLES, allowed
 from appliance.auth.store import AuthStore, Principal, csrf_token
 from appliance.config import Settings
 
@@ -55,12 +57,50 @@ class RateLimiter:
             return max(1, math.ceil((1.0 - tokens) / rate))
 
 
+class InFlight:
+    """Requests each principal has in flight on the models; one caller may not take
+    every slot and the whole queue from the others."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, key: str) -> Callable[[], None] | None:
+        """A release to call once when the request ends, or None when over the limit."""
+        if self.limit <= 0:
+            return lambda: None
+        with self._lock:
+            if self._counts.get(key, 0) >= self.limit:
+                return None
+            self._counts[key] = self._counts.get(key, 0) + 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                left = self._counts[key] - 1
+                if left:
+                    self._counts[key] = left
+                else:
+                    del self._counts[key]
+
+        return release
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return self._counts.get(key, 0)
+
+
 @dataclass
 class Gate:
     store: AuthStore
     limiter: RateLimiter
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     secure_cookies: bool
+    in_flight: InFlight
 
 
 def get_gate(app: Flask) -> Gate:
@@ -90,7 +130,7 @@ def refusal(status: int, message: str, reason: str, **headers: str) -> Response:
     """A refusal in the shape of the area asked; the precise reason goes to the audit
     only (a client is not told whether a token was unknown, revoked or expired)."""
     g.log_fields["error_type"] = reason
-    code = "csrf_failed" if reason == "csrf_failed" else CLIENT_CODES.get(status)
+    code = reason if reason in ("csrf_failed", "too_many_in_flight") else CLIENT_CODES.get(status)
     resp = error_response(ApiError(status, message, code=code))
     for key, value in headers.items():
         resp.headers[key.replace("_", "-")] = value
@@ -129,12 +169,20 @@ def client_address(remote: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6
     return address
 
 
+def _releasing(body: Iterable[Any], release: Callable[[], None]) -> Iterator[Any]:
+    try:
+        yield from body
+    finally:  # the last chunk sent, or the server closed the stream (a hang-up)
+        release()
+
+
 def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: bool) -> None:
     gate = Gate(
         store,
         RateLimiter(settings.rate_limit_per_minute),
         parse_networks(settings.allowed_clients),
         secure_cookies,
+        InFlight(settings.max_requests_per_caller),
     )
     app.extensions[EXTENSION] = gate
 
@@ -195,4 +243,32 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
                 "rate_limited",
                 Retry_After=str(wait),
             )
+        if endpoint in MODEL_WORK:
+            release = gate.in_flight.enter(principal.id)
+            if release is None:
+                return refusal(
+                    429,
+                    f"{principal.name} has {gate.in_flight.limit} requests in flight, the most "
+                    "one caller may have (max_requests_per_caller); retry when one ends",
+                    "too_many_in_flight",
+                    Retry_After="1",
+                )
+            g.release_in_flight = release
         return None
+
+    @app.after_request
+    def _release_when_done(response: Response) -> Response:
+        release = g.pop("release_in_flight", None)
+        if release is None:
+            pass
+        elif response.is_streamed:  # holds its place until its last byte, or a hang-up
+            response.response = _releasing(response.response, release)
+        else:  # the model's work is done: the answer is in hand
+            release()
+        return response
+
+    @app.teardown_request
+    def _release_on_error(exc: BaseException | None) -> None:
+        release = g.pop("release_in_flight", None)
+        if release is not None:  # after_request did not run
+            release()

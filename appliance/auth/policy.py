@@ -44,6 +44,10 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "audit_api.export": AUDIT,
 }
 
+# The routes that take a model's time: a caller may have max_requests_per_caller of
+# these in flight at once (running, queued or streaming).
+MODEL_WORK = frozenset({"openai.chat_completions", "openai.completions", "kserve.infer"})
+
 
 def allowed(endpoint: str | None, role: str | None) -> bool:
     roles = ROUTE_ROLES.get(endpoint or "")
