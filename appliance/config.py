@@ -122,6 +122,12 @@ class Settings:
         "File the signed checkpoints are appended to; put it on another disk or host. "
         "Default: STATE_DIR/audit/checkpoints.jsonl.",
     )
+    trusted_public_key: Path | None = _setting(
+        None,
+        "The audit signing key's public half that `audit verify`, `doctor` and /audit/verify "
+        "trust; keep it where the service cannot write (the installer puts it in "
+        "/etc/appliance). Default: the .pub beside the signing key.",
+    )
     checkpoint_records: int = _setting(
         1000, "Seal a signed checkpoint after this many records.", minimum=1
     )
@@ -219,6 +225,10 @@ class Settings:
     @property
     def signing_public_key_path(self) -> Path:
         return self.signing_key_path.with_suffix(".pub")
+
+    @property
+    def trusted_public_key_path(self) -> Path:
+        return self.trusted_public_key or self.signing_public_key_path
 
     @property
     def auth_db_path(self) -> Path:

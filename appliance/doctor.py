@@ -178,7 +178,7 @@ def _certificate(settings: Settings) -> Check:
 def _audit(settings: Settings) -> Check:
     if not settings.audit_db_path.exists():
         return Check("audit chain", "ok", "no audit log yet (made on first start)")
-    pub = settings.signing_public_key_path
+    pub = settings.trusted_public_key_path
     key = crypto.load_public_key(pub) if pub.exists() else None
     report = chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
     if report.ok:

@@ -191,7 +191,8 @@ def test_database_replaced_by_an_older_copy(tmp_path: Path) -> None:
     # Without the external file the older copy is self-consistent: that is what the
     # file is for.
     key = crypto.load_public_key(settings.signing_public_key_path)
-    assert chain.verify(settings.audit_db_path, key, None).ok
+    assert chain.verify(settings.audit_db_path, key, None, without_external=True).ok
+    assert not chain.verify(settings.audit_db_path, key, None).ok  # and it says so
 
 
 def test_resigned_with_a_foreign_key(log: Settings) -> None:
@@ -224,16 +225,56 @@ def test_purge_keeps_the_rest_verifiable(log: Settings) -> None:
         cut_ts = row(conn, 11)["ts"]
     store = AuditStore(log)
     try:
-        assert store.purge_before(str(cut_ts)) == 10
+        assert store.purge_before(str(cut_ts), "os:it-admin") == 10
         store.append(Entry(kind="event", request_id="after", status=200))
     finally:
         store.close()
     report = verify(log)
     assert report.ok, report.problem
     assert report.first_seq == 11 and report.head_seq == N + 1
+    assert report.purged is not None
+    assert (report.purged["through"], report.purged["by"]) == (10, "os:it-admin")
     with db(log) as conn:
         conn.execute("UPDATE audit_meta SET value = '9' WHERE name = 'anchor_seq'")
     assert not verify(log).ok
+
+
+def test_a_wipe_cannot_pass_for_a_purge(log: Settings) -> None:
+    """Anyone who can write the database can move its anchor (audit_meta) to a valid
+    checkpoint and delete every record before it: for each checkpoint K, and for all
+    records, verify fails and says so, since only a signed purge checkpoint, also in
+    the external file, may start a log."""
+    with db(log) as conn:
+        sealed = conn.execute("SELECT size, head FROM audit_checkpoints ORDER BY id").fetchall()
+        last = row(conn, N)["hash"]
+    assert len(sealed) >= 4
+    original = log.audit_db_path.read_bytes()
+    for size, head in [*sealed, (N, last)]:
+        log.audit_db_path.write_bytes(original)
+        with db(log) as conn:
+            for name, value in (("anchor_seq", str(size)), ("anchor_head", head)):
+                conn.execute("DELETE FROM audit_meta WHERE name = ?", (name,))
+                conn.execute("INSERT INTO audit_meta (name, value) VALUES (?, ?)", (name, value))
+            conn.execute("DELETE FROM audit_records WHERE seq <= ?", (size,))
+        report = verify(log)
+        assert not report.ok, f"anchored at {size}"
+        assert report.problem is not None and report.problem.seq == size
+        assert "no signed purge checkpoint" in report.problem.detail
+
+
+def test_a_purge_checkpoint_missing_from_the_external_file_is_caught(log: Settings) -> None:
+    with db(log) as conn:
+        cut_ts = row(conn, 11)["ts"]
+    store = AuditStore(log)
+    try:
+        store.purge_before(str(cut_ts), "os:it-admin")
+    finally:
+        store.close()
+    lines = log.checkpoint_path.read_text().splitlines()
+    log.checkpoint_path.write_text("\n".join(x for x in lines if "purged_by" not in x) + "\n")
+    report = verify(log)
+    assert not report.ok and report.problem is not None
+    assert "not in the external checkpoint file" in report.problem.detail
 
 
 def test_every_byte_flip_in_the_records_is_caught(tmp_path: Path) -> None:
@@ -273,3 +314,47 @@ def test_every_byte_flip_in_the_records_is_caught(tmp_path: Path) -> None:
             if changed:
                 passed_with_change.append(offset)
     assert passed_with_change == []
+
+
+def test_verify_needs_a_trusted_key_and_the_external_file(log: Settings) -> None:
+    """The key in the database and a missing or empty checkpoint file are no trust
+    anchor: each fails unless the caller waives it, and says how."""
+    no_key = chain.verify(log.audit_db_path, None, log.checkpoint_path)
+    assert not no_key.ok and no_key.problem is not None
+    assert no_key.problem.kind == "untrusted key" and "--public-key" in no_key.problem.detail
+    waived = chain.verify(log.audit_db_path, None, log.checkpoint_path, trust_database_key=True)
+    assert waived.ok and any("taken from the database" in n for n in waived.notes)
+    key = crypto.load_public_key(log.signing_public_key_path)
+    gone = log.checkpoint_path.with_name("elsewhere.jsonl")
+    missing = chain.verify(log.audit_db_path, key, gone)
+    assert not missing.ok and missing.problem is not None
+    assert (
+        missing.problem.kind == "no external checkpoints" and "is missing" in missing.problem.detail
+    )
+    assert chain.verify(log.audit_db_path, key, gone, without_external=True).ok
+    log.checkpoint_path.write_text("")
+    empty = chain.verify(log.audit_db_path, key, log.checkpoint_path)
+    assert not empty.ok and empty.problem is not None
+    assert "holds no checkpoint of this log" in empty.problem.detail
+
+
+def test_new_records_are_sealed_within_seconds(log: Settings) -> None:
+    """The records after the last checkpoint are what could be rewritten unnoticed: a
+    checkpoint covers them within SEAL_WITHIN_SECONDS, though checkpoint_seconds is
+    five minutes and checkpoint_records not reached."""
+    import time
+
+    from appliance.audit.store import SEAL_WITHIN_SECONDS
+
+    store = AuditStore(log)
+    try:
+        seq = store.append(Entry(kind="event", request_id="late", status=200))
+        deadline = time.monotonic() + SEAL_WITHIN_SECONDS + 3
+        sealed = 0
+        while time.monotonic() < deadline and sealed < seq:
+            time.sleep(0.2)
+            found, _ = chain.read_file(log.checkpoint_path)
+            sealed = max(cp.size for cp in found)
+        assert sealed >= seq
+    finally:
+        store.close()

@@ -323,12 +323,14 @@ def test_audit_cli_round_trip(
             str(state_dir),
             "--checkpoints",
             str(tmp_path / "none.jsonl"),
+            "--without-external",
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert backup_check.returncode == 0
+    assert backup_check.returncode == 0, backup_check.stdout
+    assert "cannot be caught without it" in backup_check.stdout  # said, as a note
     assert sqlite3.connect(backup).execute("SELECT COUNT(*) FROM audit_records").fetchone()[0]
 
     with sqlite3.connect(state_dir / "audit" / "audit.db") as conn:

@@ -174,3 +174,21 @@ def test_one_caller_cannot_take_every_slot(
         )
         for ctx, _ in held:
             ctx.__exit__(None, None, None)
+
+
+@pytest.mark.server
+def test_an_external_checkpoint_that_cannot_be_written_makes_the_service_unready(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoint file's directory should be")
+    server = server_factory(state, "--checkpoint-file", str(blocker / "checkpoints.jsonl"))
+    server.http.get("/v1/models")  # a record, sealed within seconds
+
+    def unready() -> bool:
+        return httpx.get(f"{server.url}/readyz", timeout=10).status_code == 503
+
+    assert wait_for(unready, 15, interval=0.2)
+    body = httpx.get(f"{server.url}/readyz", timeout=10).json()
+    assert any("checkpoint cannot be copied out" in r for r in body["reasons"]), body

@@ -615,6 +615,18 @@ def test_an_upgrade_keeps_the_audit_log(
     verified = box.cli("audit", "verify", "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     before = json.loads(verified.stdout)
+    assert before["external_checkpoints"] > 0  # the service appends to the installed file
+    # What the verification trusts is out of the service user's reach: the public key
+    # in /etc, and the checkpoint file, which it may append to but not rewrite.
+    witness = "/var/log/appliance/checkpoints.jsonl"
+    for attempt in (
+        ("sh", "-c", "echo forged > /etc/appliance/audit-signing.pub"),
+        ("truncate", "-s", "0", witness),
+        ("sh", "-c", f"echo > {witness}"),
+    ):
+        tried = box.run("runuser", "-u", "appliance", "--", *attempt)
+        assert tried.returncode != 0, attempt
+    assert box.run("test", "-s", witness).returncode == 0
     exported = box.cli("audit", "export", "--format", "jsonl")
     assert exported.returncode == 0, exported.stderr
     records = [json.loads(line) for line in exported.stdout.splitlines()]

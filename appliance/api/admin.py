@@ -92,7 +92,7 @@ def reset_password(name: str) -> Response:
 @audit_bp.get("/verify")
 def verify() -> Response:
     settings: Settings = current_app.config["APPLIANCE_SETTINGS"]
-    key = crypto.load_public_key(settings.signing_public_key_path)
+    key = crypto.load_public_key(settings.trusted_public_key_path)
     report = chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
     return _json(report.as_dict(), 200)
 

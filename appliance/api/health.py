@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (every known model verified and loaded)."""
+"""/healthz (the process answers) and /readyz (every known model verified and loaded,
+the audit log writable and its checkpoints copied out)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def readiness(app: Flask) -> tuple[bool, list[str]]:
         reasons.append("no model is serving")
     if not store.healthy:
         reasons.append(f"the audit log cannot be written: {store.last_error}")
-    return pool.ready and store.healthy, reasons
+    if store.checkpoint_error is not None:  # the external copy is what catches a rollback
+        reasons.append(f"the audit checkpoint cannot be copied out: {store.checkpoint_error}")
+    ready = pool.ready and store.healthy and store.checkpoint_error is None
+    return ready, reasons
 
 
 @bp.get("/readyz")

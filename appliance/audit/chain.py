@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +34,31 @@ class Checkpoint:
     ts: str
     key: str
     signature: str = ""
+    # A purge checkpoint (who cut the log there): the only kind that may start a log
+    # whose earlier records are gone. Its signature covers the mark, so an ordinary
+    # checkpoint cannot be passed off as one.
+    purged_by: str = ""
 
     def message(self) -> bytes:
-        body = {
+        body: dict[str, Any] = {
             "origin": self.origin,
             "size": self.size,
             "head": self.head,
             "ts": self.ts,
             "key": self.key,
         }
+        if self.purged_by:
+            body["purged_by"] = self.purged_by
         return CHECKPOINT_FORMAT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def signed(self, key: Ed25519PrivateKey) -> Checkpoint:
-        return Checkpoint(
-            self.origin,
-            self.size,
-            self.head,
-            self.ts,
-            self.key,
-            crypto.b64(key.sign(self.message())),
-        )
+        return replace(self, signature=crypto.b64(key.sign(self.message())))
+
+    @classmethod
+    def from_line(cls, line: str) -> Checkpoint:
+        data = json.loads(line)
+        fields = ("origin", "size", "head", "ts", "key", "signature")
+        return cls(**{k: data[k] for k in fields}, purged_by=str(data.get("purged_by", "")))
 
     def valid_under(self, key: Ed25519PublicKey) -> bool:
         try:
@@ -62,7 +67,10 @@ class Checkpoint:
             return False
 
     def line(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        body = asdict(self)
+        if not self.purged_by:
+            del body["purged_by"]
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
 def append_to_file(path: Path, checkpoint: Checkpoint) -> None:
@@ -83,12 +91,7 @@ def read_file(path: Path) -> tuple[list[Checkpoint], list[str]]:
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-            found.append(
-                Checkpoint(
-                    **{k: data[k] for k in ("origin", "size", "head", "ts", "key", "signature")}
-                )
-            )
+            found.append(Checkpoint.from_line(line))
         except (ValueError, KeyError, TypeError):
             bad.append(f"line {n}")
     return found, bad
@@ -111,6 +114,7 @@ class Report:
     checkpoints: int = 0
     external_checkpoints: int = 0
     incomplete: list[str] = field(default_factory=list)
+    purged: dict[str, Any] | None = None  # through (seq), at (time), by (who): a purge
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -296,9 +300,62 @@ def check_external(
             return
 
 
+def _check_purge(
+    report: Report,
+    meta: dict[str, str],
+    key: Ed25519PublicKey,
+    origin: str,
+    anchor_seq: int,
+    anchor_head: str,
+    external: list[Checkpoint],
+) -> None:
+    """A log that starts after record 1 must start at a signed purge checkpoint that
+    the external file holds too: anyone who can write the database can set the anchor
+    (audit_meta) and delete records, but cannot sign a purge."""
+    try:
+        cp = Checkpoint.from_line(meta.get("anchor_checkpoint", ""))
+    except (ValueError, KeyError, TypeError):
+        report.fail(
+            anchor_seq,
+            "deleted",
+            f"records 1..{anchor_seq} are gone and no signed purge checkpoint says who "
+            "cut them: a wipe, or a purge by a version before the purge checkpoint",
+        )
+        return
+    if not (cp.purged_by and cp.valid_under(key) and cp.origin == origin):
+        report.fail(
+            anchor_seq, "bad signature", "the purge checkpoint is not signed by the trusted key"
+        )
+        return
+    if (cp.size, cp.head) != (anchor_seq, anchor_head):
+        report.fail(
+            anchor_seq,
+            "deleted",
+            f"the log starts after record {anchor_seq}, but the signed purge cut it at {cp.size}",
+        )
+        return
+    if external and not any(e.signature == cp.signature for e in external):
+        report.fail(
+            anchor_seq,
+            "deleted",
+            f"the purge checkpoint at {cp.size} ({cp.ts}) is not in the external checkpoint "
+            "file: it was not made by the appliance's purge",
+        )
+        return
+    report.purged = {"through": cp.size, "at": cp.ts, "by": cp.purged_by}
+
+
 def verify(
-    db_path: Path, public_key: Ed25519PublicKey | None, checkpoint_file: Path | None
+    db_path: Path,
+    public_key: Ed25519PublicKey | None,
+    checkpoint_file: Path | None,
+    trust_database_key: bool = False,
+    without_external: bool = False,
 ) -> Report:
+    """Verify the log against a trusted public key and the external checkpoint file.
+    Without the key (the database's own would let a forger re-sign) or without the file
+    (holding this log's checkpoints: else a rollback cannot be caught) it fails, unless
+    ``trust_database_key`` or ``without_external`` says to go on, in the notes."""
     report = Report()
     if not db_path.is_file():
         return report.fail(None, "missing", f"audit database {db_path} does not exist")
@@ -313,8 +370,15 @@ def verify(
         origin = meta.get("origin", "")
         stored_pub = meta.get("signing_public_key")
         if public_key is None:
-            if stored_pub is None:
-                return report.fail(None, "bad signature", "no public key to check against")
+            if stored_pub is None or not trust_database_key:
+                return report.fail(
+                    None,
+                    "untrusted key",
+                    "no trusted public key to check the signatures against: give the "
+                    "signing key's .pub kept apart from this machine (--public-key), or "
+                    "--trust-database-key to use the key the database names (a forger who "
+                    "can write the database re-signs with their own)",
+                )
             public_key = crypto.public_from_raw(bytes.fromhex(stored_pub))
             report.notes.append(
                 "public key taken from the database itself: a re-signed forgery would pass; "
@@ -325,18 +389,13 @@ def verify(
         anchor_seq = int(meta.get("anchor_seq", "0"))
         anchor_head = meta.get("anchor_head", GENESIS)
         hashes = walk_records(db, report, anchor_seq, anchor_head)
-        if anchor_seq:
-            anchored = db.execute(
-                "SELECT origin, size, head, ts, key, signature FROM audit_checkpoints "
-                "WHERE size = ? AND head = ?",
-                (anchor_seq, anchor_head),
-            ).fetchall()
-            if not any(Checkpoint(*row).valid_under(public_key) for row in anchored):
-                report.fail(
-                    anchor_seq,
-                    "bad signature",
-                    f"the purge point {anchor_seq} is not sealed by a valid checkpoint",
-                )
+        external, bad_lines = (
+            read_file(checkpoint_file)
+            if checkpoint_file is not None and checkpoint_file.is_file()
+            else ([], [])
+        )
+        if anchor_seq or "anchor_checkpoint" in meta:
+            _check_purge(report, meta, public_key, origin, anchor_seq, anchor_head, external)
         largest = check_checkpoints(db, report, hashes, public_key, origin, anchor_seq)
         if largest > report.head_seq:
             report.fail(
@@ -345,16 +404,22 @@ def verify(
                 f"records {report.head_seq + 1}..{largest} are missing: the log ends "
                 f"at {report.head_seq}, its own checkpoints reach {largest}",
             )
-        if checkpoint_file is not None and checkpoint_file.is_file():
-            external, bad_lines = read_file(checkpoint_file)
-            if bad_lines:
-                report.notes.append(f"unreadable checkpoint lines: {', '.join(bad_lines)}")
+        if bad_lines:
+            report.notes.append(f"unreadable checkpoint lines: {', '.join(bad_lines)}")
+        if external or checkpoint_file is not None:
             check_external(report, external, hashes, public_key, origin, largest, anchor_seq)
-        elif checkpoint_file is not None:
-            report.notes.append(
-                f"checkpoint file {checkpoint_file} not found: rollback "
-                "of the whole database cannot be checked"
+        holds_mine = any(cp.origin == origin for cp in external)
+        if report.ok and not holds_mine and (report.records or report.checkpoints):
+            missing = checkpoint_file is None or not checkpoint_file.is_file()
+            message = (
+                f"the external checkpoint file {checkpoint_file} "
+                f"{'is missing' if missing else 'holds no checkpoint of this log'}: a "
+                "database replaced by an older copy, or cut short, cannot be caught without it"
             )
+            if without_external:
+                report.notes.append(message)
+            else:
+                report.fail(None, "no external checkpoints", message + " (--without-external)")
     except Exception as exc:  # a damaged file must give a failed report, never a crash
         report.fail(None, "unreadable", f"the database cannot be read as an audit log: {exc}")
     finally:

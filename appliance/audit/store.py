@@ -58,6 +58,8 @@ from appliance.config import Settings
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 512
+# New records are sealed by a signed checkpoint at most this long after they are written.
+SEAL_WITHIN_SECONDS = 2.0
 # Checkpoint the WAL (off the commit path) after about this many pages were written to
 # it: ~1 MiB, which then stays allocated and is overwritten, never grown, by commits.
 WAL_CHECKPOINT_PAGES = 256
@@ -496,6 +498,15 @@ class AuditStore:
         for p in batch:  # durable: the requests may answer now
             if p.entry is not None:
                 p.done.set()
+        if rows and checkpoint is None:
+            # Records after the last checkpoint could be rewritten unnoticed: seal them
+            # within SEAL_WITHIN_SECONDS, busy or idle (the writer may be waiting out a
+            # longer idle timeout: wake it).
+            soon = time.monotonic() + SEAL_WITHIN_SECONDS
+            if self._next_seal > soon:
+                self._next_seal = soon
+                if threading.current_thread() is not self._thread:
+                    self._queue.put([])
         if checkpoint is not None:
             self._since_checkpoint = 0
             self._next_seal = time.monotonic() + self.settings.checkpoint_seconds
@@ -597,9 +608,10 @@ class AuditStore:
 
     # -- keeping ---------------------------------------------------------------------
 
-    def purge_before(self, cutoff: str) -> int:
-        """Remove the records older than ``cutoff`` (ISO time). A signed checkpoint at
-        the cut keeps the rest verifiable. Returns the last purged sequence number."""
+    def purge_before(self, cutoff: str, by: str) -> int:
+        """Remove the records older than ``cutoff`` (ISO time). A signed *purge*
+        checkpoint at the cut, naming ``by``, keeps the rest verifiable; it goes to the
+        external file first (no copy there, no purge). Returns the last purged seq."""
         with self.engine.begin() as conn:
             conn.exec_driver_sql("PRAGMA secure_delete=ON")
             last = conn.execute(
@@ -611,12 +623,18 @@ class AuditStore:
             if last is None:
                 return 0
             seq, head = int(last[0]), str(last[1])
-            cp = self._checkpoint(_sa(conn), seq, head)
+            cut = Checkpoint(
+                self.origin, seq, head, utc_now(), self.key_fingerprint, purged_by=by
+            ).signed(self.signing_key)
+            append_to_file(self.settings.checkpoint_path, cut)
             conn.execute(records.delete().where(records.c.seq <= seq))
-            for name, value in (("anchor_seq", str(seq)), ("anchor_head", head)):
+            for name, value in (
+                ("anchor_seq", str(seq)),
+                ("anchor_head", head),
+                ("anchor_checkpoint", cut.line()),
+            ):
                 conn.exec_driver_sql(DELETE_META, (name,))
                 conn.exec_driver_sql(INSERT_META, (name, value))
-        append_to_file(self.settings.checkpoint_path, cp)
         return seq
 
     def close(self) -> None:

@@ -36,25 +36,49 @@ def audit() -> None:
     "--public-key",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Trusted checkpoint public key [default: beside the signing key].",
+    help="Trusted checkpoint public key [default: the trusted_public_key setting].",
+)
+@click.option(
+    "--trust-database-key",
+    is_flag=True,
+    help="With no public-key file, check against the key the database names (weaker: "
+    "whoever can write the database can re-sign it).",
+)
+@click.option(
+    "--without-external",
+    is_flag=True,
+    help="Go on without the external checkpoint file (a rollback then goes unseen).",
 )
 @settings_options()
 @json_option
 def audit_verify(
-    checkpoints: Path | None, public_key: Path | None, settings: Settings, as_json: bool
+    checkpoints: Path | None,
+    public_key: Path | None,
+    trust_database_key: bool,
+    without_external: bool,
+    settings: Settings,
+    as_json: bool,
 ) -> None:
     """Check every record, link and signature, and the database against the external
-    checkpoints. Needs no decryption key. Exit 0 only when all holds."""
+    checkpoints. Needs no decryption key, but a trusted public key and the external
+    checkpoint file (each can be waived, weakening the check). Exit 0 only when all
+    holds."""
     from appliance.audit import chain, crypto
 
-    key_path = public_key or settings.signing_public_key_path
+    key_path = public_key or settings.trusted_public_key_path
     trusted = None
     if public_key is not None or key_path.exists():
         try:
             trusted = crypto.load_public_key(key_path)
         except crypto.AuditKeyError as exc:
             raise click.ClickException(str(exc)) from None
-    report = chain.verify(settings.audit_db_path, trusted, checkpoints or settings.checkpoint_path)
+    report = chain.verify(
+        settings.audit_db_path,
+        trusted,
+        checkpoints or settings.checkpoint_path,
+        trust_database_key=trust_database_key,
+        without_external=without_external,
+    )
     if as_json:
         print_json(report.as_dict())
     else:
@@ -173,13 +197,14 @@ def audit_rotate_key(settings: Settings, as_json: bool) -> None:
 def audit_purge(before: str, settings: Settings, as_json: bool) -> None:
     """Remove old records; a signed checkpoint at the cut keeps the rest verifiable."""
     from appliance.audit.reader import ReadError, parse_time
+    from appliance.audit.store import local_actor
 
     try:
         cutoff = parse_time(before)
     except ReadError as exc:
         raise click.ClickException(str(exc)) from None
     with audit_store(settings) as store:
-        last = store.purge_before(cutoff)
+        last = store.purge_before(cutoff, local_actor().id or "local")
         record_action(store, "audit purge", {"before": cutoff, "purged_through": last})
     if as_json:
         print_json({"before": cutoff, "purged_through": last})
