@@ -189,6 +189,12 @@ class Settings:
         "or streaming), over all models; beyond it: 429. 0: no limit.",
         minimum=0,
     )
+    refusals_per_minute: int = _setting(
+        60,
+        "Refused unauthenticated requests recorded per minute per client address; beyond "
+        "it they get 429 and are only counted, in the address's next record. 0: no limit.",
+        minimum=0,
+    )
     rate_limit_per_minute: int = _setting(
         600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
     )

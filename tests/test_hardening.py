@@ -3,6 +3,8 @@ outside review found stay closed. Each test here failed before its fix."""
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -192,3 +194,49 @@ def test_an_external_checkpoint_that_cannot_be_written_makes_the_service_unready
     assert wait_for(unready, 15, interval=0.2)
     body = httpx.get(f"{server.url}/readyz", timeout=10).json()
     assert any("checkpoint cannot be copied out" in r for r in body["reasons"]), body
+
+
+@pytest.mark.server
+def test_an_anonymous_flood_cannot_fill_the_audit_log(
+    tmp_path: Path, model_file: Path, server_factory: ServerFactory
+) -> None:
+    """Refusals before authentication keep only the body's size and digest, and past
+    refusals_per_minute an address gets 429, counted into its next record: 60 refused
+    100 kB bodies leave a few hundred bytes each, and the count of those not recorded
+    one by one is on record."""
+    import json
+    import time
+
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, "--refusals-per-minute", "30")
+    body = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"A" * 100_000 + b'"}]}'
+    statuses = []
+    with httpx.Client(base_url=server.url, timeout=30) as anon:
+        for _ in range(60):
+            answer = anon.post(
+                "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            )
+            statuses.append(answer.status_code)
+        assert statuses.count(401) >= 25 and statuses.count(429) >= 25, statuses
+        time.sleep(2.5)  # a place in the bucket again: this one is recorded, with the count
+        assert anon.get("/v1/models").status_code == 401
+    server.stop()
+    rows = [
+        json.loads(line)
+        for line in run_cli("audit", "export", "--format", "jsonl", state=state).stdout.splitlines()
+    ]
+    refused = [r for r in rows if r["status"] == 401 and r["route"] == "/v1/chat/completions"]
+    assert len(refused) == statuses.count(401)
+    assert refused[0]["content"] == {
+        "refused": {
+            "body_bytes": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+    }
+    last = next(r for r in reversed(rows) if r["status"] == 401)
+    assert last["content"]["refused"]["refusals_not_recorded_before"] == statuses.count(429)
+    with sqlite3.connect(state / "audit" / "audit.db") as db:
+        stored = db.execute(
+            "SELECT SUM(LENGTH(ciphertext)) FROM audit_records WHERE status = 401"
+        ).fetchone()[0]
+    assert stored < 300 * len(refused)  # sizes and digests, not 100 kB bodies

@@ -10,6 +10,7 @@ cannot be written, the client gets 503 and no answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -159,6 +160,20 @@ def _request_input() -> dict[str, Any] | None:
         return {"input": text}
 
 
+def _refused_input(suppressed_before: int) -> dict[str, Any]:
+    length = request.content_length or 0
+    digest = None
+    if 0 < length <= current_app.config.get("MAX_CONTENT_LENGTH", 0):
+        try:
+            digest = hashlib.sha256(request.get_data(cache=True)).hexdigest()
+        except Exception:  # unreadable body: its size is what there is to say
+            digest = None
+    refused: dict[str, Any] = {"body_bytes": length, "body_sha256": digest}
+    if suppressed_before:
+        refused["refusals_not_recorded_before"] = suppressed_before
+    return {"refused": refused}
+
+
 def init_app(app: Flask, store: AuditStore) -> None:
     app.extensions[EXTENSION] = store
 
@@ -169,7 +184,7 @@ def init_app(app: Flask, store: AuditStore) -> None:
     @app.after_request
     def _close(response: Response) -> Response:
         ctx: RequestAudit | None = g.get("audit")
-        if ctx is None or request.path in UNAUDITED:
+        if ctx is None or request.path in UNAUDITED or g.get("audit_suppressed"):
             return response
         fields: dict[str, Any] = g.log_fields
         if ctx.ticket is not None:
@@ -204,7 +219,12 @@ def init_app(app: Flask, store: AuditStore) -> None:
             entry.content = {"output": "".join(ctx.output)} if ctx.output else None
         else:
             entry = _outcome(ctx, fields, response.status_code, "event")
-            entry.content = _request_input()
+            if g.get("refused_unknown"):
+                # Refused before anyone was known: what came, bounded (size and digest),
+                # never the body itself, which an anonymous flood would fill the disk with.
+                entry.content = _refused_input(g.get("suppressed_before", 0))
+            else:
+                entry.content = _request_input()
         # A deferred request record goes in the same commit as its outcome.
         entries = [entry] if ctx.deferred is None else [ctx.deferred, entry]
         try:

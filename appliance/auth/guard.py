@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, redirect, request
+from flask import Flask, Response, current_app, g, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance.api.errors import ApiError, error_response
@@ -94,6 +94,25 @@ class InFlight:
             return self._counts.get(key, 0)
 
 
+class Suppressed:
+    """Unauthenticated refusals past refusals_per_minute, counted per client address
+    until its next recorded refusal carries the count: a flood without a token cannot
+    fill the disk with records (each one fsync'd) and so shut out everyone."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, client: str) -> None:
+        with self._lock:
+            if len(self._counts) < 100_000 or client in self._counts:
+                self._counts[client] = self._counts.get(client, 0) + 1
+
+    def take(self, client: str) -> int:
+        with self._lock:
+            return self._counts.pop(client, 0)
+
+
 @dataclass
 class Gate:
     store: AuthStore
@@ -101,6 +120,8 @@ class Gate:
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     secure_cookies: bool
     in_flight: InFlight
+    refusals: RateLimiter
+    suppressed: Suppressed
 
 
 def get_gate(app: Flask) -> Gate:
@@ -169,6 +190,15 @@ def client_address(remote: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6
     return address
 
 
+def _drain() -> None:
+    """Read (and drop) a refused request's body, within the body limit, so that the
+    client reads the refusal on a connection that stays usable, not a reset."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH") or 0
+    if request.content_length and request.content_length <= limit:
+        while request.stream.read(1 << 16):
+            pass
+
+
 def _releasing(body: Iterable[Any], release: Callable[[], None]) -> Iterator[Any]:
     try:
         yield from body
@@ -183,6 +213,8 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         parse_networks(settings.allowed_clients),
         secure_cookies,
         InFlight(settings.max_requests_per_caller),
+        RateLimiter(settings.refusals_per_minute),
+        Suppressed(),
     )
     app.extensions[EXTENSION] = gate
 
@@ -206,6 +238,20 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if roles is PUBLIC:
             return None
         if principal is None:
+            address = request.remote_addr or ""
+            wait = gate.refusals.take(address)
+            if wait:
+                gate.suppressed.add(address)
+                g.audit_suppressed = True  # counted, not recorded (see Suppressed)
+                _drain()
+                return refusal(
+                    429,
+                    f"too many refused requests from {address}; retry in {wait} s",
+                    "refusals_rate_limited",
+                    Retry_After=str(wait),
+                )
+            g.suppressed_before = gate.suppressed.take(address)
+            g.refused_unknown = True  # its record keeps the body's size and digest only
             if is_browser_route(endpoint):
                 g.log_fields["error_type"] = why
                 expired = "?expired=1" if why == "session_idle_timeout" else ""
