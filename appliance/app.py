@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from appliance import __version__, reqlog, serving, web
+from appliance import __version__, deadline, reqlog, serving, web
 from appliance.api import admin, errors, health, kserve, metrics, openai, openapi
 from appliance.audit import trail
 from appliance.audit.records import Entry
@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> Flask:
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+    deadline.init_app(app, settings.client_timeout)
     store.append(
         Entry(
             kind="admin",

@@ -94,6 +94,18 @@ class Settings:
     http_threads: int = _setting(
         32, "Threads serving HTTP connections (each stream holds one).", minimum=1
     )
+    client_timeout: int = _setting(
+        30,
+        "Seconds a client may take to send a request's headers, or its body, and may leave "
+        "a read or a write of its connection waiting (a stream it stopped reading); then "
+        "it is cut off and its slot freed.",
+        minimum=1,
+    )
+    max_connections_per_client: int = _setting(
+        64,
+        "Open connections one client address may hold; more are closed as they come.",
+        minimum=1,
+    )
     shutdown_grace: int = _setting(
         30, "Seconds in-flight requests get to finish on SIGTERM.", minimum=0
     )

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
 import select
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +34,11 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.sock import create_sockets
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers import gthread
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from appliance import systemd
+from appliance import deadline, systemd
+from appliance.auth.guard import client_address, parse_networks
 from appliance.config import Settings
 from appliance.reqlog import JsonFormatter, setup_logging
 from appliance.serving import get_pool
@@ -95,6 +101,9 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+SEND_BUFFER = 64 * 1024
+
+
 class LingeringWorker(ThreadWorker):  # type: ignore[misc]
     """gthread, except that a kept-alive connection whose next request arrives within
     LINGER_MS is served again by the thread that answered it. gthread hands every
@@ -114,12 +123,95 @@ class LingeringWorker(ThreadWorker):  # type: ignore[misc]
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._loop_at = time.monotonic()
+        settings: Settings = self.app.settings
+        self.client_timeout = settings.client_timeout
+        self.per_client_limit = settings.max_connections_per_client
+        self.networks = parse_networks(settings.allowed_clients)
+        self._per_client: dict[str, int] = {}
+        # Connections whose request headers are being read: when they must be in, and
+        # from where. One address may have a quarter of the threads reading at once
+        # (headers come in one packet from anyone but a trickler), so that a few slow
+        # senders cannot hold every thread.
+        self._headers_due: dict[Any, tuple[float, str]] = {}
+        self._reading: dict[str, int] = {}
+        self.reading_per_client = max(1, settings.http_threads // 4)
+        # Re-entrant: a connection's finalizer (_closed) can run wherever its last
+        # reference drops, inside this lock too.
+        self._clients_lock = threading.RLock()
 
     def notify(self) -> None:
         """Each turn of the main loop (every second at most, idle or not): what the
-        arbiter's timeout watched, now the watchdog's."""
-        self._loop_at = time.monotonic()
+        arbiter's timeout watched, now the watchdog's; and slow headers and bodies cut
+        off."""
+        self._loop_at = now = time.monotonic()
+        with self._clients_lock:
+            late = [conn for conn, (due, _) in self._headers_due.items() if due < now]
+        for conn in late:  # the thread blocked reading them gets end-of-file
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        app = getattr(self, "wsgi", None)
+        if app is not None:  # and bodies that do not come in time
+            app.extensions[deadline.EXTENSION].expire(now)
         super().notify()
+
+    def accept(self, listener: Any) -> None:
+        """gthread's accept, plus what is decided before a byte is read: the client's
+        address against allowed_clients, its number of open connections, and socket
+        timeouts, so that a client that stops sending or reading is cut off."""
+        try:
+            sock, address = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        host = str(address[0]) if isinstance(address, tuple) else ""
+        ip = client_address(host)
+        if self.networks and (ip is None or not any(ip in net for net in self.networks)):
+            sock.close()  # not allowed: never parsed, never a thread
+            return
+        with self._clients_lock:
+            open_now = self._per_client.get(host, 0)
+            if open_now >= self.per_client_limit:
+                sock.close()
+                return
+            self._per_client[host] = open_now + 1
+        sock.setblocking(True)
+        timeout = struct.pack("ll", self.client_timeout, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        # A bounded send buffer: a stream its client stopped reading fills it in
+        # moments, and SO_SNDTIMEO then cuts it off (its slot freed).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.nr_conns += 1
+        conn = TConn(self.cfg, sock, address, listener.getsockname())
+        weakref.finalize(conn, self._closed, host)
+        self.enqueue_req(conn)
+
+    def _closed(self, host: str) -> None:
+        with self._clients_lock:
+            left = self._per_client.get(host, 1) - 1
+            if left > 0:
+                self._per_client[host] = left
+            else:
+                self._per_client.pop(host, None)
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        self._headers_in(conn)
+        return super().handle_request(req, conn)
+
+    def _headers_in(self, conn: Any) -> bool:
+        """The connection is no longer reading a request's headers; True if it was."""
+        with self._clients_lock:
+            reading = self._headers_due.pop(conn, None)
+            if reading is None:
+                return False
+            host = reading[1]
+            left = self._reading[host] - 1
+            if left:
+                self._reading[host] = left
+            else:
+                del self._reading[host]
+            return True
 
     def stalled(self, limit: float) -> str | None:
         quiet = time.monotonic() - self._loop_at
@@ -131,16 +223,39 @@ class LingeringWorker(ThreadWorker):  # type: ignore[misc]
     def handle(self, conn: Any) -> Any:
         with self._busy_lock:
             self._busy += 1
+        keep: Any = False
         try:
-            keep = super().handle(conn)
+            keep = self._handle_one(conn)
             for _ in range(self.LINGER_REQUESTS):
                 if keep is not True or not self.alive or not self._next_request_soon(conn):
                     break
-                keep = super().handle(conn)
+                keep = self._handle_one(conn)
             return keep
         finally:
+            if self._headers_in(conn) and keep is False:
+                # A request that never came in whole (cut off, broken): no answer is
+                # owed, so no graceful close either, which would hold the main thread
+                # up to 2 s waiting on this client.
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
             with self._busy_lock:
                 self._busy -= 1
+
+    def _handle_one(self, conn: Any) -> Any:
+        # A new connection with nothing to read yet goes back to the poller at once
+        # (gthread would hold a thread up to 5 s waiting): silent sockets hold none.
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0.01):
+            return gthread._DEFER
+        host = str(conn.client[0]) if isinstance(conn.client, tuple) else ""
+        with self._clients_lock:  # a request's headers must be in within client_timeout
+            if self._reading.get(host, 0) >= self.reading_per_client:
+                # This address has its share of threads reading headers: closed, at once.
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                return False
+            self._reading[host] = self._reading.get(host, 0) + 1
+            self._headers_due[conn] = (time.monotonic() + self.client_timeout, host)
+        return super().handle(conn)
 
     def _next_request_soon(self, conn: Any) -> bool:
         if conn.is_http2:
@@ -173,6 +288,9 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             "threads": s.http_threads,
             "graceful_timeout": s.shutdown_grace,
             "keepalive": 5,
+            # Past this many open connections accept pauses: far more than one client
+            # address may hold (max_connections_per_client), so a few cannot stop it.
+            "worker_connections": 4096,
             "accesslog": None,
             "errorlog": "-",
             "loglevel": s.log_level,

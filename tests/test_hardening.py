@@ -3,9 +3,13 @@ outside review found stay closed. Each test here failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +21,7 @@ from helpers import (
     ServerFactory,
     admin_token,
     make_state,
+    model_state,
     open_stream,
     run_cli,
     wait_for,
@@ -240,3 +245,123 @@ def test_an_anonymous_flood_cannot_fill_the_audit_log(
             "SELECT SUM(LENGTH(ciphertext)) FROM audit_records WHERE status = 401"
         ).fetchone()[0]
     assert stored < 300 * len(refused)  # sizes and digests, not 100 kB bodies
+
+
+def _connect(port: int, source: str, receive_buffer: int | None = None) -> socket.socket:
+    """A TCP connection to the server from a loopback address of its own (127.0.0.0/8):
+    a client other than the one the test checks with."""
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@pytest.mark.server
+def test_slow_and_idle_clients_do_not_stall_the_server(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """http_threads + 1 connections trickling their headers, a stream whose client
+    stopped reading, and 1,000 idle sockets: /healthz and a chat request still answer
+    within 2 s, and the unread stream is cut off and its slot freed."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, "--http-threads", "4", "--client-timeout", "3")
+    stop = threading.Event()
+    tricklers = [_connect(server.port, "127.0.0.3") for _ in range(5)]
+    for sock in tricklers:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\n")
+
+    def trickle() -> None:
+        for _ in range(60):  # bounded: 30 s at most
+            if stop.wait(0.5):
+                return
+            for sock in tricklers:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")
+
+    dripping = threading.Thread(target=trickle, daemon=True)
+    dripping.start()
+    body = json.dumps(
+        {
+            "model": model_name,
+            "stream": True,
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell a very long story."}],
+        }
+    ).encode()
+    deaf = _connect(server.port, "127.0.0.4", receive_buffer=4096)
+    deaf.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            try:
+                idle.append(_connect(server.port, "127.0.0.2"))
+            except OSError:  # the server closed the backlog's overflow: that is its right
+                break
+        assert wait_for(lambda: model_state(server.url, model_name)["running"] == 1, 10)
+        started = time.monotonic()
+        assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+        answer = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers=server.auth,
+            json={
+                "model": model_name,
+                "max_tokens": 2,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+            timeout=2,
+        )
+        assert answer.status_code == 200 and time.monotonic() - started < 4
+        # The stream nobody reads fills the buffers, then is cut off: its slot frees.
+        assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 40)
+    finally:
+        stop.set()
+        for sock in [*tricklers, *idle, deaf]:
+            sock.close()
+
+
+@pytest.mark.server
+def test_a_trickled_body_is_cut_off(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """Each byte inside the socket's own timeout, the whole body not within
+    client_timeout: the connection is cut (its thread freed), and the server answers."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, "--client-timeout", "2", "--http-threads", "2")
+    slow = [_connect(server.port, f"127.0.0.{5 + i}") for i in range(2)]  # every thread
+    for sock in slow:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Authorization: Bearer {server.token}\r\nContent-Length: 1000\r\n\r\n".encode()
+        )
+    started, cut = time.monotonic(), [False, False]
+    try:
+        for _ in range(20):  # 10 s at most
+            for i, sock in enumerate(slow):
+                try:
+                    sock.sendall(b" ")
+                    sock.setblocking(False)
+                    cut[i] = cut[i] or sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    cut[i] = True
+                finally:
+                    sock.setblocking(True)
+            if all(cut):
+                break
+            time.sleep(0.5)
+        assert all(cut), "still connected after 10 s"
+        assert time.monotonic() - started < 2 + 3  # client_timeout, and a turn of the loop
+        assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
