@@ -102,7 +102,7 @@ def check_log(state: Path, answered: list[str]) -> dict[str, Any]:
     verified = run_cli("audit", "verify", "--json", state=state)
     report: dict[str, Any] = json.loads(verified.stdout)
     exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    ids = {json.loads(line)["request_id"] for line in exported.stdout.splitlines()}
+    ids = {json.loads(line)["request_id"] for line in exported.stdout.split("\n") if line}
     missing = [rid for rid in answered if rid not in ids]
     return {"ok": report["ok"] and not missing, "report": report, "missing": missing}
 
@@ -120,3 +120,70 @@ def crash_loop(state: Path, model: str, cycles: int, seed: int = 7) -> list[dict
         if not checked["ok"]:
             break
     return results
+
+
+# -- fuzzing from /openapi.json ---------------------------------------------------------
+
+
+def from_schema(schema: dict[str, Any], components: dict[str, Any]) -> Any:
+    """A hypothesis strategy for values of a JSON schema (the subset pydantic writes:
+    $ref, anyOf, enum, const, object, array, string, integer, number, boolean, null),
+    now and then off the schema: any JSON value instead, a required field dropped, an
+    unknown one added. The server must answer all of it without a 5xx."""
+    from hypothesis import strategies as st
+
+    anything = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=8,
+    )
+
+    def build(node: dict[str, Any], depth: int) -> Any:
+        if "$ref" in node:
+            return build(components[node["$ref"].rsplit("/", 1)[-1]], depth + 1)
+        if depth > 6:
+            return anything
+        if "anyOf" in node:
+            return st.one_of([build(option, depth + 1) for option in node["anyOf"]])
+        if "enum" in node:
+            return st.sampled_from(node["enum"])
+        if "const" in node:
+            return st.just(node["const"])
+        kind = node.get("type")
+        if kind == "object" or "properties" in node:
+            props = node.get("properties", {})
+            required = [k for k in node.get("required", []) if k in props]
+            optional = [k for k in props if k not in required]
+            fixed = {k: build(props[k], depth + 1) for k in required}
+            extra = {k: build(props[k], depth + 1) for k in optional}
+            return st.fixed_dictionaries(fixed, optional=extra)
+        if kind == "array":
+            items = node.get("items", {})
+            return st.lists(build(items, depth + 1) if items else anything, max_size=5)
+        if kind == "string":
+            return st.text(max_size=min(node.get("maxLength", 60), 300))
+        if kind == "integer":
+            low, high = node.get("minimum", -(2**40)), node.get("maximum", 2**40)
+            return st.integers(min_value=low, max_value=high) | st.integers()
+        if kind == "number":
+            return st.floats(allow_nan=False) | st.floats()
+        if kind == "boolean":
+            return st.booleans()
+        if kind == "null":
+            return st.none()
+        return anything
+
+    valid = build(schema, 0)
+    broken = valid.flatmap(
+        lambda v: st.one_of(
+            st.just(v),
+            anything,
+            st.just({k: x for k, x in v.items() if k != next(iter(v), None)})
+            if isinstance(v, dict)
+            else st.just(v),
+            st.just({**v, "surprise": 1}) if isinstance(v, dict) else st.just(v),
+        )
+    )
+    return st.one_of(valid, valid, broken)
