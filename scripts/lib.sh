@@ -73,6 +73,16 @@ ensure_qemu() {
     fi
 }
 
+# tests/test_campaign.py runs the server in a network namespace of its own under
+# strace, to see that it reaches for nothing but loopback (as root, like CI).
+ensure_egress_tools() {
+    if [ "$(id -u)" != 0 ] || { command -v strace >/dev/null && command -v ip >/dev/null; }; then
+        return  # not root: the test skips itself, saying so
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace iproute2
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv

@@ -156,11 +156,17 @@ def admin_token(state: Path) -> str:
 
 
 def start_server(
-    state: Path, *flags: str, env: dict[str, str] | None = None, ca: Path | None = None
+    state: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    ca: Path | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> Server:
+    """The real server on a free port; ``prefix``: a command to run it under (strace)."""
     port = free_port()
     token = admin_token(state)
     cmd = [
+        *prefix,
         sys.executable,
         "-m",
         "appliance",

@@ -4,7 +4,13 @@ bench/soak.py run the long forms."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from campaign import crash_loop, from_schema
-from helpers import ServerFactory, make_state, run_cli
+from helpers import REPO, ServerFactory, make_state, run_cli
 
 pytestmark = pytest.mark.server
 
@@ -109,3 +115,65 @@ def test_fuzzing_every_route_of_the_openapi_document(
     assert not missing, missing[:5]
     verified = run_cli("audit", "verify", "--json", state=state)
     assert json.loads(verified.stdout)["ok"], verified.stdout[-2000:]
+
+
+ADDRESS = re.compile(
+    r'sa_family=AF_INET6?,[^}]*?(?:inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)")'
+)
+
+
+def outbound(trace: str) -> list[str]:
+    """The calls in an strace record that reach for an address off this machine."""
+    found = []
+    for line in trace.splitlines():
+        if re.search(r"\b(connect|sendto|sendmsg)\(", line):
+            for v4, v6 in ADDRESS.findall(line):
+                if not ipaddress.ip_address(v4 or v6).is_loopback:
+                    found.append(line.strip())
+    return found
+
+
+def test_outbound_is_what_it_looks_for() -> None:
+    seen = (
+        "12 connect(7, {sa_family=AF_INET, sin_port=htons(443), "
+        'sin_addr=inet_addr("10.1.2.3")}, 16) = -1 ENETUNREACH\n'
+        "12 connect(8, {sa_family=AF_INET, sin_port=htons(80), "
+        'sin_addr=inet_addr("127.0.0.1")}, 16) = 0\n'
+        '13 sendto(9, "x", 1, 0, {sa_family=AF_INET6, sin6_port=htons(53), '
+        'inet_pton(AF_INET6, "2001:db8::1", &sin6_addr)}, 28) = -1\n'
+    )
+    assert len(outbound(seen)) == 2
+
+
+def test_no_network_use_but_loopback(tmp_path: Path, model_file: Path, model_name: str) -> None:
+    """In a network namespace with only loopback, under strace: a chat, a stream, a
+    tensor inference, the pages and the audit check make no connect, sendto or sendmsg
+    to any address off the machine (model fetches are the only network use, and only
+    when IT runs them)."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace of its own needs root (CI runs as root)")
+    for tool in ("unshare", "ip", "strace"):
+        assert shutil.which(tool), f"{tool} is missing (scripts/test installs it)"
+    state = make_state(tmp_path / "state", model_file)
+    trace = tmp_path / "trace"
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" "$@"',
+            sys.executable,
+            str(REPO / "tests" / "egress_probe.py"),
+            str(state),
+            str(trace),
+            model_name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, (probe.stdout + probe.stderr)[-3000:]
+    record = trace.read_text()
+    assert re.search(r'bind\(\d+, \{sa_family=AF_INET, .*inet_addr\("127.0.0.1"\)', record)
+    assert outbound(record) == []
