@@ -3,6 +3,8 @@ rotation, concurrency, checkpoints, backup, the schema's migrations."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import sqlite3
 import subprocess
@@ -17,7 +19,7 @@ from alembic.migration import MigrationContext
 
 from appliance.audit import chain, crypto
 from appliance.audit.reader import backup, records
-from appliance.audit.records import Entry
+from appliance.audit.records import Entry, content_bytes
 from appliance.audit.schema import metadata
 from appliance.audit.store import AuditStore
 from appliance.config import Settings, load_settings
@@ -75,8 +77,14 @@ def test_no_plaintext_at_rest_under_any_policy(tmp_path: Path, policy: str) -> N
         assert request["content"]["input"]["messages"][0]["content"] == SECRET_IN
         assert request["key_id"]
     elif policy == "digest":
-        assert set(request["content"]) == {"sha256"} and len(request["content"]["sha256"]) == 64
-        assert not settings.master_key_path.exists()  # no key is needed, none is made
+        # Keyed (HMAC under a key derived from the master key): the log cannot confirm a
+        # guessed prompt to whoever lacks the key, as a bare SHA-256 would.
+        assert set(request["content"]) == {"hmac_sha256"}
+        master = crypto.load_master_key(settings.master_key_path, create=False)
+        key = hmac.new(master, b"appliance-audit-digest-v1", "sha256").digest()
+        plain = content_bytes({"input": {"messages": [{"role": "user", "content": SECRET_IN}]}})
+        assert request["content"]["hmac_sha256"] == hmac.new(key, plain, "sha256").hexdigest()
+        assert request["content"]["hmac_sha256"] != hashlib.sha256(plain).hexdigest()
     else:
         assert request["content"] is None and request["content_digest"] is None
 

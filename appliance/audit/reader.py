@@ -37,7 +37,11 @@ def parse_time(text: str) -> str:
 
 def _content(store: AuditStore, conn: Any, row: dict[str, Any]) -> Any:
     if row["ciphertext"] is None:
-        return None if row["content_digest"] is None else {"sha256": row["content_digest"]}
+        digest = row["content_digest"]
+        if digest is None:
+            return None
+        keyed, _, mac = digest.partition("hmac-sha256:")
+        return {"hmac_sha256": mac} if not keyed and mac else {"sha256": digest}
     key = store.data_key(conn, row["key_id"])
     plain = crypto.open_sealed(
         key, row["nonce"], row["ciphertext"], aad(row["seq"], row["ts"], row["key_id"])
