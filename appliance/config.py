@@ -116,7 +116,7 @@ class Settings:
     audit_content: str = _setting(
         "full",
         "What the audit keeps of prompts and answers: full (encrypted), digest "
-        "(SHA-256 only) or none.",
+        "(a keyed HMAC-SHA256 only) or none.",
         choices=("full", "digest", "none"),
     )
     master_key_file: Path | None = _setting(
