@@ -14,7 +14,13 @@ import psutil
 from appliance.audit import chain, crypto
 from appliance.config import Settings
 from appliance.engines.kernels import AMX_FLAGS, cpu_flags
-from appliance.registry import Manifest, ManifestError, load_manifests, verify_model
+from appliance.registry import (
+    HashCache,
+    Manifest,
+    ManifestError,
+    load_manifests,
+    verify_model,
+)
 from appliance.resources import MIB, footprint
 from appliance.tls import tls_enabled
 
@@ -78,14 +84,16 @@ def _kernels(settings: Settings, manifests: list[Manifest], selftest: bool) -> l
     return checks
 
 
-def _models_and_memory(settings: Settings, selftest: bool) -> list[Check]:
+def _models_and_memory(settings: Settings, selftest: bool, quick: bool) -> list[Check]:
     try:
         manifests = load_manifests(settings)
     except ManifestError as exc:
         return [Check("models", "fail", str(exc))]
     checks, need, language = [], 0, []
+    # quick: an unchanged file (path, inode, size, times) keeps its cached hash.
+    cache = HashCache(settings.cache_path / "sha256.json") if quick else None
     for manifest in manifests.values():
-        result = verify_model(manifest, settings.models_path)
+        result = verify_model(manifest, settings.models_path, cache)
         if result.ok:
             need += footprint(manifest, settings.models_path / manifest.file, settings)
             if manifest.format == "gguf":
@@ -175,7 +183,14 @@ def _certificate(settings: Settings) -> Check:
     )
 
 
-def _audit(settings: Settings) -> Check:
+def _audit(settings: Settings, quick: bool) -> Check:
+    if quick:
+        return Check(
+            "audit chain",
+            "ok",
+            "not walked on every view of this page: GET /audit/verify or "
+            "`appliance audit verify` walks the whole log",
+        )
     if not settings.audit_db_path.exists():
         return Check("audit chain", "ok", "no audit log yet (made on first start)")
     pub = settings.trusted_public_key_path
@@ -195,17 +210,19 @@ def _audit(settings: Settings) -> Check:
     )
 
 
-def examine(settings: Settings, selftest: bool = False) -> list[Check]:
+def examine(settings: Settings, selftest: bool = False, quick: bool = False) -> list[Check]:
     """Every check; ``selftest`` also decodes with each language model in a child process
-    (the CLI does; the status page shows what the server's own self-test saw)."""
+    (the CLI does; the status page shows what the server's own self-test saw). ``quick``
+    (the status page, which IT may reload at will): model files by their cached hashes,
+    and the audit chain not walked."""
     return [
         *_cpu(),
-        *_models_and_memory(settings, selftest),
+        *_models_and_memory(settings, selftest, quick),
         _disk(settings),
         _gpu(),
         *_keys(settings),
         _certificate(settings),
-        _audit(settings),
+        _audit(settings, quick),
     ]
 
 

@@ -162,7 +162,9 @@ def test_appended_row_that_does_not_link(log: Settings) -> None:
     assert_caught(verify(log), N + 1, "inserted")
 
 
-def test_reordered_rows(log: Settings) -> None:
+@pytest.mark.parametrize("batch", [1000, 6, 5])  # verify reads in batches: across them too
+def test_reordered_rows(log: Settings, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain, "WALK_BATCH", batch)
     with db(log) as conn:
         conn.execute("UPDATE audit_records SET seq = -1 WHERE seq = 6")
         conn.execute("UPDATE audit_records SET seq = 6 WHERE seq = 7")

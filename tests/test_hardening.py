@@ -365,3 +365,22 @@ def test_a_trickled_body_is_cut_off(
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_the_status_page_neither_rehashes_models_nor_walks_the_log(
+    app: Flask, app_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IT may reload /status at will: with the models' files unchanged, no file is hashed
+    and the audit chain is not walked (a spy on each, for the fault they guard)."""
+    from appliance import registry
+    from appliance.audit import chain
+
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {app_token}"
+    assert client.get("/status").status_code == 200  # the cache holds every file now
+    calls: list[str] = []
+    monkeypatch.setattr(registry, "hash_file", lambda *a, **k: calls.append("hash") or "")
+    monkeypatch.setattr(chain, "verify", lambda *a, **k: calls.append("walk"))
+    page = client.get("/status")
+    assert page.status_code == 200 and calls == []
+    assert "GET /audit/verify" in page.get_data(as_text=True)

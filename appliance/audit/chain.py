@@ -24,6 +24,7 @@ from appliance.audit import crypto
 from appliance.audit.records import FIELDS, GENESIS, record_hash
 
 CHECKPOINT_FORMAT = b"appliance-audit-checkpoint-v1\n"
+WALK_BATCH = 2000  # records read at a time by verify
 
 
 @dataclass(frozen=True)
@@ -162,48 +163,64 @@ def _classify_bad_row(rows: list[tuple[Any, ...]], i: int) -> tuple[str, int, st
 
 
 def walk_records(
-    db: sqlite3.Connection, report: Report, anchor_seq: int, anchor_head: str
+    db: sqlite3.Connection,
+    report: Report,
+    anchor_seq: int,
+    anchor_head: str,
+    wanted: set[int] | None = None,
 ) -> dict[int, str]:
-    """Check every record's hash and link. Returns seq -> hash for checkpoint checks."""
+    """Check every record's hash and link, reading them in order a batch at a time (a
+    log of millions of records is never all in memory). Returns seq -> hash for the
+    sequence numbers in ``wanted`` (the checkpoints' sizes; all when None)."""
     columns = ", ".join((*FIELDS, "hash"))
-    rows = db.execute(f"SELECT {columns} FROM audit_records ORDER BY seq").fetchall()
+    cursor = db.execute(f"SELECT {columns} FROM audit_records ORDER BY seq")
     hashes: dict[int, str] = {}
     expected, prev = anchor_seq + 1, anchor_head
     request_ids: dict[str, bool] = {}
     kind_at = FIELDS.index("kind")
     rid_at = FIELDS.index("request_id")
-    for i, row in enumerate(rows):
-        seq, stored, link = row[0], row[-1], row[FIELDS.index("prev_hash")]
-        if not isinstance(seq, int):
-            report.fail(expected, "modified", f"record {expected} has sequence number {seq!r}")
-            return hashes
-        if seq < expected:
-            report.fail(seq, "inserted", f"record {seq} lies before the start of the log")
-            return hashes
-        if seq > expected:
-            report.fail(
-                expected, "deleted", f"record {expected} is missing (the next record is {seq})"
-            )
-            return hashes
-        if record_hash(row[:-1]) != stored:
-            kind, at, detail = _classify_bad_row(rows, i)
-            report.fail(at, kind, detail)
-            return hashes
-        if link != prev:
-            report.fail(
-                seq,
-                "inserted",
-                f"record {seq} does not link to record {seq - 1}: it was put in after the fact",
-            )
-            return hashes
-        hashes[seq] = stored
-        if row[kind_at] == "request":
-            request_ids[row[rid_at]] = False
-        elif row[kind_at] == "outcome" and row[rid_at] in request_ids:
-            request_ids[row[rid_at]] = True
-        expected, prev = seq + 1, stored
-    report.records = len(rows)
-    report.first_seq = rows[0][0] if rows else None
+    link_at = FIELDS.index("prev_hash")
+    count, first = 0, None
+    window: list[tuple[Any, ...]] = cursor.fetchmany(WALK_BATCH)
+    while window:
+        ahead = cursor.fetchmany(WALK_BATCH)
+        rows = window + ahead[:1]  # one row of look-ahead, for telling a swap
+        for i, row in enumerate(window):
+            seq, stored, link = row[0], row[-1], row[link_at]
+            if not isinstance(seq, int):
+                report.fail(expected, "modified", f"record {expected} has sequence number {seq!r}")
+                return hashes
+            if seq < expected:
+                report.fail(seq, "inserted", f"record {seq} lies before the start of the log")
+                return hashes
+            if seq > expected:
+                report.fail(
+                    expected, "deleted", f"record {expected} is missing (the next record is {seq})"
+                )
+                return hashes
+            if record_hash(row[:-1]) != stored:
+                kind, at, detail = _classify_bad_row(rows, i)
+                report.fail(at, kind, detail)
+                return hashes
+            if link != prev:
+                report.fail(
+                    seq,
+                    "inserted",
+                    f"record {seq} does not link to record {seq - 1}: it was put in after the fact",
+                )
+                return hashes
+            if wanted is None or seq in wanted:
+                hashes[seq] = stored
+            if row[kind_at] == "request":
+                request_ids[row[rid_at]] = False
+            elif row[kind_at] == "outcome" and row[rid_at] in request_ids:
+                del request_ids[row[rid_at]]  # complete: nothing more to remember of it
+            first = seq if first is None else first
+            count += 1
+            expected, prev = seq + 1, stored
+        window = ahead
+    report.records = count
+    report.first_seq = first
     report.head_seq, report.head_hash = expected - 1, prev
     report.incomplete = [rid for rid, done in request_ids.items() if not done]
     return hashes
@@ -388,12 +405,14 @@ def verify(
             report.notes.append("the database names another signing key than the trusted one")
         anchor_seq = int(meta.get("anchor_seq", "0"))
         anchor_head = meta.get("anchor_head", GENESIS)
-        hashes = walk_records(db, report, anchor_seq, anchor_head)
         external, bad_lines = (
             read_file(checkpoint_file)
             if checkpoint_file is not None and checkpoint_file.is_file()
             else ([], [])
         )
+        sealed = {size for (size,) in db.execute("SELECT size FROM audit_checkpoints")}
+        wanted = sealed | {cp.size for cp in external}
+        hashes = walk_records(db, report, anchor_seq, anchor_head, wanted)
         if anchor_seq or "anchor_checkpoint" in meta:
             _check_purge(report, meta, public_key, origin, anchor_seq, anchor_head, external)
         largest = check_checkpoints(db, report, hashes, public_key, origin, anchor_seq)
