@@ -201,6 +201,12 @@ class Settings:
         "or streaming), over all models; beyond it: 429. 0: no limit.",
         minimum=0,
     )
+    audit_reserve_mb: int = _setting(
+        256,
+        "Free disk (MiB) at the audit log kept for the records of known callers: below it, "
+        "refusals of unknown callers are counted, not recorded one by one.",
+        minimum=0,
+    )
     refusals_per_minute: int = _setting(
         60,
         "Refused unauthenticated requests recorded per minute per client address; beyond "

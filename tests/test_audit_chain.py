@@ -227,6 +227,13 @@ def test_purge_keeps_the_rest_verifiable(log: Settings) -> None:
         cut_ts = row(conn, 11)["ts"]
     store = AuditStore(log)
     try:
+        preview = store.purge_preview(str(cut_ts))  # what would go, before it goes
+        assert (preview["records"], preview["through"], preview["by_kind"]) == (
+            10,
+            10,
+            {"event": 10},
+        )
+        assert preview["unknown_refusals"] == 0 and verify(log).records == N
         assert store.purge_before(str(cut_ts), "os:it-admin") == 10
         store.append(Entry(kind="event", request_id="after", status=200))
     finally:

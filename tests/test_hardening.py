@@ -384,3 +384,24 @@ def test_the_status_page_neither_rehashes_models_nor_walks_the_log(
     page = client.get("/status")
     assert page.status_code == 200 and calls == []
     assert "GET /audit/verify" in page.get_data(as_text=True)
+
+
+@pytest.mark.server
+def test_below_the_audit_reserve_unknown_callers_are_counted_not_recorded(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """The disk under the audit log short of audit_reserve_mb (here: more than any
+    disk has): refusals of unknown callers still get their 401 but are not recorded one
+    by one, while a known caller's request is recorded as ever."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, "--audit-reserve-mb", str(1 << 30))
+    with httpx.Client(base_url=server.url, timeout=30) as anon:
+        refused = [anon.get("/v1/models").status_code for _ in range(10)]
+    assert refused == [401] * 10
+    known = server.http.get("/v1/models")
+    assert known.status_code == 200
+    server.stop()
+    exported = run_cli("audit", "export", "--format", "jsonl", state=state).stdout
+    rows = [json.loads(line) for line in exported.split("\n") if line]
+    assert not [r for r in rows if r["status"] == 401]
+    assert any(r["request_id"] == known.headers["X-Request-Id"] for r in rows)

@@ -618,6 +618,24 @@ class AuditStore:
 
     # -- keeping ---------------------------------------------------------------------
 
+    def purge_preview(self, cutoff: str) -> dict[str, Any]:
+        """What purge_before(cutoff) would remove, so that IT sees what goes before it
+        goes: counts by kind, the refusals of unknown callers among them, the newest."""
+        with self.reader.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT kind, COUNT(*), MAX(seq), MAX(ts), "
+                "SUM(actor_role IS NULL AND status IN (401, 403, 429)) "
+                "FROM audit_records WHERE ts < ? GROUP BY kind",
+                (cutoff,),
+            ).all()
+        return {
+            "records": sum(int(r[1]) for r in rows),
+            "through": max((int(r[2]) for r in rows), default=0),
+            "newest": max((str(r[3]) for r in rows), default=None),
+            "by_kind": {str(r[0]): int(r[1]) for r in rows},
+            "unknown_refusals": sum(int(r[4] or 0) for r in rows),
+        }
+
     def purge_before(self, cutoff: str, by: str) -> int:
         """Remove the records older than ``cutoff`` (ISO time). A signed *purge*
         checkpoint at the cut, naming ``by``, keeps the rest verifiable; it goes to the

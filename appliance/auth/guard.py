@@ -12,10 +12,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, current_app, g, redirect, request
@@ -122,6 +124,14 @@ class Gate:
     in_flight: InFlight
     refusals: RateLimiter
     suppressed: Suppressed
+    audit_dir: Path
+    reserve_bytes: int
+
+    def below_reserve(self) -> bool:
+        try:
+            return shutil.disk_usage(self.audit_dir).free < self.reserve_bytes
+        except OSError:
+            return False  # no audit directory to measure: the store says what is wrong
 
 
 def get_gate(app: Flask) -> Gate:
@@ -215,6 +225,8 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         InFlight(settings.max_requests_per_caller),
         RateLimiter(settings.refusals_per_minute),
         Suppressed(),
+        settings.audit_db_path.parent,
+        settings.audit_reserve_mb << 20,
     )
     app.extensions[EXTENSION] = gate
 
@@ -240,7 +252,12 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if principal is None:
             address = request.remote_addr or ""
             wait = gate.refusals.take(address)
-            if wait:
+            if not wait and gate.below_reserve():
+                # The disk left is for known callers' records: refused as ever, counted.
+                gate.suppressed.add(address)
+                g.audit_suppressed = True
+                _drain()
+            elif wait:
                 gate.suppressed.add(address)
                 g.audit_suppressed = True  # counted, not recorded (see Suppressed)
                 _drain()
@@ -250,8 +267,9 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
                     "refusals_rate_limited",
                     Retry_After=str(wait),
                 )
-            g.suppressed_before = gate.suppressed.take(address)
-            g.refused_unknown = True  # its record keeps the body's size and digest only
+            else:
+                g.suppressed_before = gate.suppressed.take(address)
+                g.refused_unknown = True  # its record keeps the body's size and digest only
             if is_browser_route(endpoint):
                 g.log_fields["error_type"] = why
                 expired = "?expired=1" if why == "session_idle_timeout" else ""

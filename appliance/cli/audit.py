@@ -192,9 +192,15 @@ def audit_rotate_key(settings: Settings, as_json: bool) -> None:
 
 @audit.command("purge")
 @click.option("--before", required=True, help="Remove records older than this ISO date/time.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what would go (records by kind, refusals of unknown callers, the newest "
+    "time cut) and remove nothing.",
+)
 @settings_options()
 @json_option
-def audit_purge(before: str, settings: Settings, as_json: bool) -> None:
+def audit_purge(before: str, dry_run: bool, settings: Settings, as_json: bool) -> None:
     """Remove old records; a signed checkpoint at the cut keeps the rest verifiable."""
     from appliance.audit.reader import ReadError, parse_time
     from appliance.audit.store import local_actor
@@ -204,6 +210,17 @@ def audit_purge(before: str, settings: Settings, as_json: bool) -> None:
     except ReadError as exc:
         raise click.ClickException(str(exc)) from None
     with audit_store(settings) as store:
+        if dry_run:
+            preview = store.purge_preview(cutoff)
+            if as_json:
+                print_json({"before": cutoff, "would_purge": preview})
+            else:
+                click.echo(
+                    f"would purge {preview['records']} records up to {preview['through']} "
+                    f"(newest {preview['newest']}): {preview['by_kind']}, of which "
+                    f"{preview['unknown_refusals']} refusals of unknown callers"
+                )
+            return
         last = store.purge_before(cutoff, local_actor().id or "local")
         record_action(store, "audit purge", {"before": cutoff, "purged_through": last})
     if as_json:
