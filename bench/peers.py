@@ -35,6 +35,14 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import httpx  # noqa: E402
+
+from appliance.config import load_settings  # noqa: E402
+from appliance.engines.kernels import cpu_model  # noqa: E402
+from appliance.engines.llama import default_threads  # noqa: E402
+from appliance.fetch import default_manifest  # noqa: E402
+from appliance.registry import load_manifests  # noqa: E402
+
+from helpers import CACHE, free_port, make_state, start_server  # noqa: E402
 from llm import (  # noqa: E402
     QUESTIONS,
     answer_length,
@@ -43,13 +51,6 @@ from llm import (  # noqa: E402
     rate,
     through_api,
 )
-
-from appliance.config import load_settings  # noqa: E402
-from appliance.engines.llama import default_threads  # noqa: E402
-from appliance.fetch import default_manifest  # noqa: E402
-from appliance.registry import load_manifests  # noqa: E402
-
-from helpers import CACHE, free_port, make_state, start_server  # noqa: E402
 
 
 def prompt_rate(port: int, token: str, model: str, tag: int) -> float:
@@ -140,14 +141,7 @@ def main() -> None:
         [str(REPO / "bench" / "build-peers")], capture_output=True, text=True, check=True
     )
     bin_dir = Path(built.stdout.strip().splitlines()[-1])
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
+    cpu = cpu_model()
     print(f"CPU: {cpu}; {threads} threads; model {model.name}")
 
     bench_before = llama_bench(bin_dir, model, threads)

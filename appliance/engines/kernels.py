@@ -73,14 +73,23 @@ _lock = threading.Lock()
 _plan: KernelPlan | None = None
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+def _cpuinfo(key: str, cpuinfo: Path) -> str | None:
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    return set((_cpuinfo("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name, as benchmarks print it beside their figures."""
+    return _cpuinfo("model name", cpuinfo) or "?"
 
 
 def library_dir() -> Path:
