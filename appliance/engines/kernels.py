@@ -116,7 +116,7 @@ def variants(lib_dir: Path) -> list[Variant]:
             score_fn = lib.ggml_backend_score
             score_fn.restype = ctypes.c_int
             score = int(score_fn())
-            amx = any(hasattr(lib, name) for name in AMX_SYMBOLS)
+            amx = any(hasattr(lib, symbol) for symbol in AMX_SYMBOLS)
         finally:
             _dlclose(lib)
         found.append(Variant(name, path, score, amx))
@@ -132,7 +132,7 @@ def choose(setting: str, found: list[Variant], cpu_amx: bool) -> tuple[Variant, 
         )
     if setting == "amx":
         best = runnable[0]
-        return best, "the best variant for this CPU, AMX allowed (kernels = amx)"
+        return best, "the best variant for this CPU, AMX allowed (cpu_kernels = amx)"
     if setting != "auto":
         named = {v.name: v for v in found}
         if setting not in named:
