@@ -38,7 +38,7 @@ from gunicorn.workers import gthread
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from appliance import deadline, systemd
-from appliance.auth.guard import client_address, parse_networks
+from appliance.auth.guard import client_address, count_down, parse_networks
 from appliance.config import Settings
 from appliance.reqlog import JsonFormatter, setup_logging
 from appliance.serving import get_pool
@@ -189,11 +189,7 @@ class LingeringWorker(ThreadWorker):  # type: ignore[misc]
 
     def _closed(self, host: str) -> None:
         with self._clients_lock:
-            left = self._per_client.get(host, 1) - 1
-            if left > 0:
-                self._per_client[host] = left
-            else:
-                self._per_client.pop(host, None)
+            count_down(self._per_client, host)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
         self._headers_in(conn)
@@ -205,12 +201,7 @@ class LingeringWorker(ThreadWorker):  # type: ignore[misc]
             reading = self._headers_due.pop(conn, None)
             if reading is None:
                 return False
-            host = reading[1]
-            left = self._reading[host] - 1
-            if left:
-                self._reading[host] = left
-            else:
-                del self._reading[host]
+            count_down(self._reading, reading[1])
             return True
 
     def stalled(self, limit: float) -> str | None:

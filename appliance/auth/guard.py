@@ -59,6 +59,16 @@ class RateLimiter:
             return max(1, math.ceil((1.0 - tokens) / rate))
 
 
+def count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer of ``key``; a count that reaches 0 leaves the map (which then holds only
+    the keys in use, however many came and went)."""
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 class InFlight:
     """Requests each principal has in flight on the models; one caller may not take
     every slot and the whole queue from the others."""
@@ -83,17 +93,9 @@ class InFlight:
                 return
             released.set()
             with self._lock:
-                left = self._counts[key] - 1
-                if left:
-                    self._counts[key] = left
-                else:
-                    del self._counts[key]
+                count_down(self._counts, key)
 
         return release
-
-    def count(self, key: str) -> int:
-        with self._lock:
-            return self._counts.get(key, 0)
 
 
 class Suppressed:
