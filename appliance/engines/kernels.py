@@ -24,9 +24,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,6 @@ class KernelPlan:
     kernels_amx: bool  # the loaded kernels include AMX
     extra_buffers: bool  # models load with llama.cpp's extra buffer types (repack, AMX)
     reason: str
-    candidates: dict[str, int] = field(default_factory=dict)  # variant -> score
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def summary(self) -> str:
         buffers = "repacked weights" if self.extra_buffers else "no extra buffer types"
@@ -236,7 +231,6 @@ def _load(setting: str) -> KernelPlan:
         kernels_amx=kernels_amx,
         extra_buffers=extra_buffers,
         reason=reason,
-        candidates={v.name: v.score for v in found},
     )
 
 
