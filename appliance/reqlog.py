@@ -8,11 +8,11 @@ import json
 import logging
 import sys
 import time
-import uuid
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response
 
+from appliance import context
 from appliance.clock import utc_second
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})))
@@ -47,36 +47,34 @@ def setup_logging(level: str) -> None:
 def init_app(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
-        g.request_id = uuid.uuid4().hex
-        g.started = time.perf_counter()
-        g.log_fields = {}
+        context.begin()
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        ctx = g._get_current_object()  # one proxy lookup each
-        req = request._get_current_object()  # type: ignore[attr-defined]
-        rule = req.url_rule
-        request_id: str = ctx.request_id
-        response.headers["X-Request-Id"] = request_id
-        fields: dict[str, Any] = ctx.log_fields
-        fields.update(
-            request_id=request_id,
-            method=req.method,
-            route=rule.rule if rule else req.path,
-            status=response.status_code,
-        )
-        started = ctx.started
+        ctx = context.current()
+        response.headers["X-Request-Id"] = ctx.request_id
+        http = {
+            "request_id": ctx.request_id,
+            "method": ctx.method,
+            "route": ctx.route,
+            "status": response.status_code,
+        }
 
         def emit() -> None:
-            fields["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            if ACCESS.isEnabledFor(logging.INFO):
-                # ACCESS.info() without the walk up the stack for the caller's file and
-                # line, which the JSON line does not show: the same line, for less.
-                ACCESS.handle(
-                    ACCESS.makeRecord(
-                        ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
-                    )
+            if not ACCESS.isEnabledFor(logging.INFO):
+                return
+            fields = {
+                **ctx.log_fields(),
+                **http,
+                "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 1),
+            }
+            # ACCESS.info() without the walk up the stack for the caller's file and
+            # line, which the JSON line does not show: the same line, for less.
+            ACCESS.handle(
+                ACCESS.makeRecord(
+                    ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
                 )
+            )
 
         if response.is_streamed:
             response.call_on_close(emit)  # when the stream ends or the client leaves

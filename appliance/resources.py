@@ -15,18 +15,24 @@ from appliance.registry import Manifest
 MIB = 1 << 20
 
 
-def footprint(manifest: Manifest, path: Path, settings: Settings) -> int:
+def footprint(
+    manifest: Manifest, path: Path, context_size: int, parallel_streams: int, settings: Settings
+) -> int:
     """Expected resident bytes: weights, plus the KV cache and work buffers for a
-    language model; weights and activations for a tensor model."""
-    size = path.stat().st_size
+    language model; weights and activations for an ONNX model. A missing file: the size
+    its manifest gives."""
+    size = path.stat().st_size if path.is_file() else (manifest.size_bytes or 0)
     if manifest.format != "gguf":
         return 2 * size + 16 * MIB
-    info = gguf.read_info(path)
-    n_ctx = min(settings.context_size, manifest.context_length or settings.context_size)
+    try:
+        info = gguf.read_info(path)
+    except (OSError, gguf.GGUFError):
+        return int(size * 1.1) + 64 * MIB
+    n_ctx = min(context_size, manifest.context_length or context_size)
     kv = 0
     if info.layers and info.embedding and info.heads:
         kv_dim = info.embedding * (info.kv_heads or info.heads) // info.heads
-        cells = n_ctx * settings.parallel_streams
+        cells = n_ctx * parallel_streams
         per_value = 2.0 if settings.kv_cache_type == "f16" else 34 / 32  # q8_0 blocks
         kv = int(cells * info.layers * kv_dim * 2 * per_value)  # K and V
     return int(size * 1.1) + kv + 64 * MIB
@@ -57,31 +63,6 @@ def _mem_available() -> int | None:
 def available() -> int:
     fast = _mem_available()
     return fast if fast is not None else int(psutil.virtual_memory().available)
-
-
-class MemoryBudget:
-    """What may still be loaded: the machine's free memory less the reserve, and no
-    more than memory_limit_mb in all."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.reserve = settings.memory_reserve_mb * MIB
-        self.limit = settings.memory_limit_mb * MIB or None
-        self.used = 0
-
-    def admit(self, name: str, need: int) -> str | None:
-        """None if the model fits (and is counted), else why not."""
-        free = available() - self.reserve
-        if self.limit is not None:
-            free = min(free, self.limit - self.used)
-        if need > free:
-            limit = f", memory_limit_mb {self.limit // MIB}" if self.limit else ""
-            return (
-                f"model {name!r} refused: it needs about {need // MIB} MiB and "
-                f"{max(free, 0) // MIB} MiB may be used (available "
-                f"{available() // MIB} MiB less reserve {self.reserve // MIB} MiB{limit})"
-            )
-        self.used += need
-        return None
 
 
 def pressure(settings: Settings) -> str | None:

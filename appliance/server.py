@@ -71,7 +71,8 @@ class JsonLogger(Logger):  # type: ignore[misc]
 def ready_message(settings: Settings, app: Flask) -> str:
     pool = get_pool(app)
     url = base_url(settings)
-    names = sorted(pool.served)
+    # The default model first: the example below names it.
+    names = sorted(pool.names("chat"), key=lambda n: (not pool.manifest(n).default, n))
     ca = f" --cacert {settings.tls_dir / 'ca.crt'}" if tls_enabled(settings) else ""
     lines = [f"appliance serving on {url}"]
     if names:
@@ -85,11 +86,15 @@ def ready_message(settings: Settings, app: Flask) -> str:
             f"  or the openai SDK with base_url={url}/v1 and api_key=$TOKEN",
             "  (a token: appliance tokens create --name NAME --role line)",
         ]
-    for tensor in sorted(pool.tensors):
+    for embedder in pool.names("embedding"):
+        lines.append(f"  embedding model {embedder}: POST {url}/v1/embeddings")
+    tensors = pool.names("tensor")
+    for tensor in tensors:
         lines.append(f"  tensor model {tensor}: POST {url}/v2/models/{tensor}/infer")
-    for reason in pool.refused.values():
-        lines.append(f"  refused: {reason}")
-    if not names and not pool.tensors:
+    for name, reason in pool.refused().items():
+        if name in pool.names():  # a catalogue model not fetched is no news
+            lines.append(f"  refused: {reason}")
+    if not names and not tensors:
         lines.append("  no model is serving: run `appliance models fetch-default`")
     return "\n".join(lines)
 
@@ -306,7 +311,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         trim_heap()
         print(ready_message(self.settings, app), flush=True)
         # Models verified and loaded, audit log open: now systemd may call it ready.
-        systemd.notify(f"READY=1\nSTATUS=serving {', '.join(sorted(get_pool(app).served))}")
+        systemd.notify(f"READY=1\nSTATUS=serving {', '.join(get_pool(app).loaded())}")
         interval = systemd.watchdog_interval()
         if interval:
             self._watchdog = systemd.Watchdog(

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from appliance.audit.crypto import check_private, write_private
 from appliance.config import Settings
+from appliance.keyfiles import check_private, write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825

@@ -137,7 +137,8 @@ def test_health_and_readiness(client: FlaskClient, model_name: str) -> None:
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.get_json()["models"][0]["state"] == "serving"
+    states = {m["name"]: m["state"] for m in ready.get_json()["models"]}
+    assert states[model_name] == "ready"
 
 
 # -- errors ------------------------------------------------------------------------

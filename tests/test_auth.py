@@ -439,8 +439,8 @@ def test_no_token_or_password_in_clear_in_the_state_dir(
 
 
 def test_auth_events_are_audited(app: Flask, settings: Settings, tokens: dict[str, str]) -> None:
+    from appliance.api.trail import get_store
     from appliance.audit.reader import records
-    from appliance.audit.trail import get_store
 
     add_user(settings)
     client = app.test_client()

@@ -88,7 +88,7 @@ def test_message_content_cannot_open_a_turn(app: Flask, model_name: str) -> None
     ordinary conversation tokenizes as it always did."""
     from appliance.serving import get_pool
 
-    engine = get_pool(app).served[model_name].engine
+    engine = get_pool(app).loaded()[model_name].engine
     model = engine._model  # the vocabulary, to name the control tokens
     start, end = (
         model.tokenize(t, add_bos=False, special=True)[0] for t in (b"<|im_start|>", b"<|im_end|>")
@@ -129,14 +129,17 @@ def test_an_imported_manifest_cannot_name_a_build_script(tmp_path: Path, model_f
 
 def test_one_bad_imported_manifest_refuses_only_itself(tmp_path: Path, model_file: Path) -> None:
     from appliance.config import load_settings
-    from appliance.serving import open_pool
+    from appliance.serving.loader import EngineLoader
+    from appliance.serving.pool import ModelPool
 
     state = make_state(tmp_path / "state", model_file)
     (state / "manifests").mkdir()
     (state / "manifests" / "broken.toml").write_text("name = [this is not toml")
-    pool = open_pool(load_settings(env={}, overrides={"state_dir": state}))
+    settings = load_settings(env={}, overrides={"state_dir": state})
+    pool = ModelPool(settings, EngineLoader(settings))
+    pool.open()
     try:
-        assert "smollm2-135m-instruct" in pool.served and "line-anomaly" in pool.tensors
+        assert {"smollm2-135m-instruct", "line-anomaly"} <= set(pool.loaded())
         assert len(pool.problems) == 1 and "broken.toml: not valid TOML" in pool.problems[0]
         assert not pool.ready  # /readyz says why until IT mends or removes the file
     finally:

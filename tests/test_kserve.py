@@ -28,6 +28,7 @@ from appliance.app import close_app, create_app
 from appliance.auth.store import AuthStore
 from appliance.cli import main
 from appliance.config import load_settings
+from appliance.inference import get_pipeline
 from appliance.registry import import_model
 
 from helpers import ServerFactory
@@ -77,7 +78,8 @@ def test_server_and_model_metadata(client: FlaskClient) -> None:
     assert client.get(f"/v2/models/{LINE}/ready").status_code == 200
     assert "no version '2'" in error_of(client.get(f"/v2/models/{LINE}/versions/2"), 404)
     assert "does not exist" in error_of(client.get("/v2/models/ghost"), 404)
-    assert "language model" in error_of(client.get("/v2/models/smollm2-135m-instruct"), 400)
+    wrong = error_of(client.get("/v2/models/smollm2-135m-instruct"), 400)
+    assert "is a chat model (kind chat)" in wrong and "/v1/chat/completions" in wrong
 
 
 def test_infer_json_nested_and_flat(client: FlaskClient, model_file: Path) -> None:
@@ -320,9 +322,9 @@ def test_memory_admission_refuses_a_model_that_does_not_fit(
     app = create_app(settings)
     try:
         pool = app.extensions["appliance.models"]
-        reason = pool.refused["smollm2-135m-instruct"]
+        reason = pool.refused()["smollm2-135m-instruct"]
         assert "needs about" in reason and "memory_limit_mb 64" in reason
-        assert LINE in pool.tensors  # the small one still fits
+        assert LINE in pool.loaded()  # the small one still fits
         ready = app.test_client().get("/readyz")
         assert ready.status_code == 503 and any(
             "needs about" in r for r in ready.get_json()["reasons"]
@@ -333,16 +335,17 @@ def test_memory_admission_refuses_a_model_that_does_not_fit(
 
 
 def test_memory_pressure_gives_503(app: Flask, client: FlaskClient, model_name: str) -> None:
-    settings = app.config["APPLIANCE_SETTINGS"]
-    squeezed = dataclasses.replace(settings, memory_reserve_mb=10**8)  # more than any machine
-    app.config["APPLIANCE_SETTINGS"] = squeezed
+    pipeline = get_pipeline(app)
+    settings = pipeline.settings
+    # More than any machine has: the pipeline's check before each request trips.
+    pipeline.settings = dataclasses.replace(settings, memory_reserve_mb=10**8)
     try:
         v2 = infer(client, {"inputs": [readings_input()]})
         assert "short of memory" in error_of(v2, 503)
         v1 = client.post("/v1/completions", json={"model": model_name, "prompt": "Hi"})
         assert v1.status_code == 503 and v1.get_json()["error"]["code"] == "memory_pressure"
     finally:
-        app.config["APPLIANCE_SETTINGS"] = settings
+        pipeline.settings = settings
 
 
 def test_doctor_on_this_machine(state_dir: Path) -> None:
@@ -394,8 +397,8 @@ def test_line_model_build_is_reproducible(tmp_path: Path, model_file: Path) -> N
 
 
 def test_tensor_inference_leaves_its_record_pair(app: Flask, client: FlaskClient) -> None:
+    from appliance.api.trail import get_store
     from appliance.audit.reader import records
-    from appliance.audit.trail import get_store
 
     resp = infer(client, {"id": "cam-9", "inputs": [readings_input()]})
     request_id = resp.headers["X-Request-Id"]

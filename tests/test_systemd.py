@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from appliance.engines.base import Generation, SamplingParams
-from appliance.scheduler import ModelScheduler
+from appliance.serving.scheduler import ModelScheduler
 from appliance.systemd import Watchdog
 
 from helpers import REPO, ServerFactory, wait_for
@@ -116,7 +116,8 @@ def test_ready_watchdog_and_stopping(
     [ready] = listener.said("READY=1")  # one, the appliance's: not gunicorn's early one
     assert not any("Gunicorn arbiter booted" in m for _, m in listener.messages)
     state = httpx.get(f"{server.url}/readyz").json()
-    assert state["ready"] and state["models"][0]["state"] == "serving"
+    models = {m["name"]: m["state"] for m in state["models"]}
+    assert state["ready"] and models["smollm2-135m-instruct"] == "ready"
     assert wait_for(lambda: len(listener.said("WATCHDOG=1")) >= 2, 5)
     assert min(listener.said("WATCHDOG=1")) > ready
     server.proc.send_signal(signal.SIGTERM)

@@ -11,9 +11,9 @@ from pydantic import Field
 
 from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import _Strict
+from appliance.api.trail import get_store
 from appliance.audit import chain, crypto
 from appliance.audit.reader import ReadError, parse_time, records
-from appliance.audit.trail import get_store
 from appliance.auth.guard import get_gate
 from appliance.auth.store import ROLES, AuthError
 from appliance.config import Settings

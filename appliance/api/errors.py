@@ -1,13 +1,18 @@
-"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
+"""Problems as HTTP: the one place a domain problem (appliance/problems.py) becomes a
+status code and an error body, in the OpenAI shape {"error": {"message", "type",
+"param", "code"}} or, on /v2, the Open Inference Protocol's {"error": "..."}."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, g, has_request_context, request
+from flask import Flask, Response, current_app, has_request_context, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from appliance import context
+from appliance.problems import Problem
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -23,7 +28,22 @@ _TYPES = {
 }
 
 
-class ApiError(Exception):
+STATUS = {
+    "invalid": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "rate_limited": 429,
+    "failed": 500,
+    "unavailable": 503,
+}
+
+
+class ApiError(Problem):
+    """A problem of the HTTP exchange itself (a body that is not JSON, a parameter the
+    protocol does not offer), with its status code."""
+
     def __init__(
         self,
         status: int,
@@ -32,15 +52,14 @@ class ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, param=param, code=code, headers=headers)
         self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param, self.code)
+
+def status_of(problem: Problem) -> int:
+    if isinstance(problem, ApiError):
+        return problem.status
+    return STATUS[problem.category]
 
 
 def error_body(
@@ -58,16 +77,22 @@ def error_body(
     }
 
 
-def error_response(err: ApiError) -> Response:
+def problem_body(problem: Problem) -> dict[str, Any]:
+    return error_body(status_of(problem), problem.message, problem.param, problem.code)
+
+
+def error_response(err: Problem) -> Response:
     """The error in the shape of the protocol asked: {"error": "..."} on /v2 (Open
     Inference Protocol), OpenAI's everywhere else."""
-    body: dict[str, Any] = err.body()
+    status = status_of(err)
+    body: dict[str, Any] = problem_body(err)
     if has_request_context():
-        if "log_fields" in g:
-            g.log_fields.setdefault("error_type", err.code or _TYPES.get(err.status, "error"))
+        context.current().note_error(err.code or _TYPES.get(status, "error"))
         if request.path == "/v2" or request.path.startswith("/v2/"):
             body = {"error": err.message}
-    resp = Response(json.dumps(body), status=err.status, mimetype="application/json")
+    resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(err.retry_after)
     for key, value in err.headers.items():
         resp.headers[key] = value
     return resp
@@ -166,8 +191,8 @@ def parse_body(model: type[M], data: dict[str, Any]) -> M:
 def register(app: Flask) -> None:
     """Every error the app can raise, in the OpenAI shape, never an HTML page."""
 
-    @app.errorhandler(ApiError)
-    def _api_error(err: ApiError) -> Response:
+    @app.errorhandler(Problem)
+    def _problem(err: Problem) -> Response:
         return error_response(err)
 
     @app.errorhandler(RequestEntityTooLarge)

@@ -1,5 +1,5 @@
-"""/healthz (the process answers) and /readyz (every known model verified and loaded,
-the audit log writable and its checkpoints copied out)."""
+"""/healthz (the process answers) and /readyz (every pinned model loaded, the audit log
+writable and its checkpoints copied out; with every model's state and memory)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from flask import Blueprint, Flask, Response, current_app
 
-from appliance.audit.trail import get_store
+from appliance.api.trail import get_store
 from appliance.serving import get_pool
 
 bp = Blueprint("health", __name__)
@@ -19,13 +19,11 @@ def healthz() -> Response:
 
 
 def readiness(app: Flask) -> tuple[bool, list[str]]:
-    """Ready, or why not: every known model verified and loaded, the audit log writable.
-    The one answer behind /readyz and /v2/health/ready."""
+    """Ready, or why not: every pinned model loaded (the others load on demand), the
+    audit log writable. The one answer behind /readyz and /v2/health/ready."""
     pool = get_pool(app)
     store = get_store(app)
-    reasons = list(pool.problems) + list(pool.refused.values())
-    if not pool.served and not pool.tensors and not reasons:
-        reasons.append("no model is serving")
+    reasons = pool.not_ready_reasons()
     if not store.healthy:
         reasons.append(f"the audit log cannot be written: {store.last_error}")
     if store.checkpoint_error is not None:  # the external copy is what catches a rollback
@@ -44,5 +42,11 @@ def readyz() -> Response:
         "error": store.last_error,
         "checkpoint_copy_error": store.checkpoint_error,
     }
-    body = {"ready": ready, "reasons": reasons, "models": pool.state(), "audit": audit}
+    body = {
+        "ready": ready,
+        "reasons": reasons,
+        "models": pool.state(),
+        "memory": pool.budget_state(),
+        "audit": audit,
+    }
     return Response(json.dumps(body), status=200 if ready else 503, mimetype="application/json")

@@ -13,17 +13,16 @@ import struct
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 
-from appliance import __version__
+from appliance import __version__, context
 from appliance.api.errors import ApiError
 from appliance.api.health import readiness
-from appliance.audit.trail import open_inference
-from appliance.config import Settings
 from appliance.engines.onnx import NUMPY_BY_DATATYPE, TensorSpec
-from appliance.resources import pressure
-from appliance.scheduler import QueueFull
-from appliance.serving import ServedTensorModel, get_pool
+from appliance.inference import get_pipeline
+from appliance.serving import get_pool
+from appliance.serving.models import RunModel
+from appliance.serving.pool import Lease
 
 bp = Blueprint("kserve", __name__, url_prefix="/v2")
 
@@ -40,18 +39,17 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return resp
 
 
-def _model(name: str, version: str | None) -> ServedTensorModel:
-    pool = get_pool(current_app)
-    if name in pool.tensors:
-        if version not in (None, VERSION):
-            raise ApiError(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
-        return pool.tensors[name]
-    if name in pool.refused:
-        raise ApiError(503, pool.refused[name])
-    if name in pool.served:
-        raise ApiError(400, f"model {name!r} is a language model: use /v1/chat/completions")
-    known = ", ".join(sorted(pool.tensors)) or "none"
-    raise ApiError(404, f"model {name!r} does not exist; tensor models: {known}")
+def _check_version(name: str, version: str | None) -> None:
+    if version not in (None, VERSION):
+        raise ApiError(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
+
+
+def _lease(name: str, version: str | None) -> tuple[Lease, RunModel]:
+    """The tensor model, loaded if need be, through the pipeline's one lookup."""
+    _check_version(name, version)
+    lease = get_pipeline(current_app).resolve(context.current(), name, "tensor")
+    assert isinstance(lease.model, RunModel)
+    return lease, lease.model
 
 
 @bp.get("")
@@ -77,7 +75,7 @@ def ready() -> Response:
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    model = _model(name, version)
+    _, model = _lease(name, version)
     return _json(
         {
             "name": name,
@@ -92,8 +90,21 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 @bp.get("/models/<name>/ready")
 @bp.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response:
-    _model(name, version)
-    return _json({"name": name, "ready": True})
+    """Whether the model is loaded, without loading it: its state and memory too."""
+    _check_version(name, version)
+    pool = get_pool(current_app)
+    pool.manifest(name)  # unknown: 404
+    row = next(r for r in pool.state() if r["name"] == name)
+    body = {
+        "name": name,
+        "ready": row["state"] == "ready",
+        "state": row["state"],
+        "kind": row["kind"],
+        "memory_bytes": row["memory_bytes"],
+    }
+    if "reason" in row:
+        body["reason"] = row["reason"]
+    return _json(body)
 
 
 def _split_body() -> tuple[dict[str, Any], bytes]:
@@ -226,7 +237,7 @@ def _decode_input(
 
 
 def _decode_inputs(
-    request_body: dict[str, Any], binary: bytes, model: ServedTensorModel
+    request_body: dict[str, Any], binary: bytes, model: RunModel
 ) -> dict[str, np.ndarray]:
     inputs = request_body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -258,12 +269,10 @@ def _decode_inputs(
     return feeds
 
 
-def _requested_outputs(
-    request_body: dict[str, Any], model: ServedTensorModel
-) -> list[tuple[str, bool]]:
+def _requested_outputs(request_body: dict[str, Any], model: RunModel) -> list[tuple[str, bool]]:
     params = request_body.get("parameters") or {}
     binary_default = bool(isinstance(params, dict) and params.get("binary_data_output"))
-    known = [s.name for s in model.engine.outputs]
+    known: list[str] = [s.name for s in model.engine.outputs]
     asked = request_body.get("outputs")
     if asked is None:
         return [(n, binary_default) for n in known]
@@ -321,25 +330,14 @@ def _audit_input(request_body: dict[str, Any], binary: bytes) -> dict[str, Any]:
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
-    settings: Settings = current_app.config["APPLIANCE_SETTINGS"]
-    model = _model(name, version)
-    g.log_fields["model"] = name
-    short = pressure(settings)
-    if short:
-        raise ApiError(503, short, headers={"Retry-After": "5"})
+    lease, model = _lease(name, version)
     body, binary = _split_body()
     feeds = _decode_inputs(body, binary, model)
     wanted = _requested_outputs(body, model)
-    # A tensor model answers in microseconds: its request record is committed with the
-    # outcome record, in one fsync, before the answer leaves.
-    open_inference(name, model.manifest.sha256, _audit_input(body, binary), with_outcome=True)
-    try:
-        with model.admission:
-            results = model.engine.run(feeds, [n for n, _ in wanted])
-    except QueueFull as exc:
-        raise ApiError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    except Exception as exc:  # onnxruntime rejects what the metadata could not tell
-        raise ApiError(400, f"the model could not run these inputs: {exc}") from None
+    ctx = context.current()
+    results = get_pipeline(current_app).run_tensors(
+        ctx, lease, feeds, [n for n, _ in wanted], _audit_input(body, binary)
+    )
     specs = {s.name: s for s in model.engine.outputs}
     outputs, blobs = [], []
     audited: dict[str, Any] = {}  # what the outcome record keeps of the answer
@@ -355,7 +353,7 @@ def infer(name: str, version: str | None = None) -> Response:
     response: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": outputs}
     if "id" in body:
         response["id"] = body["id"]
-    g.audit.output.append(json.dumps(audited))
+    ctx.audit.output.append(json.dumps(audited))
     header = json.dumps(response).encode()
     if not any(blobs):
         return Response(header, mimetype="application/json")

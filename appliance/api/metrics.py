@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -20,7 +19,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.audit.trail import get_store
+from appliance import context
+from appliance.api.trail import get_store
+from appliance.context import RequestContext
 from appliance.serving import get_pool
 
 bp = Blueprint("metrics", __name__)
@@ -70,12 +71,12 @@ class Metrics:
         self.state = _StateCollector(app)
         self.registry.register(self.state)
 
-    def observe(self, fields: dict[str, Any], route: str, status: int, seconds: float) -> None:
-        model = str(fields.get("model") or "")
+    def observe(self, ctx: RequestContext, route: str, status: int, seconds: float) -> None:
+        model = ctx.model or ""
         self.requests.labels(route, model, str(status)).inc()
         self.latency.labels(route).observe(seconds)
-        if fields.get("completion_tokens"):
-            self.tokens.labels(model).inc(int(fields["completion_tokens"]))
+        if ctx.usage.completion_tokens:
+            self.tokens.labels(model).inc(ctx.usage.completion_tokens)
 
 
 class _StateCollector(Collector):
@@ -95,8 +96,26 @@ class _StateCollector(Collector):
         )
         state = GaugeMetricFamily(
             "appliance_model_loaded",
-            "1 when the model serves, 0 when it was refused.",
+            "1 when the model is loaded and serves, 0 otherwise.",
             labels=["model", "format"],
+        )
+        states = GaugeMetricFamily(
+            "appliance_model_state",
+            "1 for the state a model is in: unloaded, loading, ready, unloading, refused.",
+            labels=["model", "kind", "state"],
+        )
+        memory = GaugeMetricFamily(
+            "appliance_model_memory_bytes",
+            "Memory a loaded model holds in the models' budget (its estimated footprint).",
+            labels=["model"],
+        )
+        loads = CounterMetricFamily(
+            "appliance_model_loads", "Times a model was loaded.", labels=["model"]
+        )
+        unloads = CounterMetricFamily(
+            "appliance_model_unloads",
+            "Times a model was unloaded (keep-alive, to make room, or stopping).",
+            labels=["model"],
         )
         slots = GaugeMetricFamily(
             "appliance_slots", "Requests a model may run at once.", labels=["model"]
@@ -128,8 +147,13 @@ class _StateCollector(Collector):
                 kernels.add_metric(
                     [row["name"], k["variant"], str(k["extra_buffers"]).lower()], 1.0
                 )
-            loaded = row["state"] == "serving"
+            loaded = row["state"] == "ready"
             state.add_metric([row["name"], row["format"]], 1.0 if loaded else 0.0)
+            states.add_metric([row["name"], row["kind"], row["state"]], 1.0)
+            loads.add_metric([row["name"]], float(row["loads"]))
+            unloads.add_metric([row["name"]], float(row["unloads"]))
+            if loaded:
+                memory.add_metric([row["name"]], float(row["memory_bytes"]))
             if loaded:
                 queued.add_metric([row["name"]], float(row["queued"]))
                 busy.add_metric([row["name"]], float(row["running"]))
@@ -139,6 +163,19 @@ class _StateCollector(Collector):
                 batch_tokens.add_metric([row["name"]], float(row["batch_tokens"]))
                 batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
         yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state, kernels)
+        yield from (states, memory, loads, unloads)
+        budget = pool.budget_state()
+        yield GaugeMetricFamily(
+            "appliance_models_budget_bytes",
+            "Memory the models may hold together (memory_limit_mb, or what was available "
+            "at start less the reserve).",
+            value=budget["capacity_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "appliance_models_budget_used_bytes",
+            "Memory the loaded and loading models hold in the budget.",
+            value=budget["used_bytes"],
+        )
         rate = GaugeMetricFamily(
             "appliance_tokens_per_second",
             "Decode rate of the last finished generation.",
@@ -147,14 +184,14 @@ class _StateCollector(Collector):
         for model, value in self.tokens_per_second.items():
             rate.add_metric([model], value)
         yield rate
-        memory = psutil.virtual_memory()
+        machine = psutil.virtual_memory()
         yield GaugeMetricFamily(
             "appliance_system_memory_available_bytes",
             "Memory available on the machine.",
-            value=memory.available,
+            value=machine.available,
         )
         yield GaugeMetricFamily(
-            "appliance_system_memory_total_bytes", "Memory of the machine.", value=memory.total
+            "appliance_system_memory_total_bytes", "Memory of the machine.", value=machine.total
         )
         store = get_store(self.app)
         yield GaugeMetricFamily(
@@ -177,24 +214,17 @@ def init_app(app: Flask) -> Metrics:
     app.extensions[EXTENSION] = metrics
     collector = metrics.state
 
-    @app.before_request
-    def _start() -> None:
-        g.metrics_started = time.perf_counter()
-
     @app.after_request
     def _count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        fields: dict[str, Any] = g.get("log_fields", {})
-        started = g.get("metrics_started", time.perf_counter())
+        ctx = context.current()
 
         def observe() -> None:
-            elapsed = time.perf_counter() - started
-            metrics.observe(fields, route, response.status_code, elapsed)
-            tokens = fields.get("completion_tokens")
-            if tokens and fields.get("decode_seconds"):
-                collector.tokens_per_second[str(fields.get("model"))] = (
-                    tokens / fields["decode_seconds"]
-                )
+            elapsed = time.perf_counter() - ctx.started
+            metrics.observe(ctx, route, response.status_code, elapsed)
+            tokens, seconds = ctx.usage.completion_tokens, ctx.usage.decode_seconds
+            if tokens and seconds:
+                collector.tokens_per_second[str(ctx.model)] = tokens / seconds
 
         if response.is_streamed:
             response.call_on_close(observe)

@@ -1,14 +1,17 @@
-"""/v1: the OpenAI API (chat completions, completions, models), so that the `openai`
-SDK works unchanged. Request path: validate -> model -> prompt and bounds -> admission
--> stream or collect the job's events."""
+"""/v1: the OpenAI API (chat completions, completions, embeddings, models), so that the
+`openai` SDK works unchanged. Each route translates the protocol into an ask for the
+inference pipeline and its answer back; the pipeline does the rest."""
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g
+import numpy as np
+from flask import Blueprint, Response, current_app
 
+from appliance import context
 from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import (
     AssistantMessage,
@@ -18,56 +21,23 @@ from appliance.api.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     Kernels,
     ModelCard,
     ModelList,
 )
-from appliance.api.streams import collect, sse, start_stream, usage
-from appliance.audit.trail import confirm_inference, open_inference
-from appliance.config import Settings
-from appliance.engines.base import (
-    Generation,
-    PromptError,
-    SamplingParams,
-)
-from appliance.resources import pressure
-from appliance.scheduler import Job, QueueFull
-from appliance.serving import ServedModel, get_pool
+from appliance.api.streams import sse, start_stream, usage
+from appliance.inference import get_pipeline
+from appliance.inference.pipeline import ChatAsk, EmbedAsk
+from appliance.serving import get_pool
+from appliance.serving.loader import ServeSettings
+from appliance.serving.pool import ModelUnavailable, WrongKind
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-MAX_STOPS = 4
-MAX_STOP_CHARS = 256
-
-
-def _settings() -> Settings:
-    settings: Settings = current_app.config["APPLIANCE_SETTINGS"]
-    return settings
-
-
-def _served(name: str) -> ServedModel:
-    pool = get_pool(current_app)
-    short = pressure(_settings())
-    if short:
-        raise ApiError(503, short, code="memory_pressure", headers={"Retry-After": "5"})
-    if name in pool.tensors:
-        raise ApiError(
-            400,
-            f"model {name!r} is a tensor model: use /v2/models/{name}/infer",
-            param="model",
-            code="wrong_protocol",
-        )
-    if name in pool.served:
-        return pool.served[name]
-    if name in pool.refused:
-        raise ApiError(503, pool.refused[name], param="model", code="model_unavailable")
-    available = ", ".join(sorted(pool.served)) or "none"
-    raise ApiError(
-        404,
-        f"model {name!r} does not exist; available: {available}",
-        param="model",
-        code="model_not_found",
-    )
+OPENAI_KINDS = ("chat", "embedding")  # what /v1 serves; tensor models are on /v2
 
 
 def _refuse_unsupported(checks: dict[str, tuple[bool, str]]) -> None:
@@ -94,132 +64,12 @@ def _common_unsupported(
     }
 
 
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > MAX_STOPS:
-        raise ApiError(
-            400,
-            f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed",
-            param="stop",
-            code="invalid_value",
-        )
-    for i, text in enumerate(stops):
-        # Each is matched against the answer after every token: a long one costs the
-        # model's thread (a 250,000-character stop string took 3.3 s of it).
-        if len(text) > MAX_STOP_CHARS:
-            raise ApiError(
-                400,
-                f"stop[{i}] is {len(text)} characters long; at most {MAX_STOP_CHARS} are allowed",
-                param=f"stop[{i}]" if not isinstance(stop, str) else "stop",
-                code="invalid_value",
-            )
-    return tuple(s for s in stops if s)
-
-
-def _sampling(
-    req: ChatCompletionRequest | CompletionRequest,
-    requested: int | None,
-    prompt_tokens: int,
-    model: ServedModel,
-    prompt_param: str,
-    grammar: str | None = None,
-) -> SamplingParams:
-    limit = _settings().max_tokens
-    n_ctx = model.engine.info.n_ctx
-    if requested is not None and requested > limit:
-        raise ApiError(
-            400,
-            f"max_tokens is {requested}; this appliance allows at most {limit} "
-            "(setting max_tokens)",
-            param="max_tokens",
-            code="invalid_value",
-        )
-    if prompt_tokens == 0:
-        raise ApiError(400, "the prompt is empty", param=prompt_param, code="invalid_value")
-    if prompt_tokens >= n_ctx:
-        raise ApiError(
-            400,
-            f"the prompt has {prompt_tokens} tokens; the context window of "
-            f"{model.manifest.name} is {n_ctx} tokens",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    max_tokens = requested if requested is not None else min(limit, n_ctx - prompt_tokens)
-    if prompt_tokens + max_tokens > n_ctx:
-        raise ApiError(
-            400,
-            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-            f"{prompt_tokens + max_tokens} tokens exceed the context window of "
-            f"{model.manifest.name}, {n_ctx} tokens",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if req.ignore_eos and grammar is not None:
-        raise ApiError(
-            400,
-            "ignore_eos cannot be combined with response_format json",
-            param="ignore_eos",
-            code="invalid_value",
-        )
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed,
-        stop=_stops(req.stop),
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        grammar=grammar,
-        ignore_eos=req.ignore_eos,
-    )
-
-
-def _submit(model: ServedModel, generation: Generation) -> Job:
-    try:
-        return model.scheduler.submit(generation)
-    except QueueFull as exc:
-        raise ApiError(
-            503, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
-        ) from None
-
-
-def _confirm(job: Job) -> None:
-    """The request record must be durable before the answer's first byte; if it cannot
-    be written, the model stops and the client gets 503."""
-    try:
-        confirm_inference()
-    except ApiError:
-        job.cancel()
-        raise
-
-
 def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     messages = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return messages
-
-
-def _grammar(req: ChatCompletionRequest, model: ServedModel) -> str | None:
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    try:
-        if fmt.type == "json_object":
-            return model.engine.json_grammar(None)
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise ApiError(
-                400,
-                "response_format json_schema needs json_schema.schema",
-                param="response_format.json_schema",
-                code="missing_required_parameter",
-            )
-        return model.engine.json_grammar(fmt.json_schema.schema_)
-    except PromptError as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
 
 @bp.post("/chat/completions")
@@ -239,25 +89,38 @@ def chat_completions() -> Response:
             "top_logprobs": (bool(req.top_logprobs), "log probabilities are not returned"),
         }
     )
-    model = _served(req.model)
-    g.log_fields["model"] = model.manifest.name
-    grammar = _grammar(req, model)
-    try:
-        prompt = model.engine.chat_prompt(_chat_messages(req))
-    except PromptError as exc:
-        raise ApiError(400, str(exc), param=exc.param or "messages", code="invalid_value") from None
-    requested = req.max_completion_tokens or req.max_tokens
-    params = _sampling(req, requested, len(prompt), model, "messages", grammar)
-    open_inference(model.manifest.name, model.manifest.sha256, body)
-    job = _submit(model, Generation(prompt, params))
-    ident, created = "chatcmpl-" + g.request_id, int(time.time())
+    fmt = req.response_format
+    if (
+        fmt is not None
+        and fmt.type == "json_schema"
+        and (fmt.json_schema is None or fmt.json_schema.schema_ is None)
+    ):
+        raise ApiError(
+            400,
+            "response_format json_schema needs json_schema.schema",
+            param="response_format.json_schema",
+            code="missing_required_parameter",
+        )
+    ask = ChatAsk(
+        model=req.model,
+        body=body,
+        messages=_chat_messages(req),
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        json_mode=fmt is not None and fmt.type != "text",
+        json_schema=fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
+        stream=req.stream,
+        **_sampling(req),
+    )
+    ctx = context.current()
+    run = get_pipeline(current_app).chat(ctx, ask)
+    ident, created = "chatcmpl-" + ctx.request_id, int(time.time())
+    name = ctx.model or req.model
     if req.stream:
-        _confirm(job)
         chunk = {
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": model.manifest.name,
+            "model": name,
         }
 
         def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
@@ -279,13 +142,12 @@ def chat_completions() -> Response:
                 **({"usage": None} if include else {}),
             }
         )
-        return start_stream(job, chunk, put_text, include, first)
-    text, done = collect(job)
-    _confirm(job)
+        return start_stream(run, chunk, put_text, include, first)
+    text, done = run.collect()
     answer = ChatCompletion(
         id=ident,
         created=created,
-        model=model.manifest.name,
+        model=name,
         usage=usage(done),
         choices=[
             ChatChoice(
@@ -296,6 +158,18 @@ def chat_completions() -> Response:
         ],
     )
     return Response(answer.model_dump_json(), mimetype="application/json")
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    return {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "stop": req.stop,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "ignore_eos": req.ignore_eos,
+    }
 
 
 def _one_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
@@ -327,36 +201,36 @@ def completions() -> Response:
             "suffix": (req.suffix is not None, "insertion (suffix) is not offered"),
         }
     )
-    model = _served(req.model)
-    g.log_fields["model"] = model.manifest.name
-    try:
-        prompt = model.engine.text_prompt(prompt_in)
-    except PromptError as exc:
-        raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
-    params = _sampling(req, req.max_tokens, len(prompt), model, "prompt")
-    open_inference(model.manifest.name, model.manifest.sha256, body)
-    job = _submit(model, Generation(prompt, params))
-    ident, created = "cmpl-" + g.request_id, int(time.time())
+    ask = ChatAsk(
+        model=req.model,
+        body=body,
+        prompt=prompt_in,
+        max_tokens=req.max_tokens,
+        stream=req.stream,
+        **_sampling(req),
+    )
+    ctx = context.current()
+    run = get_pipeline(current_app).chat(ctx, ask)
+    ident, created = "cmpl-" + ctx.request_id, int(time.time())
+    name = ctx.model or req.model
     if req.stream:
-        _confirm(job)
         chunk = {
             "id": ident,
             "object": "text_completion",
             "created": created,
-            "model": model.manifest.name,
+            "model": name,
         }
 
         def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
             return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return start_stream(job, chunk, put_text, include)
-    text, done = collect(job)
-    _confirm(job)
+        return start_stream(run, chunk, put_text, include)
+    text, done = run.collect()
     answer = Completion(
         id=ident,
         created=created,
-        model=model.manifest.name,
+        model=name,
         usage=usage(done),
         choices=[
             CompletionChoice(
@@ -367,27 +241,93 @@ def completions() -> Response:
     return Response(answer.model_dump_json(), mimetype="application/json")
 
 
-def _card(model: ServedModel) -> ModelCard:
-    path = _settings().models_path / model.manifest.file
-    kernels = model.engine.info.extra.get("kernels")
-    return ModelCard(
-        id=model.manifest.name,
-        created=int(path.stat().st_mtime),
-        owned_by="appliance",
-        n_ctx=model.engine.info.n_ctx,
-        parallel_streams=model.scheduler.slots,
-        kernels=Kernels.model_validate(kernels) if kernels else None,
-        **model.manifest.public(),
+def _embedding_input(
+    value: str | list[str] | list[int] | list[list[int]],
+) -> tuple[list[str] | None, list[list[int]] | None]:
+    """Texts or token-id lists, as OpenAI's input allows them."""
+    if isinstance(value, str):
+        return [value], None
+    if value and all(isinstance(v, int) for v in value):
+        return None, [[v for v in value if isinstance(v, int)]]
+    if all(isinstance(v, str) for v in value):
+        return [v for v in value if isinstance(v, str)], None
+    return None, [v for v in value if isinstance(v, list)]
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    body = read_json_object()
+    req = parse_body(EmbeddingRequest, body)
+    texts, token_ids = _embedding_input(req.input)
+    ask = EmbedAsk(
+        model=req.model, body=body, texts=texts, token_ids=token_ids, dimensions=req.dimensions
     )
+    ctx = context.current()
+    result = get_pipeline(current_app).embed(ctx, ask)
+    data = []
+    for i, row in enumerate(result.vectors):
+        vector: list[float] | str
+        if req.encoding_format == "base64":
+            vector = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+        else:
+            vector = [float(x) for x in np.asarray(row, dtype=np.float32)]
+        data.append(Embedding(index=i, embedding=vector))
+    answer = EmbeddingList(
+        data=data,
+        model=ctx.model or req.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
+    return Response(answer.model_dump_json(), mimetype="application/json")
+
+
+def _card(row: dict[str, Any]) -> ModelCard:
+    settings = current_app.config["APPLIANCE_SETTINGS"]
+    pool = get_pool(current_app)
+    manifest = pool.manifest(row["name"])
+    path = settings.models_path / manifest.file
+    serve = ServeSettings.of(settings, manifest)
+    chat = manifest.kind == "chat"
+    n_ctx = row.get("n_ctx")
+    if n_ctx is None and chat:  # not loaded: what it will have
+        n_ctx = min(serve.context_size, manifest.context_length or serve.context_size)
+    kernels = row.get("kernels")
+    return ModelCard(
+        id=manifest.name,
+        created=int(path.stat().st_mtime) if path.exists() else 0,
+        owned_by="appliance",
+        state=row["state"],
+        reason=row.get("reason"),
+        memory_bytes=row["memory_bytes"],
+        keep_alive=row["keep_alive"],
+        n_ctx=n_ctx if chat else manifest.context_length,
+        parallel_streams=row.get("slots", serve.parallel_streams) if chat else None,
+        kernels=Kernels.model_validate(kernels) if kernels else None,
+        **manifest.public(),
+    )
+
+
+def _rows() -> dict[str, dict[str, Any]]:
+    """The models /v1 serves (installed, not refused), with their state."""
+    return {
+        row["name"]: row
+        for row in get_pool(current_app).state()
+        if row["installed"] and row["kind"] in OPENAI_KINDS and row["state"] != "refused"
+    }
 
 
 @bp.get("/models")
 def list_models() -> Response:
-    pool = get_pool(current_app)
-    cards = [_card(m) for _, m in sorted(pool.served.items())]
+    cards = [_card(row) for row in _rows().values()]
     return Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
 
 
 @bp.get("/models/<path:name>")
 def get_model(name: str) -> Response:
-    return Response(_card(_served(name)).model_dump_json(), mimetype="application/json")
+    pool = get_pool(current_app)
+    manifest = pool.manifest(name)  # UnknownModel: 404
+    if manifest.kind not in OPENAI_KINDS:
+        raise WrongKind(name, manifest.kind, "chat")
+    row = _rows().get(name)
+    if row is None:  # refused (a missing, changed or unloadable file): the reason
+        raise ModelUnavailable(pool.refused().get(name) or f"model {name!r} is refused")
+    return Response(_card(row).model_dump_json(), mimetype="application/json")

@@ -192,11 +192,62 @@ class ModelCard(BaseModel):
     description: str
     size_bytes: int | None
     default: bool
-    n_ctx: int = Field(description="The context window of each request (each stream has its own).")
-    parallel_streams: int = Field(description="Requests this model answers at once.")
+    kind: Literal["chat", "embedding", "tensor"] = Field(
+        description="What the model does: chat (/v1/chat/completions, /v1/completions), "
+        "embedding (/v1/embeddings) or tensor (/v2)."
+    )
+    pinned: bool = Field(description="Loaded at start and never unloaded.")
+    state: Literal["unloaded", "loading", "ready", "unloading", "refused"] = Field(
+        description="Models load on their first request and unload when idle past their "
+        "keep-alive, or to make room for another."
+    )
+    reason: str | None = Field(default=None, description="Why the model is refused.")
+    memory_bytes: int = Field(description="Memory the model holds when loaded (estimated).")
+    keep_alive: int = Field(description="Seconds it stays loaded when idle (-1: no limit).")
+    n_ctx: int | None = Field(
+        default=None,
+        description="The context window of each request (each stream has its own).",
+    )
+    parallel_streams: int | None = Field(
+        default=None, description="Requests this model answers at once."
+    )
     kernels: Kernels | None = Field(
         default=None, description="The llama.cpp CPU kernels this model runs on, and why."
     )
+
+
+class EmbeddingRequest(_Strict):
+    model: str = Field(min_length=1, max_length=128)
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, or token ids (one list, or a list of lists)."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float",
+        description="base64: each vector as little-endian float32 bytes (the openai SDK's "
+        "default).",
+    )
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Only the model's own dimension count is accepted."
+    )
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelList(BaseModel):

@@ -3,5 +3,5 @@ hash-chained record in SQLite, sealed by signed checkpoints.
 
 records.py (fields, canonical bytes), crypto.py (keys, AES-GCM, Ed25519), schema.py
 (tables, engine), store.py (the single writer), chain.py (checkpoints, verify),
-reader.py (decrypt, export, backup, purge), trail.py (the Flask side).
+reader.py (decrypt, export, backup, purge); the Flask side is api/trail.py.
 """

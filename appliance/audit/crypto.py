@@ -11,7 +11,6 @@ import base64
 import hashlib
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from appliance.keyfiles import KeyFileError, check_private, write_private
+
 MASTER_CREDENTIAL = "audit-master-key"
 SIGNING_CREDENTIAL = "audit-signing-key"
 NONCE_BYTES = 12
 KEY_BYTES = 32
 
 
-class AuditKeyError(Exception):
+class AuditKeyError(KeyFileError):
     """A key cannot be used; the message says which file and why."""
 
 
@@ -44,28 +45,11 @@ def credential_path(name: str) -> Path | None:
     return None
 
 
-def check_private(path: Path) -> None:
-    """Refuse a key file that group or others can read or write."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise AuditKeyError(
-            f"key file {path} has mode {mode:04o}: it must not be readable by group or "
-            f"others; run: chmod 600 {path}"
-        )
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create a key file with mode 0600 from the first byte (never a wider window)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _read_key_file(path: Path) -> bytes:
-    check_private(path)
+    try:
+        check_private(path)
+    except KeyFileError as exc:
+        raise AuditKeyError(str(exc)) from None
     return path.read_bytes()
 
 

@@ -11,6 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.actors import ANONYMOUS as ANONYMOUS  # re-exported: who a record names
+from appliance.actors import Actor as Actor
+
 FORMAT = b"appliance-audit-v1\n"
 GENESIS = "0" * 64
 
@@ -42,18 +45,6 @@ FIELDS = (
     "prev_hash",
 )
 KINDS = ("request", "outcome", "event", "admin")
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who made a request: a token or user (id, name, role), or anonymous."""
-
-    id: str | None
-    name: str
-    role: str | None
-
-
-ANONYMOUS = Actor(None, "anonymous", None)
 
 
 @dataclass

@@ -23,11 +23,12 @@ from typing import Any
 from flask import Flask, Response, current_app, g, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
-from appliance.api.errors import ApiError, error_response
-from appliance.audit.records import Actor
+from appliance import context
+from appliance.actors import Actor
 from appliance.auth.policy import MODEL_WORK, PUBLIC, ROUTE_ROLES, allowed
 from appliance.auth.store import AuthStore, Principal, csrf_token
 from appliance.config import Settings
+from appliance.problems import Forbidden, Problem, RateLimited, Unauthenticated
 
 EXTENSION = "appliance.auth"
 SESSION_COOKIE = "appliance_session"
@@ -159,15 +160,16 @@ def is_browser_route(endpoint: str | None) -> bool:
 CLIENT_CODES = {401: "invalid_api_key", 403: "forbidden", 429: "rate_limited"}
 
 
-def refusal(status: int, message: str, reason: str, **headers: str) -> Response:
-    """A refusal in the shape of the area asked; the precise reason goes to the audit
-    only (a client is not told whether a token was unknown, revoked or expired)."""
-    g.log_fields["error_type"] = reason
+REFUSALS: dict[int, type[Problem]] = {401: Unauthenticated, 403: Forbidden, 429: RateLimited}
+
+
+def refusal(status: int, message: str, reason: str, **headers: str) -> Problem:
+    """A refusal, to raise; the precise reason goes to the log and the audit only (a
+    client is not told whether a token was unknown, revoked or expired)."""
+    context.current().note_error(reason)
     code = reason if reason in ("csrf_failed", "too_many_in_flight") else CLIENT_CODES.get(status)
-    resp = error_response(ApiError(status, message, code=code))
-    for key, value in headers.items():
-        resp.headers[key.replace("_", "-")] = value
-    return resp
+    named = {key.replace("_", "-"): value for key, value in headers.items()}
+    return REFUSALS[status](message, code=code, headers=named)
 
 
 def _authenticate(gate: Gate) -> tuple[Principal | None, str, str | None]:
@@ -181,7 +183,7 @@ def _authenticate(gate: Gate) -> tuple[Principal | None, str, str | None]:
         principal, why = gate.store.check_token(token)
         if principal is None:
             public_id = token.split("_")[1] if token.count("_") >= 2 else "?"
-            g.actor = Actor(f"token:{public_id}", "unauthenticated", None)
+            context.current().actor = Actor(f"token:{public_id}", "unauthenticated", None)
         return principal, why, None
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
@@ -234,10 +236,11 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
 
     @app.before_request
     def _guard() -> BaseResponse | None:
+        ctx = context.current()
         if gate.networks:
             client = client_address(request.remote_addr)
             if client is None or not any(client in net for net in gate.networks):
-                return refusal(
+                raise refusal(
                     403,
                     f"client address {request.remote_addr} is not allowed (allowed_clients)",
                     "client_not_allowed",
@@ -246,9 +249,9 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         roles = ROUTE_ROLES.get(endpoint or "")
         principal, why, cookie = _authenticate(gate)
         if principal is not None:
-            g.actor = Actor(principal.id, principal.name, principal.role)
-            g.principal = principal
-            g.session_cookie = cookie
+            ctx.actor = Actor(principal.id, principal.name, principal.role)
+            ctx.principal = principal
+            ctx.session_cookie = cookie
         if roles is PUBLIC:
             return None
         if principal is None:
@@ -257,26 +260,26 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
             if not wait and gate.below_reserve():
                 # The disk left is for known callers' records: refused as ever, counted.
                 gate.suppressed.add(address)
-                g.audit_suppressed = True
+                ctx.audit_suppressed = True
                 _drain()
             elif wait:
                 gate.suppressed.add(address)
-                g.audit_suppressed = True  # counted, not recorded (see Suppressed)
+                ctx.audit_suppressed = True  # counted, not recorded (see Suppressed)
                 _drain()
-                return refusal(
+                raise refusal(
                     429,
                     f"too many refused requests from {address}; retry in {wait} s",
                     "refusals_rate_limited",
                     Retry_After=str(wait),
                 )
             else:
-                g.suppressed_before = gate.suppressed.take(address)
-                g.refused_unknown = True  # its record keeps the body's size and digest only
+                ctx.suppressed_before = gate.suppressed.take(address)
+                ctx.refused_unknown = True  # its record keeps the body's size and digest only
             if is_browser_route(endpoint):
-                g.log_fields["error_type"] = why
+                ctx.note_error(why)
                 expired = "?expired=1" if why == "session_idle_timeout" else ""
                 return redirect(f"/login{expired}", code=303)
-            return refusal(
+            raise refusal(
                 401,
                 "authentication required: send a valid token as "
                 "'Authorization: Bearer <token>' or sign in",
@@ -286,7 +289,7 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if endpoint is None:
             return None  # no such route: routing answers 404 to a known caller
         if not allowed(endpoint, principal.role):
-            return refusal(
+            raise refusal(
                 403,
                 f"role {principal.role!r} may not use {request.method} {request.path}",
                 "forbidden",
@@ -294,7 +297,7 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if cookie is not None and request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
             if not hmac.compare_digest(sent, csrf_token(cookie)):
-                return refusal(
+                raise refusal(
                     403,
                     "CSRF token missing or wrong: send the page's token in "
                     f"{CSRF_HEADER} or the form's csrf_token",
@@ -302,7 +305,7 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
                 )
         wait = gate.limiter.take(principal.id)
         if wait:
-            return refusal(
+            raise refusal(
                 429,
                 f"rate limit of {gate.limiter.per_minute} requests "
                 f"per minute reached for {principal.name}; retry in {wait} s",
@@ -312,19 +315,20 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if endpoint in MODEL_WORK:
             release = gate.in_flight.enter(principal.id)
             if release is None:
-                return refusal(
+                raise refusal(
                     429,
                     f"{principal.name} has {gate.in_flight.limit} requests in flight, the most "
                     "one caller may have (max_requests_per_caller); retry when one ends",
                     "too_many_in_flight",
                     Retry_After="1",
                 )
-            g.release_in_flight = release
+            ctx.release_in_flight = release
         return None
 
     @app.after_request
     def _release_when_done(response: Response) -> Response:
-        release = g.pop("release_in_flight", None)
+        ctx = context.current()
+        release, ctx.release_in_flight = ctx.release_in_flight, None
         if release is None:
             pass
         elif response.is_streamed:  # holds its place until its last byte, or a hang-up
@@ -335,6 +339,8 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
 
     @app.teardown_request
     def _release_on_error(exc: BaseException | None) -> None:
-        release = g.pop("release_in_flight", None)
+        ctx: context.RequestContext | None = g.get("ctx")
+        release = ctx.release_in_flight if ctx is not None else None
         if release is not None:  # after_request did not run
+            ctx.release_in_flight = None  # type: ignore[union-attr]
             release()

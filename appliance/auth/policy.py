@@ -24,6 +24,7 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "web.status": ADMIN,
     "openai.chat_completions": INFERENCE,
     "openai.completions": INFERENCE,
+    "openai.embeddings": INFERENCE,
     "openai.list_models": INFERENCE,
     "openai.get_model": INFERENCE,
     "kserve.server_metadata": TENSORS,
@@ -46,7 +47,9 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
 
 # The routes that take a model's time: a caller may have max_requests_per_caller of
 # these in flight at once (running, queued or streaming).
-MODEL_WORK = frozenset({"openai.chat_completions", "openai.completions", "kserve.infer"})
+MODEL_WORK = frozenset(
+    {"openai.chat_completions", "openai.completions", "openai.embeddings", "kserve.infer"}
+)
 
 
 def allowed(endpoint: str | None, role: str | None) -> bool:

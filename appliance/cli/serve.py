@@ -34,6 +34,7 @@ def _check_audit_keys(settings: Settings) -> None:
 @settings_options()
 def serve(settings: Settings) -> None:
     """Serve the verified models over HTTP (gunicorn; SIGTERM stops gracefully)."""
+    from appliance.keyfiles import KeyFileError
     from appliance.registry import load_manifests, verify_all
     from appliance.server import serve as run_server
     from appliance.tls import TLSError, check_serving
@@ -49,7 +50,7 @@ def serve(settings: Settings) -> None:
     _check_audit_keys(settings)
     try:
         check_serving(settings)
-    except TLSError as exc:
+    except (TLSError, KeyFileError) as exc:
         raise click.ClickException(str(exc)) from None
     run_server(settings)
 

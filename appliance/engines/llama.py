@@ -124,6 +124,7 @@ class LlamaEngine:
         parallel: int = 1,
         kv_type: str = "f16",
         extra_buffers: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         kernels.plan()  # llama.cpp's CPU backend, chosen before anything loads one
         n_ctx = min(context_size, model_context) if model_context else context_size
@@ -169,7 +170,8 @@ class LlamaEngine:
         self._eog = [
             t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         ]
-        template = self._model.metadata().get("tokenizer.chat_template")
+        # The file's own template wins; the manifest's is for a file that has none.
+        template = self._model.metadata().get("tokenizer.chat_template") or chat_template
         self._formatter = (
             Jinja2ChatFormatter(
                 template=template,

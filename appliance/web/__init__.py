@@ -10,7 +10,6 @@ from flask import (
     Blueprint,
     Response,
     current_app,
-    g,
     make_response,
     redirect,
     render_template,
@@ -18,7 +17,8 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
-from appliance.audit.records import Actor
+from appliance import context
+from appliance.actors import Actor
 from appliance.auth.guard import SESSION_COOKIE, get_gate
 from appliance.auth.store import csrf_token
 
@@ -80,22 +80,24 @@ def login() -> BaseResponse:
     sent = request.form.get("csrf_token", "")
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not expected or not hmac.compare_digest(sent, expected):
-        g.log_fields["error_type"] = "csrf_failed"
+        context.current().note_error("csrf_failed")
         return _login_form(MESSAGES["csrf"], 403)
     name = request.form.get("username", "")[:64]
     result = get_gate(current_app).store.login(
         name, request.form.get("password", ""), request.remote_addr or ""
     )
+    ctx = context.current()
     if result.principal is None or result.session is None:
-        g.log_fields["error_type"] = result.reason
+        ctx.note_error(result.reason)
         # A name no account has is not recorded: it may be a password typed in the
         # wrong field, and the audit's actor column is not encrypted.
         known = result.reason not in ("unknown_user", "too_many_attempts")
-        g.actor = Actor(f"user:{name}", name, None) if known else Actor(None, "unknown user", None)
+        unknown = Actor(None, "unknown user", None)
+        ctx.actor = Actor(f"user:{name}", name, None) if known else unknown
         status = 429 if result.reason == "too_many_attempts" else 401
         return _login_form(MESSAGES.get(result.reason, "Sign-in failed."), status)
     principal = result.principal
-    g.actor = Actor(principal.id, principal.name, principal.role)
+    ctx.actor = Actor(principal.id, principal.name, principal.role)
     resp = redirect("/", code=303)
     resp.set_cookie(
         SESSION_COOKIE,
@@ -121,8 +123,9 @@ def logout() -> BaseResponse:
 
 @bp.get("/")
 def home() -> Response:
-    principal = g.principal
-    cookie = g.get("session_cookie")
+    ctx = context.current()
+    principal, cookie = ctx.principal, ctx.session_cookie
+    assert principal is not None  # the gate lets no one in without
     settings = current_app.config["APPLIANCE_SETTINGS"]
     html = render_template(
         "home.html",
@@ -137,7 +140,7 @@ def home() -> Response:
 @bp.get("/status")
 def status() -> Response:
     """For IT: models and their queues, the machine's checks, the audit log."""
-    from appliance.audit.trail import get_store
+    from appliance.api.trail import get_store
     from appliance.doctor import examine
     from appliance.serving import get_pool
 

@@ -21,18 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.engines.base import Event, Failed, Finished, Generation, TextEngine
+from appliance.problems import Unavailable
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
+class QueueFull(Unavailable):
     def __init__(self, model: str, depth: int, retry_after: int) -> None:
         super().__init__(
             f"model {model!r} is busy: {depth} request(s) already waiting "
-            f"(queue_depth {depth}); retry in {retry_after} s"
+            f"(queue_depth {depth}); retry in {retry_after} s",
+            code="queue_full",
+            retry_after=retry_after,
         )
         self.depth = depth
-        self.retry_after = retry_after
 
 
 @dataclass

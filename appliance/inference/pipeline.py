@@ -1,0 +1,395 @@
+"""One inference pipeline: a request's life from the model's name to its answer.
+
+    resolve (the pool: unknown / wrong kind / refused / loaded on demand)
+      -> stages (routing, grounding: plug in here, between resolve and prepare)
+      -> prepare (the prompt, in the model's tokens) -> bounds (context, max_tokens)
+      -> audit: the request record -> submit -> answer or stream -> the outcome record
+
+Everything a step learns goes into the request's typed context; problems are domain
+problems (appliance/problems.py) that the API turns into HTTP in one place. Nothing
+here knows HTTP: the blueprints translate a protocol into an ask and an answer back.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from appliance.audit.store import AuditStore
+from appliance.config import Settings
+from appliance.context import RequestContext
+from appliance.engines.base import (
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    PromptError,
+    SamplingParams,
+    TextDelta,
+)
+from appliance.inference import audit_pair
+from appliance.problems import Failed as GenerationFailed
+from appliance.problems import Invalid, Unavailable
+from appliance.resources import pressure
+from appliance.serving.models import ChatModel, RunModel
+from appliance.serving.pool import Lease, ModelPool
+from appliance.serving.scheduler import Job
+
+KEEPALIVE_SECONDS = 5.0
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+MAX_EMBED_INPUTS = 256
+
+
+@dataclass(frozen=True)
+class ChatAsk:
+    """A chat (``messages``) or completion (``prompt``) request, protocol-free."""
+
+    model: str
+    body: dict[str, Any]  # the request as it came, for the audit's request record
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+    json_mode: bool = False  # answer in JSON; with json_schema, in that schema
+    json_schema: dict[str, Any] | None = None
+    stream: bool = False
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
+
+
+@dataclass(frozen=True)
+class EmbedAsk:
+    model: str
+    body: dict[str, Any]
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # float32 [inputs, dimensions], rows of norm 1
+    prompt_tokens: int
+
+
+Stage = Callable[[RequestContext, ChatAsk, Lease], None]
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    pool: ModelPool
+    store: AuditStore
+    # Stages between resolve and prepare (routing, grounding), run in order.
+    stages: list[Stage] = field(default_factory=list)
+
+    # -- resolve --------------------------------------------------------------------
+
+    def resolve(self, ctx: RequestContext, name: str, kind: str) -> Lease:
+        """A lease on the model, loaded if need be; the context learns which model."""
+        short = pressure(self.settings)
+        if short:
+            raise Unavailable(short, code="memory_pressure", retry_after=5)
+        lease = self.pool.acquire(name, kind)
+        ctx.lease = lease
+        ctx.model, ctx.model_sha256 = lease.manifest.name, lease.manifest.sha256
+        ctx.model_kind = lease.manifest.kind
+        ctx.model_loaded_now = lease.loaded_now
+        return lease
+
+    # -- chat and completions -------------------------------------------------------
+
+    def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
+        lease = self.resolve(ctx, ask.model, "chat")
+        for stage in self.stages:
+            stage(ctx, ask, lease)
+        model = lease.model
+        assert isinstance(model, ChatModel)
+        grammar = self._grammar(ask, model)
+        try:
+            if ask.messages is not None:
+                prompt = model.engine.chat_prompt(ask.messages)
+            else:
+                assert ask.prompt is not None
+                prompt = model.engine.text_prompt(ask.prompt)
+        except PromptError as exc:
+            raise Invalid(
+                str(exc), param=exc.param or ask.prompt_param, code="invalid_value"
+            ) from None
+        params = self._sampling(ask, len(prompt), model, grammar)
+        audit_pair.open_pair(self.store, ctx, ask.body)
+        job = model.scheduler.submit(Generation(prompt, params))
+        return ChatRun(ctx, job, self.store)
+
+    def _grammar(self, ask: ChatAsk, model: ChatModel) -> str | None:
+        if not ask.json_mode:
+            return None
+        try:
+            return model.engine.json_grammar(ask.json_schema)
+        except PromptError as exc:
+            raise Invalid(str(exc), param=exc.param, code="invalid_value") from None
+
+    def _sampling(
+        self, ask: ChatAsk, prompt_tokens: int, model: ChatModel, grammar: str | None
+    ) -> SamplingParams:
+        limit = self.settings.max_tokens
+        n_ctx = model.engine.info.n_ctx
+        name = model.manifest.name
+        where = ask.prompt_param
+        requested = ask.max_tokens
+        if requested is not None and requested > limit:
+            raise Invalid(
+                f"max_tokens is {requested}; this appliance allows at most {limit} "
+                "(setting max_tokens)",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        if prompt_tokens == 0:
+            raise Invalid("the prompt is empty", param=where, code="invalid_value")
+        if prompt_tokens >= n_ctx:
+            raise Invalid(
+                f"the prompt has {prompt_tokens} tokens; the context window of "
+                f"{name} is {n_ctx} tokens",
+                param=where,
+                code="context_length_exceeded",
+            )
+        max_tokens = requested if requested is not None else min(limit, n_ctx - prompt_tokens)
+        if prompt_tokens + max_tokens > n_ctx:
+            raise Invalid(
+                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_tokens + max_tokens} tokens exceed the context window of "
+                f"{name}, {n_ctx} tokens",
+                param=where,
+                code="context_length_exceeded",
+            )
+        if ask.ignore_eos and grammar is not None:
+            raise Invalid(
+                "ignore_eos cannot be combined with response_format json",
+                param="ignore_eos",
+                code="invalid_value",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if ask.temperature is None else ask.temperature,
+            top_p=1.0 if ask.top_p is None else ask.top_p,
+            seed=ask.seed,
+            stop=stops(ask.stop),
+            presence_penalty=ask.presence_penalty or 0.0,
+            frequency_penalty=ask.frequency_penalty or 0.0,
+            grammar=grammar,
+            ignore_eos=ask.ignore_eos,
+        )
+
+    # -- embeddings -----------------------------------------------------------------
+
+    def embed(self, ctx: RequestContext, ask: EmbedAsk) -> Embeddings:
+        lease = self.resolve(ctx, ask.model, "embedding")
+        model = lease.model
+        assert isinstance(model, RunModel)
+        engine = model.engine
+        count = len(ask.texts if ask.texts is not None else ask.token_ids or [])
+        if count == 0:
+            raise Invalid(
+                "input is empty: give a string or a list of them",
+                param="input",
+                code="invalid_value",
+            )
+        if count > MAX_EMBED_INPUTS:
+            raise Invalid(
+                f"input holds {count} items; at most {MAX_EMBED_INPUTS} are embedded per request",
+                param="input",
+                code="too_many_inputs",
+            )
+        if ask.dimensions is not None and ask.dimensions != engine.dimensions:
+            raise Invalid(
+                f"dimensions is {ask.dimensions}; model {model.manifest.name} gives "
+                f"{engine.dimensions}-dimensional vectors and cannot shorten them",
+                param="dimensions",
+                code="invalid_value",
+            )
+        if ask.texts is not None:
+            for i, text in enumerate(ask.texts):
+                if not text:
+                    raise Invalid(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
+            batch = engine.tokenize(ask.texts)
+        else:
+            assert ask.token_ids is not None
+            vocab = engine.vocab_size()
+            batch = []
+            for i, ids in enumerate(ask.token_ids):
+                if not ids:
+                    raise Invalid(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise Invalid(
+                        f"input[{i}] holds token id {bad}; the vocabulary of "
+                        f"{model.manifest.name} has ids 0 to {vocab - 1}",
+                        param=f"input[{i}]",
+                        code="invalid_value",
+                    )
+                batch.append(engine.wrap_ids(ids))
+        limit = engine.max_input_tokens
+        for i, ids in enumerate(batch):
+            if len(ids) > limit:
+                raise Invalid(
+                    f"input[{i}] has {len(ids)} tokens; model {model.manifest.name} embeds "
+                    f"at most {limit} tokens per input",
+                    param=f"input[{i}]" if count > 1 or ask.texts is None else "input",
+                    code="context_length_exceeded",
+                )
+        tokens = sum(len(ids) for ids in batch)
+        ctx.usage.prompt_tokens = tokens
+        ctx.notes["inputs"] = count
+        # An embedding takes milliseconds: its request record is committed with the
+        # outcome record, in one fsync, before the answer leaves.
+        audit_pair.open_pair(self.store, ctx, ask.body, with_outcome=True)
+        with model.admission:
+            vectors = engine.embed(batch)
+        ctx.audit.output.append(f"{count} vectors of {vectors.shape[1]} dimensions")
+        return Embeddings(vectors, tokens)
+
+    # -- tensors --------------------------------------------------------------------
+
+    def run_tensors(
+        self,
+        ctx: RequestContext,
+        lease: Lease,
+        feeds: dict[str, np.ndarray],
+        outputs: list[str],
+        audit_input: dict[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Run a tensor model on decoded inputs (the protocol decoded them against the
+        model's own metadata, after resolve)."""
+        model = lease.model
+        assert isinstance(model, RunModel)
+        # A tensor model answers in microseconds: its request record is committed with
+        # the outcome record, in one fsync, before the answer leaves.
+        audit_pair.open_pair(self.store, ctx, audit_input, with_outcome=True)
+        with model.admission:
+            try:
+                results: dict[str, np.ndarray] = model.engine.run(feeds, outputs)
+            except Exception as exc:  # onnxruntime rejects what the metadata could not tell
+                raise Invalid(f"the model could not run these inputs: {exc}") from None
+        return results
+
+
+def stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if len(items) > MAX_STOPS:
+        raise Invalid(
+            f"stop has {len(items)} strings; at most {MAX_STOPS} are allowed",
+            param="stop",
+            code="invalid_value",
+        )
+    for i, text in enumerate(items):
+        # Each is matched against the answer after every token: a long one costs the
+        # model's thread (a 250,000-character stop string took 3.3 s of it).
+        if len(text) > MAX_STOP_CHARS:
+            raise Invalid(
+                f"stop[{i}] is {len(text)} characters long; at most {MAX_STOP_CHARS} are allowed",
+                param=f"stop[{i}]" if not isinstance(stop, str) else "stop",
+                code="invalid_value",
+            )
+    return tuple(s for s in items if s)
+
+
+class ChatRun:
+    """A submitted generation: collect it whole, or stream it. Either way the request
+    record is durable before the first byte of the answer, the answer is kept for the
+    outcome record, and the cost lands in the context's usage."""
+
+    def __init__(self, ctx: RequestContext, job: Job, store: AuditStore) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.store = store
+        self.settled = False  # the job's last event came
+
+    def confirm(self) -> None:
+        """The request record must be durable before the answer's first byte; if it
+        cannot be written, the model stops and the client gets 503."""
+        try:
+            audit_pair.confirm(self.store, self.ctx)
+        except Unavailable:
+            self.job.cancel()
+            raise
+
+    def _events(self) -> Iterator[Event | None]:
+        """The job's events; None every few seconds while nothing happens (keep-alive)."""
+        while True:
+            try:
+                event = self.job.events.get(timeout=KEEPALIVE_SECONDS)
+            except queue.Empty:
+                yield None
+                continue
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+    def _settle(self, done: Finished) -> None:
+        usage = self.ctx.usage
+        usage.prompt_tokens = done.prompt_tokens
+        usage.completion_tokens = done.completion_tokens
+        usage.cached_tokens = done.cached_tokens
+        usage.finish_reason = done.reason
+        usage.decode_seconds = done.decode_seconds
+
+    def collect(self) -> tuple[str, Finished]:
+        parts = self.ctx.audit.output  # the outcome record keeps the answer
+        try:
+            for event in self._events():
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    self._settle(event)
+                    self.confirm()
+                    return "".join(parts), event
+                elif isinstance(event, Failed):
+                    self.ctx.usage.finish_reason = "failed"
+                    raise GenerationFailed(event.message, code="generation_failed")
+        finally:
+            self.job.cancel()
+        raise AssertionError("event stream ended without an outcome")
+
+    def stream(self) -> Generator[Event | None, None, None]:
+        """The answer as it comes: text deltas, None for a keep-alive, then Finished or
+        Failed. Call confirm() before the first byte, and close() when done."""
+        try:
+            for event in self._events():
+                if isinstance(event, TextDelta):
+                    self.ctx.audit.output.append(event.text)
+                elif isinstance(event, Finished):
+                    self.settled = True
+                    self._settle(event)
+                elif isinstance(event, Failed):
+                    self.settled = True
+                    self.ctx.usage.finish_reason = "failed"
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Before the end (the client went away): cancel the job, which frees the model
+        at the next token, and keep what the answer cost so far."""
+        if self.settled:
+            return
+        self.settled = True
+        self.ctx.client_disconnected = True
+        last = self.job.cancel_and_settle()
+        if isinstance(last, Finished):
+            self._settle(last)
+        self.ctx.usage.finish_reason = "cancelled"

@@ -1,0 +1,154 @@
+"""One loader turns a manifest into a served model, by kind. The pool asks a Loader for
+a model's memory footprint and to load it; tests give the pool a fake one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from appliance.config import Settings
+from appliance.registry import Manifest
+from appliance.resources import footprint
+from appliance.serving.models import ChatModel, Loaded, RunModel
+from appliance.serving.scheduler import Admission, ModelScheduler
+
+log = logging.getLogger(__name__)
+
+
+class Loader(Protocol):
+    def footprint(self, manifest: Manifest) -> int:
+        """Bytes the model is expected to hold once loaded."""
+        ...
+
+    def load(self, manifest: Manifest) -> Loaded:
+        """The model, loaded and ready to serve; raises with the reason otherwise."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """A model's serving settings: its manifest's [serve] table over the global ones."""
+
+    parallel_streams: int
+    context_size: int
+    threads: int
+    gpu_layers: int
+    keep_alive: int
+
+    @classmethod
+    def of(cls, settings: Settings, manifest: Manifest) -> ServeSettings:
+        own = manifest.serve
+
+        def pick(mine: int | None, theirs: int) -> int:
+            return theirs if mine is None else mine
+
+        return cls(
+            parallel_streams=pick(own.parallel_streams, settings.parallel_streams),
+            context_size=pick(own.context_size, settings.context_size),
+            threads=pick(own.threads, settings.threads),
+            gpu_layers=pick(own.gpu_layers, settings.gpu_layers),
+            keep_alive=pick(own.keep_alive, settings.keep_alive),
+        )
+
+
+def _kernel_path(
+    settings: Settings, serve: ServeSettings, manifest: Manifest, path: Path
+) -> tuple[bool, dict[str, Any]]:
+    """Choose the kernels (once per process), then let a child process decode with
+    them before this one does: whether the model loads with extra buffer types."""
+    from appliance.engines import kernels, selftest
+
+    plan = kernels.plan(settings.cpu_kernels)
+    outcome, attempts = selftest.check(
+        path, settings.cpu_kernels, plan.extra_buffers, serve.gpu_layers
+    )
+    failed = [a for a in attempts if not a.ok]
+    for attempt in failed:
+        log.error(
+            "self-test failed" + ("; trying without extra buffer types" if outcome.ok else ""),
+            extra={
+                "model": manifest.name,
+                "extra_buffers": attempt.extra_buffers,
+                "child": attempt.detail,
+            },
+        )
+    if not outcome.ok:
+        raise RuntimeError(
+            "the start-up self-test crashed on every kernel path: "
+            + "; ".join(f"extra buffers {a.extra_buffers}: {a.detail}" for a in attempts)
+        )
+    if failed:
+        path_note = (
+            f"safe path: the self-test with extra buffer types {failed[0].detail}, "
+            f"so they are off for this model"
+        )
+    else:
+        path_note = "self-test passed"
+    return outcome.extra_buffers, {
+        "variant": plan.variant,
+        "extra_buffers": outcome.extra_buffers,
+        "cpu_amx": plan.cpu_amx,
+        "reason": plan.reason,
+        "selftest": f"{path_note} ({outcome.detail})",
+    }
+
+
+class EngineLoader:
+    """The real engines: llama.cpp for chat models, onnxruntime for tensor and
+    embedding models."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def footprint(self, manifest: Manifest) -> int:
+        serve = ServeSettings.of(self.settings, manifest)
+        path = self.settings.models_path / manifest.file
+        return footprint(manifest, path, serve.context_size, serve.parallel_streams, self.settings)
+
+    def load(self, manifest: Manifest) -> Loaded:
+        settings = self.settings
+        serve = ServeSettings.of(settings, manifest)
+        path = settings.models_path / manifest.file
+        if manifest.kind == "tensor":
+            from appliance.engines.onnx import OnnxEngine
+
+            slots = psutil.cpu_count(logical=False) or 1
+            return RunModel(
+                manifest,
+                OnnxEngine(path, settings.onnx_threads),
+                Admission(manifest.name, slots, settings.queue_depth),
+            )
+        if manifest.kind == "embedding":
+            from appliance.engines.embed import EmbeddingEngine
+
+            assert manifest.tokenizer is not None  # the manifest's parser insists
+            engine = EmbeddingEngine(
+                path,
+                settings.models_path / manifest.tokenizer.file,
+                threads=serve.threads,
+                max_input_tokens=manifest.context_length or 256,
+            )
+            slots = psutil.cpu_count(logical=False) or 1
+            return RunModel(manifest, engine, Admission(manifest.name, slots, settings.queue_depth))
+        extra_buffers, kernels_row = _kernel_path(settings, serve, manifest, path)
+        from appliance.engines.llama import LlamaEngine
+
+        chat = LlamaEngine(
+            path,
+            context_size=serve.context_size,
+            threads=serve.threads,
+            gpu_layers=serve.gpu_layers,
+            model_context=manifest.context_length,
+            parallel=serve.parallel_streams,
+            kv_type=settings.kv_cache_type,
+            extra_buffers=extra_buffers,
+            chat_template=manifest.chat_template,
+        )
+        chat.info.extra["kernels"] = kernels_row
+        scheduler = ModelScheduler(manifest.name, chat, settings.queue_depth)
+        scheduler.start()
+        return ChatModel(manifest, chat, scheduler)

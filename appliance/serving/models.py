@@ -1,0 +1,60 @@
+"""A model as the pool holds it once loaded, one type per kind: its manifest, its
+engine, and the bound on the requests it runs at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from appliance.engines.base import TextEngine
+from appliance.registry import Manifest
+from appliance.serving.scheduler import Admission, ModelScheduler
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass
+class ChatModel:
+    """A language model: one worker thread runs its batch (see scheduler.py)."""
+
+    manifest: Manifest
+    engine: TextEngine
+    scheduler: ModelScheduler
+
+    def snapshot(self) -> dict[str, Any]:
+        row: dict[str, Any] = dict(self.scheduler.snapshot())
+        row["n_ctx"] = self.engine.info.n_ctx
+        if "kernels" in self.engine.info.extra:
+            row["kernels"] = self.engine.info.extra["kernels"]
+        return row
+
+    def stalled(self, limit: float) -> str | None:
+        return self.scheduler.stalled(limit)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.engine.close()
+
+
+@dataclass
+class RunModel:
+    """A model whose runs may overlap (onnxruntime sessions): a tensor model, or an
+    embedding model. ``engine`` is an OnnxEngine or an EmbeddingEngine."""
+
+    manifest: Manifest
+    engine: Any
+    admission: Admission
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.admission.snapshot())
+
+    def stalled(self, limit: float) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+Loaded = ChatModel | RunModel

@@ -1,0 +1,469 @@
+"""The model garden's scheduling and the pipeline, on fake engines (tests/fakes.py):
+load on demand, keep-alive, least-recently-used eviction within the memory budget,
+pinned and busy models kept, one load for many waiting requests, refusals. Seconds,
+no GGUF; the real models go through the same paths in test_garden.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import text
+
+from appliance.app import close_app, create_app
+from appliance.audit.store import AuditStore
+from appliance.config import Settings
+from appliance.context import RequestContext
+from appliance.inference import get_pipeline
+from appliance.inference.pipeline import ChatAsk
+from appliance.problems import Unavailable
+from appliance.serving.pool import (
+    Lease,
+    ModelPool,
+    ModelUnavailable,
+    NoRoom,
+    UnknownModel,
+    WrongKind,
+)
+
+from fakes import FakeLoader, garden
+from helpers import admin_token
+
+CHAT = {"kind": "chat"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_pool(settings: Settings, loader: FakeLoader, clock: Clock | None = None) -> ModelPool:
+    pool = ModelPool(settings, loader, clock or time.monotonic)
+    pool.open()
+    return pool
+
+
+def states(pool: ModelPool) -> dict[str, str]:
+    return {row["name"]: row["state"] for row in pool.state()}
+
+
+def use(pool: ModelPool, name: str, kind: str | None = None) -> None:
+    pool.acquire(name, kind).release()
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> tuple[Settings, FakeLoader]:
+    """Three chat models of 40 MiB each in a 100 MiB budget: two fit at once."""
+    settings = garden(tmp_path, {"a": CHAT, "b": CHAT, "c": CHAT}, memory_limit_mb=100)
+    return settings, FakeLoader({"a": 40, "b": 40, "c": 40})
+
+
+def test_a_model_loads_on_its_first_request(three: tuple[Settings, FakeLoader]) -> None:
+    settings, loader = three
+    pool = open_pool(settings, loader)
+    try:
+        assert states(pool) == {"a": "unloaded", "b": "unloaded", "c": "unloaded"}
+        assert loader.loads == []
+        lease = pool.acquire("a", "chat")
+        assert lease.loaded_now and states(pool)["a"] == "ready"
+        lease.release()
+        again = pool.acquire("a", "chat")
+        assert not again.loaded_now and loader.loads == ["a"]  # loaded once
+        again.release()
+        assert pool.budget_state()["used_bytes"] == 40 << 20
+    finally:
+        pool.close()
+
+
+def test_the_least_recently_used_idle_model_makes_room(
+    three: tuple[Settings, FakeLoader],
+) -> None:
+    settings, loader = three
+    clock = Clock()
+    pool = open_pool(settings, loader, clock)
+    try:
+        use(pool, "a")
+        clock.now += 1
+        use(pool, "b")
+        clock.now += 1
+        use(pool, "a")  # a is now more recent than b
+        clock.now += 1
+        use(pool, "c")  # needs room: b goes, not a
+        assert states(pool) == {"a": "ready", "b": "unloaded", "c": "ready"}
+        assert loader.closed == ["b"]
+        clock.now += 1
+        use(pool, "b")  # and back: a is now the least recent
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "ready"}
+        assert loader.loads == ["a", "b", "c", "b"]
+        rows = {r["name"]: r for r in pool.state()}
+        assert rows["b"]["loads"] == 2 and rows["b"]["unloads"] == 1
+    finally:
+        pool.close()
+
+
+def test_a_busy_model_is_not_unloaded_for_another(three: tuple[Settings, FakeLoader]) -> None:
+    settings, loader = three
+    pool = open_pool(settings, loader)
+    try:
+        held_a = pool.acquire("a")
+        held_b = pool.acquire("b")
+        with pytest.raises(NoRoom) as refused:
+            pool.acquire("c", wait=0.5)
+        problem = refused.value
+        assert problem.retry_after == 5 and problem.code == "insufficient_memory"
+        assert "needs about 40 MiB" in problem.message
+        assert "a (40 MiB, 1 request(s))" in problem.message
+        assert states(pool)["c"] == "unloaded"  # nothing lost: it may load later
+        held_a.release()
+        use(pool, "c")  # a is idle now: it makes room
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "ready"}
+        held_b.release()
+    finally:
+        pool.close()
+
+
+def test_a_pinned_model_stays_and_loads_at_start(tmp_path: Path) -> None:
+    settings = garden(
+        tmp_path,
+        {"p": {"kind": "chat", "serve": {"pinned": True}}, "a": CHAT},
+        memory_limit_mb=100,
+    )
+    loader = FakeLoader({"p": 60, "a": 50})
+    pool = open_pool(settings, loader)
+    try:
+        assert loader.loads == ["p"] and states(pool)["p"] == "ready" and pool.ready
+        with pytest.raises(NoRoom, match=r"p \(60 MiB, pinned\)"):
+            pool.acquire("a")
+        assert pool.reap() == [] and states(pool)["p"] == "ready"
+    finally:
+        pool.close()
+
+
+def test_keep_alive_unloads_an_idle_model(tmp_path: Path) -> None:
+    settings = garden(
+        tmp_path,
+        {
+            "short": {"kind": "chat", "serve": {"keep_alive": 10}},
+            "forever": {"kind": "chat", "serve": {"keep_alive": -1}},
+            "pinned": {"kind": "chat", "serve": {"pinned": True, "keep_alive": 1}},
+        },
+        memory_limit_mb=1000,
+    )
+    clock = Clock()
+    pool = open_pool(settings, FakeLoader({}), clock)
+    try:
+        use(pool, "short")
+        use(pool, "forever")
+        held = pool.acquire("short")
+        clock.now += 11
+        assert pool.reap() == []  # in use: kept however long it has been
+        held.release()
+        clock.now += 9
+        assert pool.reap() == []  # idle 9 s of 10
+        clock.now += 2
+        assert pool.reap() == ["short"]
+        clock.now += 10_000
+        assert pool.reap() == []
+        assert states(pool) == {"forever": "ready", "pinned": "ready", "short": "unloaded"}
+    finally:
+        pool.close()
+
+
+def test_keep_alive_zero_unloads_after_each_request(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"once": {"kind": "chat", "serve": {"keep_alive": 0}}})
+    loader = FakeLoader({})
+    pool = open_pool(settings, loader)
+    try:
+        use(pool, "once")
+        assert states(pool)["once"] == "unloaded" and loader.closed == ["once"]
+    finally:
+        pool.close()
+
+
+def test_many_first_requests_share_one_load(three: tuple[Settings, FakeLoader]) -> None:
+    settings, _ = three
+    loader = FakeLoader({"a": 40}, delay=0.3)
+    pool = open_pool(settings, loader)
+    leases: list[Lease] = []
+    try:
+        threads = [
+            threading.Thread(target=lambda: leases.append(pool.acquire("a"))) for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert loader.loads == ["a"] and len(leases) == 6
+        assert sum(lease.loaded_now for lease in leases) == 1
+        assert next(r for r in pool.state() if r["name"] == "a")["in_use"] == 6
+    finally:
+        for lease in leases:
+            lease.release()
+        pool.close()
+
+
+def test_a_request_waits_for_a_load_no_longer_than_asked(
+    three: tuple[Settings, FakeLoader],
+) -> None:
+    settings, _ = three
+    pool = open_pool(settings, FakeLoader({"a": 40}, delay=1.0))
+    try:
+        loading = threading.Thread(target=lambda: use(pool, "a"))
+        loading.start()
+        time.sleep(0.2)
+        with pytest.raises(ModelUnavailable, match="still loading") as waited:
+            pool.acquire("a", wait=0.1)
+        assert waited.value.retry_after == 5
+        loading.join(5)
+        use(pool, "a")
+    finally:
+        pool.close()
+
+
+def test_a_model_that_fails_to_load_is_refused_with_its_reason(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"bad": CHAT, "good": CHAT})
+    pool = open_pool(settings, FakeLoader({}, fail=frozenset({"bad"})))
+    try:
+        with pytest.raises(ModelUnavailable, match="failed to load: the fake file is corrupt"):
+            pool.acquire("bad")
+        assert states(pool)["bad"] == "refused" and pool.budget_state()["used_bytes"] == 0
+        with pytest.raises(ModelUnavailable, match="failed to load"):
+            pool.acquire("bad")  # refused stays refused
+        use(pool, "good")  # the others are unaffected
+    finally:
+        pool.close()
+
+
+def test_lookup_refusals_name_the_model_and_its_kind(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"talk": CHAT, "vec": {"kind": "embedding"}})
+    pool = open_pool(settings, FakeLoader({}))
+    try:
+        with pytest.raises(UnknownModel, match="'ghost' does not exist; available: talk, vec"):
+            pool.acquire("ghost")
+        with pytest.raises(WrongKind) as wrong:
+            pool.acquire("vec", "chat")
+        assert "is an embedding model (kind embedding)" in wrong.value.message
+        assert "/v1/embeddings" in wrong.value.message
+        with pytest.raises(WrongKind, match="is a chat model"):
+            pool.acquire("talk", "embedding")
+        assert pool.state() and all(r["state"] == "unloaded" for r in pool.state())
+    finally:
+        pool.close()
+
+
+def test_a_model_that_can_never_fit_is_refused_at_start(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"huge": CHAT}, memory_limit_mb=100)
+    pool = open_pool(settings, FakeLoader({"huge": 150}))
+    try:
+        reason = pool.refused()["huge"]
+        assert "needs about 150 MiB" in reason and "memory_limit_mb 100" in reason
+    finally:
+        pool.close()
+
+
+def test_a_file_changed_after_verification_is_hashed_again(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"a": CHAT})
+    pool = open_pool(settings, FakeLoader({}))
+    try:
+        path = settings.models_path / "a.gguf"
+        path.write_bytes(b"swapped in after the start")
+        with pytest.raises(ModelUnavailable, match=r"has sha256 .*, expected"):
+            pool.acquire("a")
+        assert states(pool)["a"] == "refused"
+    finally:
+        pool.close()
+
+
+def test_a_missing_catalogue_model_is_not_listed_and_not_fatal(tmp_path: Path) -> None:
+    settings = garden(tmp_path, {"p": {"kind": "chat", "serve": {"pinned": True}}, "gone": CHAT})
+    (settings.models_path / "gone.gguf").unlink()
+    pool = open_pool(settings, FakeLoader({}))
+    try:
+        assert pool.ready and pool.names() == ["p"]
+        assert "is missing" in pool.refused()["gone"]
+        (settings.models_path / "p.gguf").write_bytes(b"tampered")
+        tampered = open_pool(settings, FakeLoader({}))
+        assert not tampered.ready and "has sha256" in tampered.not_ready_reasons()[0]
+        tampered.close()
+    finally:
+        pool.close()
+
+
+# -- the pipeline, through the real Flask app and a real audit log on fakes --------
+
+
+@pytest.fixture
+def fake_app(tmp_path: Path) -> Iterator[tuple[Flask, FakeLoader]]:
+    settings = garden(
+        tmp_path,
+        {
+            "talk": {"kind": "chat", "serve": {"pinned": True}},
+            "other": CHAT,
+            "vec": {"kind": "embedding"},
+        },
+        memory_limit_mb=100,
+    )
+    loader = FakeLoader({"talk": 40, "other": 40, "vec": 40})
+    app = create_app(settings, loader)
+    yield app, loader
+    close_app(app)
+
+
+def client_of(app: Flask) -> FlaskClient:
+    settings: Settings = app.config["APPLIANCE_SETTINGS"]
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {admin_token(settings.state_dir)}"
+    return client
+
+
+def audit_rows(app: Flask) -> list[dict[str, Any]]:
+    store: AuditStore = app.extensions["appliance.audit"]
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM audit_records ORDER BY seq"))
+        return [dict(r._mapping) for r in rows]
+
+
+def test_chat_loads_on_demand_and_is_audited(fake_app: tuple[Flask, FakeLoader]) -> None:
+    app, loader = fake_app
+    client = client_of(app)
+    assert client.get("/readyz").status_code == 200  # the pinned one is ready
+    resp = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "other",
+            "messages": [{"role": "user", "content": "a b c"}],
+            "max_tokens": 3,
+        },
+    )
+    assert resp.status_code == 200, resp.data
+    assert resp.get_json()["choices"][0]["message"]["content"] == "alpha beta gamma "
+    assert loader.loads == ["talk", "other"]
+    rows = audit_rows(app)
+    loads = [r for r in rows if r["route"] == "models" and r["method"] == "LOAD"]
+    assert [r["model"] for r in loads] == ["talk", "other"]
+    request_id = resp.headers["X-Request-Id"]
+    pair = [r["kind"] for r in rows if r["request_id"] == request_id]
+    assert pair == ["request", "outcome"]
+    outcome = next(r for r in rows if r["request_id"] == request_id and r["kind"] == "outcome")
+    assert outcome["completion_tokens"] == 3 and outcome["finish_reason"] == "length"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'appliance_model_loads_total{model="other"} 1.0' in metrics
+    assert 'appliance_model_state{kind="chat",model="other",state="ready"} 1.0' in metrics
+    assert 'appliance_model_memory_bytes{model="other"} 4.194304e+07' in metrics
+
+
+def test_wrong_kind_is_400_naming_the_kind(fake_app: tuple[Flask, FakeLoader]) -> None:
+    app, loader = fake_app
+    client = client_of(app)
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "vec", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert chat.status_code == 400
+    error = chat.get_json()["error"]
+    assert error["code"] == "wrong_model_kind" and "embedding model" in error["message"]
+    embed = client.post("/v1/embeddings", json={"model": "talk", "input": "x"})
+    assert embed.status_code == 400 and "is a chat model" in embed.get_json()["error"]["message"]
+    v2 = client.post("/v2/models/talk/infer", json={"inputs": []})
+    assert v2.status_code == 400 and "chat model" in v2.get_json()["error"]
+    assert loader.loads == ["talk"]  # nothing loaded for a request of the wrong kind
+
+
+def test_no_room_is_503_with_retry_after(fake_app: tuple[Flask, FakeLoader]) -> None:
+    app, _ = fake_app
+    client = client_of(app)
+    pool = app.extensions["appliance.models"]
+    held = pool.acquire("other")  # talk (pinned) + other (busy) fill the 100 MiB
+    try:
+        resp = client.post("/v1/embeddings", json={"model": "vec", "input": "x"})
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+        assert resp.get_json()["error"]["code"] == "insufficient_memory"
+    finally:
+        held.release()
+    resp = client.post("/v1/embeddings", json={"model": "vec", "input": "x"})
+    assert resp.status_code == 200
+    assert {r["name"]: r["state"] for r in pool.state()}["other"] == "unloaded"
+
+
+def test_a_stream_holds_its_model_until_it_ends(fake_app: tuple[Flask, FakeLoader]) -> None:
+    app, _ = fake_app
+    client = client_of(app)
+    pool = app.extensions["appliance.models"]
+    resp = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "other",
+            "messages": [{"role": "user", "content": "a"}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+        buffered=False,
+    )
+    chunks = resp.response
+    next(iter(chunks))  # the first chunk: the stream is under way
+    in_use = {r["name"]: r["in_use"] for r in pool.state()}
+    assert in_use["other"] == 1
+    with pytest.raises(NoRoom):  # other is busy: vec cannot push it out
+        pool.acquire("vec", wait=0.2)
+    body = b"".join(chunks)
+    resp.close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert {r["name"]: r["in_use"] for r in pool.state()}["other"] == 0
+
+
+def test_a_stage_plugs_in_between_resolve_and_prepare(
+    fake_app: tuple[Flask, FakeLoader],
+) -> None:
+    """Routing and grounding will be stages: they see the resolved model and the ask,
+    and can refuse, without a blueprint knowing."""
+    app, _ = fake_app
+    seen: list[tuple[str | None, str]] = []
+
+    def stage(ctx: RequestContext, ask: ChatAsk, lease: Lease) -> None:
+        seen.append((ctx.model, lease.manifest.kind))
+        if ask.messages and ask.messages[0]["content"] == "refuse":
+            raise Unavailable("the stage refused", code="stage_refused")
+
+    get_pipeline(app).stages.append(stage)
+    client = client_of(app)
+    ok = client.post(
+        "/v1/chat/completions",
+        json={"model": "talk", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
+    )
+    assert ok.status_code == 200 and seen == [("talk", "chat")]
+    refused = client.post(
+        "/v1/chat/completions",
+        json={"model": "talk", "messages": [{"role": "user", "content": "refuse"}]},
+    )
+    assert refused.status_code == 503 and refused.get_json()["error"]["code"] == "stage_refused"
+
+
+def test_embedding_limits_are_clear_400s(fake_app: tuple[Flask, FakeLoader]) -> None:
+    app, _ = fake_app
+    client = client_of(app)
+
+    def error(body: dict[str, Any]) -> dict[str, Any]:
+        resp = client.post("/v1/embeddings", json={"model": "vec", **body})
+        assert resp.status_code == 400, resp.data
+        return dict(resp.get_json()["error"])
+
+    long = error({"input": ["ok", "x " * 20]})
+    assert long["param"] == "input[1]" and "22 tokens" in long["message"]
+    assert "at most 16 tokens" in long["message"]
+    many = error({"input": ["x"] * 257})
+    assert "257 items" in many["message"] and "at most 256" in many["message"]
+    ids = error({"input": [5, 1000]})
+    assert "token id 1000" in ids["message"] and "0 to 999" in ids["message"]
+    dims = error({"input": "x", "dimensions": 4})
+    assert dims["param"] == "dimensions" and "8-dimensional" in dims["message"]
+    assert error({"input": []})["param"] == "input"
+    assert error({"input": "x", "encoding_format": "int8"})["param"] == "encoding_format"
