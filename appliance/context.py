@@ -65,6 +65,10 @@ class RequestContext:
     lease: Lease | None = None
     usage: Usage = field(default_factory=Usage)
     client_disconnected: bool = False
+    # A stream that began (with keep-alive comments) before its model had loaded: its
+    # outcome, or the problem that ended it, is known only when the stream ends.
+    deferred_stream: bool = False
+    deferred_status: int | None = None
     error_type: str | None = None  # a stable reason for a refusal or a failure
     audit: AuditPair = field(default_factory=AuditPair)
     audit_ms: float = 0.0  # time the request waited on the audit log

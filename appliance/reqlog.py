@@ -63,6 +63,8 @@ def init_app(app: Flask) -> None:
         def emit() -> None:
             if not ACCESS.isEnabledFor(logging.INFO):
                 return
+            if ctx.deferred_status is not None:  # a stream that ended with a problem
+                http["status"] = ctx.deferred_status
             fields = {
                 **ctx.log_fields(),
                 **http,

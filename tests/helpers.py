@@ -20,6 +20,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".test-cache"
+GEMMA, MINILM = "gemma-3-270m", "minilm-l6-v2"  # the catalogue's models beside the default
 # What issue #2 asks every manifest to say, as clients see it.
 MANIFEST_FIELDS = (
     "name",
@@ -48,6 +49,16 @@ def make_state(root: Path, model_file: Path) -> Path:
         except OSError:
             target.write_bytes(source.read_bytes())
     return root
+
+
+def add_garden(state: Path, manifests: dict[str, Any]) -> None:
+    """Hard-link the catalogue's models (gemma-3-270m, minilm-l6-v2 and its tokenizer)
+    into a state directory made by make_state."""
+    for name in (GEMMA, MINILM):
+        for file, _ in manifests[name].files():
+            target = state / "models" / file
+            if not target.exists():
+                os.link(CACHE / "models" / file, target)
 
 
 def free_port() -> int:

@@ -18,7 +18,16 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 from appliance.auth.store import AuthStore
 from appliance.config import load_settings
 
-from helpers import REPO, Server, ServerFactory, make_state, model_state, start_server, wait_for
+from helpers import (
+    REPO,
+    Server,
+    ServerFactory,
+    add_garden,
+    make_state,
+    model_state,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.server
 
@@ -52,8 +61,11 @@ def add_user(state: Path, name: str, role: str = "clinician") -> None:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Server]:
+def web(
+    tmp_path_factory: pytest.TempPathFactory, model_file: Path, garden_manifests: dict[str, Any]
+) -> Iterator[Server]:
     state = make_state(tmp_path_factory.mktemp("web") / "state", model_file)
+    add_garden(state, garden_manifests)  # a second chat model, and an embedding model
     for name in ("nurse.ana", "nurse.ben", "nurse.cy", "nurse.dee"):
         add_user(state, name)
     add_user(state, "it.admin", "admin")
@@ -246,6 +258,31 @@ def test_signed_out_and_network_lost_states(
     context.close()
 
 
+def test_the_picker_offers_chat_models_and_says_which_load_on_first_use(
+    browser: Browser, web: Server
+) -> None:
+    """The embedding model is for search, not for questions: it is not offered. A chat
+    model that is not loaded says it takes a moment on its first question, and
+    answers."""
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, web, "nurse.cy")
+    options = page.locator("#model option").all_inner_texts()
+    assert not any("minilm" in o for o in options), options
+    [gemma] = [o for o in options if o.startswith("gemma-3-270m")]
+    assert "loads when first asked" in gemma
+    [smol] = [o for o in options if o.startswith("smollm2-135m-instruct")]
+    assert "loads when first asked" not in smol  # pinned: always loaded
+    page.select_option("#model", "gemma-3-270m")
+    page.fill("#question", "Name a colour.")
+    page.click("#ask")
+    page.wait_for_selector(".message.assistant .content:not(:empty)", timeout=90_000)
+    page.wait_for_selector("#ask:not([disabled])", timeout=90_000)
+    shot(page, "10-second-model")
+    assert model_state(web.url, "gemma-3-270m")["state"] == "ready"
+    context.close()
+
+
 def test_status_page_for_it(browser: Browser, web: Server) -> None:
     context = browser.new_context()
     page = context.new_page()
@@ -258,8 +295,13 @@ def test_status_page_for_it(browser: Browser, web: Server) -> None:
         "audit chain",
         "tls certificate",
         "memory",
+        "Memory for models",
+        "embedding (onnx)",
+        "ready, pinned",
     ):
         assert fragment in text
+    rows = {r.split("\t")[0]: r for r in page.inner_text("table tbody").splitlines()}
+    assert "unloaded" in rows["minilm-l6-v2"]  # nobody asked it anything
     shot(page, "09-status")
     clinician = browser.new_context().new_page()
     sign_in(clinician, web, "nurse.ana")

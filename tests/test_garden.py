@@ -19,26 +19,12 @@ import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
-from appliance.config import load_settings
-from appliance.fetch import fetch_model
-from appliance.registry import Manifest, load_manifests, verify_model
+from appliance.registry import Manifest
 
-from helpers import CACHE, Server, model_state, run_cli, start_server
+from helpers import CACHE, GEMMA, MINILM, Server, model_state, run_cli, start_server
 
-GEMMA, MINILM, SMOL = "gemma-3-270m", "minilm-l6-v2", "smollm2-135m-instruct"
+SMOL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="session")
-def garden_manifests(model_file: Path) -> dict[str, Manifest]:
-    """The catalogue's models, fetched once per checkout through `fetch_model` (the
-    path `appliance models fetch` takes), beside the default model."""
-    settings = load_settings(env={}, overrides={"state_dir": CACHE})
-    manifests = load_manifests(settings)
-    for name in (GEMMA, MINILM):
-        if not verify_model(manifests[name], model_file.parent).ok:
-            fetch_model(manifests[name], model_file.parent)
-    return manifests
 
 
 @pytest.fixture(scope="module")

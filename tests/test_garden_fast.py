@@ -5,6 +5,7 @@ no GGUF; the real models go through the same paths in test_garden.py."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -408,8 +409,9 @@ def test_a_stream_holds_its_model_until_it_ends(fake_app: tuple[Flask, FakeLoade
         },
         buffered=False,
     )
-    chunks = resp.response
-    next(iter(chunks))  # the first chunk: the stream is under way
+    chunks = iter(resp.response)
+    while not next(chunks).startswith(b"data: "):  # past the loading comments: under way
+        pass
     in_use = {r["name"]: r["in_use"] for r in pool.state()}
     assert in_use["other"] == 1
     with pytest.raises(NoRoom):  # other is busy: vec cannot push it out
@@ -467,3 +469,94 @@ def test_embedding_limits_are_clear_400s(fake_app: tuple[Flask, FakeLoader]) -> 
     assert dims["param"] == "dimensions" and "8-dimensional" in dims["message"]
     assert error({"input": []})["param"] == "input"
     assert error({"input": "x", "encoding_format": "int8"})["param"] == "encoding_format"
+
+
+# -- a stream whose model must load first ------------------------------------------
+
+
+@pytest.fixture
+def slow_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Flask, FakeLoader]]:
+    from appliance.api import streams
+
+    monkeypatch.setattr(streams, "LOADING_KEEPALIVE_SECONDS", 0.1)
+    settings = garden(tmp_path, {"talk": {"kind": "chat", "serve": {"pinned": True}}, "slow": CHAT})
+    loader = FakeLoader({}, delay=0.6)
+    app = create_app(settings, loader)
+    yield app, loader
+    close_app(app)
+
+
+def stream_lines(client: FlaskClient, content: str) -> tuple[Any, list[bytes]]:
+    resp = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "slow",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 2,
+            "stream": True,
+        },
+        buffered=False,
+    )
+    assert resp.status_code == 200
+    return resp, list(resp.response)
+
+
+def test_a_stream_keeps_the_client_company_while_its_model_loads(
+    slow_app: tuple[Flask, FakeLoader],
+) -> None:
+    app, _ = slow_app
+    client = client_of(app)
+    resp, chunks = stream_lines(client, "a b")
+    resp.close()
+    body = b"".join(chunks)
+    assert body.startswith(b": loading model slow\n\n")
+    assert body.count(b": loading model slow") >= 3  # one every 0.1 s of a 0.6 s load
+    assert b'"content":"alpha "' in body and body.endswith(b"data: [DONE]\n\n")
+    rows = [r for r in audit_rows(app) if r["request_id"] == resp.headers["X-Request-Id"]]
+    assert [(r["kind"], r["status"]) for r in rows] == [("request", None), ("outcome", 200)]
+    assert rows[1]["completion_tokens"] == 2
+
+
+def test_a_problem_found_after_the_load_ends_the_stream_in_openai_shape(
+    slow_app: tuple[Flask, FakeLoader],
+) -> None:
+    app, _ = slow_app
+    client = client_of(app)
+    resp, chunks = stream_lines(client, "word " * 70)  # the fake's window is 64 tokens
+    resp.close()
+    body = b"".join(chunks)
+    last = json.loads(body.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "context_length_exceeded"
+    assert "70 tokens" in last["error"]["message"]
+    [event] = [r for r in audit_rows(app) if r["request_id"] == resp.headers["X-Request-Id"]]
+    assert event["kind"] == "event" and event["status"] == 400
+    assert event["error_type"] == "context_length_exceeded"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/v1/chat/completions",status="400"' in metrics
+
+
+def test_a_client_that_leaves_during_the_load_frees_the_model(
+    slow_app: tuple[Flask, FakeLoader],
+) -> None:
+    app, _ = slow_app
+    client = client_of(app)
+    resp = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "slow",
+            "messages": [{"role": "user", "content": "a"}],
+            "max_tokens": 50,
+            "stream": True,
+        },
+        buffered=False,
+    )
+    first = next(iter(resp.response))
+    assert first.startswith(b": loading")
+    resp.close()  # the client hangs up while the model loads
+    pool = app.extensions["appliance.models"]
+    row = next(r for r in pool.state() if r["name"] == "slow")
+    assert row["state"] == "ready" and row["in_use"] == 0
+    rows = [r for r in audit_rows(app) if r["request_id"] == resp.headers["X-Request-Id"]]
+    assert [r["kind"] for r in rows] == ["request", "outcome"]
+    assert rows[1]["error_type"] == "client_disconnected"
+    assert rows[1]["finish_reason"] == "cancelled"

@@ -221,7 +221,8 @@ def init_app(app: Flask) -> Metrics:
 
         def observe() -> None:
             elapsed = time.perf_counter() - ctx.started
-            metrics.observe(ctx, route, response.status_code, elapsed)
+            status = ctx.deferred_status or response.status_code
+            metrics.observe(ctx, route, status, elapsed)
             tokens, seconds = ctx.usage.completion_tokens, ctx.usage.decode_seconds
             if tokens and seconds:
                 collector.tokens_per_second[str(ctx.model)] = tokens / seconds

@@ -5,6 +5,7 @@ inference pipeline and its answer back; the pipeline does the rest."""
 from __future__ import annotations
 
 import base64
+import functools
 import time
 from typing import Any
 
@@ -29,7 +30,8 @@ from appliance.api.schemas import (
     ModelCard,
     ModelList,
 )
-from appliance.api.streams import sse, start_stream, usage
+from appliance.api.streams import PutText, sse, start_stream, stream_after_load, usage
+from appliance.context import RequestContext
 from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk
 from appliance.serving import get_pool
@@ -112,9 +114,7 @@ def chat_completions() -> Response:
         **_sampling(req),
     )
     ctx = context.current()
-    run = get_pipeline(current_app).chat(ctx, ask)
-    ident, created = "chatcmpl-" + ctx.request_id, int(time.time())
-    name = ctx.model or req.model
+    ident, created, name = "chatcmpl-" + ctx.request_id, int(time.time()), req.model
     if req.stream:
         chunk = {
             "id": ident,
@@ -142,8 +142,8 @@ def chat_completions() -> Response:
                 **({"usage": None} if include else {}),
             }
         )
-        return start_stream(run, chunk, put_text, include, first)
-    text, done = run.collect()
+        return _stream(ctx, ask, chunk, put_text, include, first)
+    text, done = get_pipeline(current_app).chat(ctx, ask).collect()
     answer = ChatCompletion(
         id=ident,
         created=created,
@@ -158,6 +158,23 @@ def chat_completions() -> Response:
         ],
     )
     return Response(answer.model_dump_json(), mimetype="application/json")
+
+
+def _stream(
+    ctx: RequestContext,
+    ask: ChatAsk,
+    chunk: dict[str, Any],
+    put_text: PutText,
+    include: bool,
+    first: bytes = b"",
+) -> Response:
+    """A stream; when its model must load first, one that says so with keep-alive
+    comments while it loads, rather than a silent wait."""
+    pipeline = get_pipeline(current_app)
+    if pipeline.pool.needs_load(ask.model, "chat"):
+        start = functools.partial(pipeline.chat, ctx, ask)
+        return stream_after_load(ctx, start, chunk, put_text, include, first)
+    return start_stream(pipeline.chat(ctx, ask), chunk, put_text, include, first)
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
@@ -210,9 +227,7 @@ def completions() -> Response:
         **_sampling(req),
     )
     ctx = context.current()
-    run = get_pipeline(current_app).chat(ctx, ask)
-    ident, created = "cmpl-" + ctx.request_id, int(time.time())
-    name = ctx.model or req.model
+    ident, created, name = "cmpl-" + ctx.request_id, int(time.time()), req.model
     if req.stream:
         chunk = {
             "id": ident,
@@ -225,8 +240,8 @@ def completions() -> Response:
             return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return start_stream(run, chunk, put_text, include)
-    text, done = run.collect()
+        return _stream(ctx, ask, chunk, put_text, include)
+    text, done = get_pipeline(current_app).chat(ctx, ask).collect()
     answer = Completion(
         id=ident,
         created=created,

@@ -45,6 +45,8 @@ def build_document() -> dict[str, Any]:
         schemas.ChatCompletion,
         schemas.ChatCompletionChunk,
         schemas.Completion,
+        schemas.EmbeddingRequest,
+        schemas.EmbeddingList,
         schemas.ModelCard,
         schemas.ModelList,
         schemas.ErrorResponse,
@@ -78,9 +80,23 @@ def build_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/embeddings": {
+                "post": {
+                    "summary": "Embeddings (OpenAI): unit-length vectors of texts or token ids",
+                    "description": "On an embedding model (kind embedding); another kind is "
+                    "400 wrong_model_kind. A model not loaded loads first (or 503 with "
+                    "Retry-After when memory cannot be made).",
+                    "requestBody": {"required": True, **_body(schemas.EmbeddingRequest)},
+                    "responses": {
+                        "200": {"description": "vectors", **_body(schemas.EmbeddingList)},
+                        **infer_errors,
+                    },
+                }
+            },
             "/v1/models": {
                 "get": {
-                    "summary": "Models being served, with their manifests",
+                    "summary": "The chat and embedding models, with their manifests, state "
+                    "(unloaded, loading, ready, unloading) and memory",
                     "responses": {"200": {"description": "list", **_body(schemas.ModelList)}},
                 }
             },
@@ -106,7 +122,8 @@ def build_document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: every model verified and loaded",
+                    "summary": "Readiness: every pinned model loaded, the audit log "
+                    "writable; every model's state and memory",
                     "responses": {
                         "200": {"description": "ready"},
                         "503": {"description": "not ready, with reasons"},

@@ -3,16 +3,25 @@ Closing the stream (the client went away) closes the run, which cancels the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
 
-from appliance.api.errors import error_body
+from appliance.api.errors import error_body, problem_body, status_of
 from appliance.api.schemas import PromptTokensDetails, Usage
+from appliance.context import RequestContext
 from appliance.engines.base import Failed, Finished, TextDelta
 from appliance.inference.pipeline import ChatRun
+from appliance.problems import Failed as Failure
+from appliance.problems import Problem
+
+log = logging.getLogger(__name__)
+LOADING_KEEPALIVE_SECONDS = 2.0
 
 PutText = Callable[[str | None, str | None], dict[str, Any]]
 
@@ -65,6 +74,77 @@ def start_stream(
     resp = Response(
         _chunks(run, chunk, put_text, include_usage, first), mimetype="text/event-stream"
     )
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+def stream_after_load(
+    ctx: RequestContext,
+    start: Callable[[], ChatRun],
+    chunk: dict[str, Any],
+    put_text: PutText,
+    include_usage: bool,
+    first: bytes = b"",
+) -> Response:
+    """A stream whose model must load first: the response begins at once with SSE
+    comments every few seconds (clients and proxies keep the connection), while
+    ``start`` (the pipeline) loads, prepares and submits. A problem found then (the
+    prompt too long, no room) ends the stream with one error event in OpenAI's shape.
+    The request record is still durable before the answer's first byte."""
+    ctx.deferred_stream = True
+    outcome: dict[str, Any] = {}
+
+    def prepare() -> None:
+        try:
+            outcome["run"] = start()
+        except Problem as problem:
+            outcome["problem"] = problem
+        except Exception as exc:  # reported in the stream, and logged by the caller
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=prepare, name=f"prepare-{ctx.request_id[:8]}", daemon=True)
+    worker.start()
+
+    def body() -> Iterator[bytes]:
+        ended = False  # the stream reached its end: an answer, or an error event
+        try:
+            name = ctx.model or chunk.get("model", "")
+            while worker.is_alive():
+                yield f": loading model {name}\n\n".encode()
+                worker.join(LOADING_KEEPALIVE_SECONDS)
+            run: ChatRun | None = outcome.get("run")
+            problem: Problem | None = outcome.get("problem")
+            if "error" in outcome:
+                log.error("stream preparation failed", exc_info=outcome["error"])
+                problem = Failure("internal error; see the server log", code="internal_error")
+            if run is not None:
+                try:
+                    run.confirm()
+                except Problem as audit_down:  # confirm() has cancelled the job
+                    problem = audit_down
+            if problem is not None:
+                ended = True
+                ctx.note_error(problem.code or "error")
+                ctx.deferred_status = status_of(problem)
+                yield sse(problem_body(problem))
+                return
+            assert run is not None
+            ended = True
+            yield from _chunks(run, chunk, put_text, include_usage, first)
+        finally:
+            if not ended:
+                # The client left while the model loaded: wait for the pipeline, then
+                # cancel what it started, so that the model is free and the audit pair
+                # closes (as cancelled).
+                worker.join()
+                late: ChatRun | None = outcome.get("run")
+                if late is not None:
+                    with contextlib.suppress(Problem):
+                        late.confirm()
+                    late.close()
+
+    resp = Response(body(), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

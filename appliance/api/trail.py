@@ -77,6 +77,30 @@ def _refused_input(suppressed_before: int) -> dict[str, Any]:
     return {"refused": refused}
 
 
+def _when_the_stream_ends(store: AuditStore, response: Response) -> Response:
+    """A stream that began before its model loaded: whether its request record was
+    opened (and so an outcome is owed), or a problem ended it first (an event record
+    with the problem's status), is known only when it ends."""
+    ctx = context.current()
+    content = _request_input()  # read now: the request is gone when the stream ends
+
+    def finish() -> None:
+        status = ctx.deferred_status or response.status_code
+        if ctx.audit.opened:
+            record = audit_pair.outcome(ctx, status)
+            record.content = {"output": "".join(ctx.audit.output)}
+        else:
+            record = audit_pair.outcome(ctx, status, "event")
+            record.content = content
+        try:
+            store.append(record)
+        except AuditUnavailable as exc:
+            log.error("audit record lost", extra={"request_id": ctx.request_id, "error": str(exc)})
+
+    response.call_on_close(finish)
+    return response
+
+
 def init_app(app: Flask, store: AuditStore) -> None:
     app.extensions[EXTENSION] = store
 
@@ -91,6 +115,8 @@ def init_app(app: Flask, store: AuditStore) -> None:
                 audit_pair.confirm(store, ctx)  # a request refused after its record was queued
             except AuditDown as err:
                 return error_response(err)
+        if response.is_streamed and ctx.deferred_stream:
+            return _when_the_stream_ends(store, response)
         if response.is_streamed and pair.opened:
 
             def finish() -> None:

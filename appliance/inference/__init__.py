@@ -21,9 +21,12 @@ def init_app(app: Flask, pipeline: Pipeline) -> Pipeline:
     @app.after_request
     def _release_lease(response: Response) -> Response:
         ctx = context.current()
-        lease = ctx.lease
-        if lease is not None:
-            response.call_on_close(lease.release)
+
+        def release() -> None:  # the lease as it is then: a stream may take it later
+            if ctx.lease is not None:
+                ctx.lease.release()
+
+        response.call_on_close(release)
         return response
 
     @app.teardown_request

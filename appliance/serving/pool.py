@@ -227,6 +227,17 @@ class ModelPool:
 
     # -- the one lookup -------------------------------------------------------------
 
+    def needs_load(self, name: str, kind: str) -> bool:
+        """Whether a request for ``name`` of this kind would wait for a load now (not
+        when it would be refused at once: unknown, wrong kind, refused)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return (
+                entry is not None
+                and entry.manifest.kind == kind
+                and entry.state in ("unloaded", "loading", "unloading")
+            )
+
     def manifest(self, name: str) -> Manifest:
         with self._lock:
             return self._entry(name).manifest

@@ -146,9 +146,11 @@ def status() -> Response:
 
     settings = current_app.config["APPLIANCE_SETTINGS"]
     store = get_store(current_app)
+    pool = get_pool(current_app)
     html = render_template(
         "status.html",
-        models=get_pool(current_app).state(),
+        models=pool.state(),
+        memory=pool.budget_state(),
         checks=examine(settings, quick=True),
         audit={"writable": store.healthy, "error": store.last_error},
     )

@@ -246,14 +246,20 @@
       }
       const data = await response.json();
       modelSelect.replaceChildren();
-      for (const m of data.data) {
+      // Only the models that answer questions; embedding models serve search.
+      const chat = data.data.filter(function (m) { return m.kind === "chat"; });
+      for (const m of chat) {
         models[m.id] = m;
         const option = document.createElement("option");
         option.value = m.id;
-        option.textContent = m.id + " (" + m.domain + ")";
+        // A model that is not loaded takes a few seconds more on its first question.
+        const later = m.state === "ready" ? "" : ", loads when first asked";
+        option.textContent = m.id + " (" + m.domain + later + ")";
         modelSelect.append(option);
       }
-      if (!data.data.length) say("No specialist is available right now.", "error");
+      const preferred = chat.find(function (m) { return m.default; });
+      if (preferred) modelSelect.value = preferred.id;  // the default model, until one is picked
+      if (!chat.length) say("No specialist is available right now.", "error");
       modelSelect.dispatchEvent(new Event("change"));
     } catch (error) {
       say("Network lost: the appliance cannot be reached.", "error");
