@@ -119,6 +119,12 @@ def begin() -> RequestContext:
     return ctx
 
 
+def existing() -> RequestContext | None:
+    """This request's context if one was made (teardown: after_request may not have run)."""
+    ctx: RequestContext | None = g.get("ctx")
+    return ctx
+
+
 def current() -> RequestContext:
     """This request's context (one is made for a request that has none yet: an error
     raised before the first hook ran still gets a log line)."""

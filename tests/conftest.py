@@ -151,6 +151,12 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) ->
     server.stop()
 
 
+def pinned_models(work: Path, model_file: Path) -> Path:
+    """A models directory of the pinned models only (the default and the line model):
+    what a bundle must carry, without the catalogue's larger files."""
+    return make_state(work / "pinned", model_file) / "models"
+
+
 def build_bundle(out: Path, key: Path, models: Path, *extra: str) -> None:
     result = provision(
         "build-bundle", str(out), "--signing-key", str(key), "--models", str(models), *extra
@@ -164,7 +170,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> tuple[
     other wheels from the local pip cache, the real models) and its public key."""
     work = tmp_path_factory.mktemp("bundle")
     out, key = work / "appliance.tar", work / "signing.pem"
-    build_bundle(out, key, model_file.parent)
+    build_bundle(out, key, pinned_models(work, model_file))
     return out, work / "signing.pub"
 
 
@@ -175,5 +181,6 @@ def newer_bundle(bundle: tuple[Path, Path], model_file: Path) -> tuple[Path, str
     major, minor, micro = (*Version(__version__).release, 0, 0)[:3]
     version = f"{major}.{minor}.{micro + 1}"
     out = bundle[0].with_name(f"appliance-{version}.tar")
-    build_bundle(out, bundle[1].with_suffix(".pem"), model_file.parent, "--version", version)
+    models = pinned_models(out.parent / "newer", model_file)
+    build_bundle(out, bundle[1].with_suffix(".pem"), models, "--version", version)
     return out, version

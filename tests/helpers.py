@@ -38,11 +38,17 @@ MANIFEST_FIELDS = (
 
 
 def make_state(root: Path, model_file: Path) -> Path:
-    """A state directory whose model directory holds the default model and the models
-    built beside it (hard links)."""
+    """A state directory whose model directory holds the pinned models: the default
+    model and the line model built beside it (hard links). The catalogue's others are
+    left out (add_garden adds them)."""
+    from appliance.config import load_settings
+    from appliance.registry import load_manifests
+
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
-    for source in [model_file, *sorted(model_file.parent.glob("*.onnx"))]:
+    shipped = load_manifests(load_settings(env={}, overrides={"state_dir": root}))
+    pinned = {f for m in shipped.values() if m.serve.pinned for f, _ in m.files()}
+    for source in [model_file.parent / name for name in sorted(pinned)]:
         target = models / source.name
         try:
             os.link(source, target)

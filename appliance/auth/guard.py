@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, current_app, g, redirect, request
+from flask import Flask, Response, current_app, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance import context
@@ -339,8 +339,7 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
 
     @app.teardown_request
     def _release_on_error(exc: BaseException | None) -> None:
-        ctx: context.RequestContext | None = g.get("ctx")
-        release = ctx.release_in_flight if ctx is not None else None
-        if release is not None:  # after_request did not run
-            ctx.release_in_flight = None  # type: ignore[union-attr]
+        ctx = context.existing()
+        if ctx is not None and ctx.release_in_flight is not None:  # after_request did not run
+            release, ctx.release_in_flight = ctx.release_in_flight, None
             release()

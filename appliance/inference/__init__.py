@@ -7,7 +7,7 @@ leaves) for a stream, which keeps the model from being unloaded under it."""
 
 from __future__ import annotations
 
-from flask import Flask, Response, g
+from flask import Flask, Response
 
 from appliance import context
 from appliance.inference.pipeline import Pipeline
@@ -31,7 +31,7 @@ def init_app(app: Flask, pipeline: Pipeline) -> Pipeline:
 
     @app.teardown_request
     def _release_on_error(exc: BaseException | None) -> None:
-        ctx: context.RequestContext | None = g.get("ctx")
+        ctx = context.existing()
         if ctx is not None and ctx.lease is not None and exc is not None:
             ctx.lease.release()  # after_request did not run (release is idempotent)
 

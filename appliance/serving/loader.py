@@ -126,13 +126,17 @@ class EngineLoader:
             from appliance.engines.embed import EmbeddingEngine
 
             assert manifest.tokenizer is not None  # the manifest's parser insists
+            cores = psutil.cpu_count(logical=False) or 1
+            threads = serve.threads or cores
             engine = EmbeddingEngine(
                 path,
                 settings.models_path / manifest.tokenizer.file,
-                threads=serve.threads,
+                threads=threads,
                 max_input_tokens=manifest.context_length or 256,
             )
-            slots = psutil.cpu_count(logical=False) or 1
+            # Each run uses `threads` cores: more runs at once than cores allow would only
+            # take turns on them; the rest wait in the queue.
+            slots = max(1, cores // threads)
             return RunModel(manifest, engine, Admission(manifest.name, slots, settings.queue_depth))
         extra_buffers, kernels_row = _kernel_path(settings, serve, manifest, path)
         from appliance.engines.llama import LlamaEngine
