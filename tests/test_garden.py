@@ -154,6 +154,8 @@ def test_the_garden_loads_on_demand_within_its_budget(
     assert states(server)[MINILM] == "unloaded"
     gemma = model_state(server.url, GEMMA)
     assert gemma["loads"] == 2 and gemma["unloads"] == 1
+    selftests = [line for line in server.stderr if '"msg": "self-test"' in line]
+    assert sum(f'"model": "{GEMMA}"' in line for line in selftests) == 1  # not on a reload
 
     # The model's own endpoint on /v2 tells the tensor model's state without loading.
     ready = httpx.get(

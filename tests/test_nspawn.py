@@ -519,7 +519,7 @@ def test_active_only_once_the_appliance_said_ready(appliance: Appliance) -> None
     unit = box.show("ActiveState", "StatusText", "ExecMainStartTimestamp", "ActiveEnterTimestamp")
     assert unit["ActiveState"] == "active"
     # The status line comes with the appliance's own READY=1.
-    assert unit["StatusText"] == f"serving {LLM}"
+    assert unit["StatusText"] == f"serving line-anomaly, {LLM}"  # the models loaded
 
     entries = box.journal(cursor)
     said = messages(entries)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import psutil
 
 from appliance.config import Settings
-from appliance.registry import Manifest
+from appliance.registry import Manifest, file_identity
 from appliance.resources import footprint
 from appliance.serving.models import ChatModel, Loaded, RunModel
 from appliance.serving.scheduler import Admission, ModelScheduler
@@ -81,6 +81,14 @@ def _kernel_path(
             "the start-up self-test crashed on every kernel path: "
             + "; ".join(f"extra buffers {a.extra_buffers}: {a.detail}" for a in attempts)
         )
+    log.info(
+        "self-test",
+        extra={
+            "model": manifest.name,
+            "extra_buffers": outcome.extra_buffers,
+            "child": outcome.detail,
+        },
+    )
     if failed:
         path_note = (
             f"safe path: the self-test with extra buffer types {failed[0].detail}, "
@@ -103,6 +111,11 @@ class EngineLoader:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The self-test's verdict per file (by identity) and GPU layers: a model that
+        # is unloaded and loaded again does not pay the child process again (0.8 s of
+        # gemma-3-270m's 1.4 s load, bench/garden.py). The kernels are chosen once per
+        # process, so they are the same.
+        self._selftests: dict[tuple[tuple[int, ...], int], tuple[bool, dict[str, Any]]] = {}
 
     def footprint(self, manifest: Manifest) -> int:
         serve = ServeSettings.of(self.settings, manifest)
@@ -138,7 +151,10 @@ class EngineLoader:
             # take turns on them; the rest wait in the queue.
             slots = max(1, cores // threads)
             return RunModel(manifest, engine, Admission(manifest.name, slots, settings.queue_depth))
-        extra_buffers, kernels_row = _kernel_path(settings, serve, manifest, path)
+        key = (tuple(file_identity(path)), serve.gpu_layers)
+        if key not in self._selftests:
+            self._selftests[key] = _kernel_path(settings, serve, manifest, path)
+        extra_buffers, kernels_row = self._selftests[key]
         from appliance.engines.llama import LlamaEngine
 
         chat = LlamaEngine(

@@ -175,8 +175,9 @@ class ModelPool:
             if entry.pinned and entry.state == "unloaded":
                 try:
                     self.acquire(entry.manifest.name, reason="pinned").release()
-                except Unavailable as exc:
-                    log.error(str(exc), extra={"model": entry.manifest.name})
+                except Unavailable as exc:  # /readyz says why until it is mended
+                    entry.reason = entry.reason or exc.message
+                    log.error(exc.message, extra={"model": entry.manifest.name})
 
     def _add(self, manifest: Manifest, verification: Verification) -> None:
         serve = ServeSettings.of(self.settings, manifest)
