@@ -45,6 +45,9 @@ class AuditPair:
     deferred: Entry | None = None  # the request record, to commit with its outcome
     opened: bool = False  # the request record is durable: an outcome is owed
     output: list[str] = field(default_factory=list)
+    # A stream that began before its model loaded: writes its last record now (True
+    # when written); set by the audit trail.
+    finish: Callable[[], bool] | None = None
 
 
 @dataclass

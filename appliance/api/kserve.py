@@ -124,6 +124,8 @@ def _split_body() -> tuple[dict[str, Any], bytes]:
         data = json.loads(json_part)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the inference request nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the inference request must be a JSON object")
     return data, binary
@@ -330,8 +332,8 @@ def _audit_input(request_body: dict[str, Any], binary: bytes) -> dict[str, Any]:
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
+    body, binary = _split_body()  # a body that is not even JSON loads nothing
     lease, model = _lease(name, version)
-    body, binary = _split_body()
     feeds = _decode_inputs(body, binary, model)
     wanted = _requested_outputs(body, model)
     ctx = context.current()

@@ -172,6 +172,8 @@ def _stream(
     comments while it loads, rather than a silent wait."""
     pipeline = get_pipeline(current_app)
     if pipeline.pool.needs_load(ask.model, "chat"):
+        pipeline.check(ask)  # a plain mistake is a plain 400, before anything loads
+        pipeline.pool.check_room(ask.model)  # and no room a 503 with Retry-After
         start = functools.partial(pipeline.chat, ctx, ask)
         return stream_after_load(ctx, start, chunk, put_text, include, first)
     return start_stream(pipeline.chat(ctx, ask), chunk, put_text, include, first)

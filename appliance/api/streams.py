@@ -18,7 +18,7 @@ from appliance.context import RequestContext
 from appliance.engines.base import Failed, Finished, TextDelta
 from appliance.inference.pipeline import ChatRun
 from appliance.problems import Failed as Failure
-from appliance.problems import Problem
+from appliance.problems import Problem, Unavailable
 
 log = logging.getLogger(__name__)
 LOADING_KEEPALIVE_SECONDS = 2.0
@@ -127,6 +127,13 @@ def stream_after_load(
                 ended = True
                 ctx.note_error(problem.code or "error")
                 ctx.deferred_status = status_of(problem)
+                # Its record first: nothing leaves without one (fail closed).
+                if ctx.audit.finish is not None and not ctx.audit.finish():
+                    problem = Unavailable(
+                        "the audit log cannot be written; the request was not served",
+                        code="audit_unavailable",
+                        retry_after=5,
+                    )
                 yield sse(problem_body(problem))
                 return
             assert run is not None

@@ -9,6 +9,7 @@ gets 503 and no answer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,7 +60,7 @@ def _request_input() -> dict[str, Any] | None:
     text = raw.decode("utf-8", errors="replace")
     try:
         return {"input": _redacted(json.loads(text))}
-    except ValueError:
+    except (ValueError, RecursionError):  # kept as the text it came as
         return {"input": text}
 
 
@@ -77,15 +78,32 @@ def _refused_input(suppressed_before: int) -> dict[str, Any]:
     return {"refused": refused}
 
 
+def _instead(response: Response, err: AuditDown) -> Response:
+    """The 503 in place of an answer that cannot be recorded; the answer's response is
+    closed, so that what waits on its end (the model's lease) lets go."""
+    response.close()
+    return error_response(err)
+
+
 def _when_the_stream_ends(store: AuditStore, response: Response) -> Response:
     """A stream that began before its model loaded: whether its request record was
-    opened (and so an outcome is owed), or a problem ended it first (an event record
-    with the problem's status), is known only when it ends."""
+    opened (an outcome is owed) or a problem ended it first (an event record with the
+    problem's status) is known only later. The stream calls ``ctx.audit.finish`` before
+    it sends a problem's error event; otherwise it runs when the stream ends."""
     ctx = context.current()
     content = _request_input()  # read now: the request is gone when the stream ends
+    done = False
 
-    def finish() -> None:
+    def finish() -> bool:
+        """Write the record; whether it was written."""
+        nonlocal done
+        if done:
+            return True
+        done = True
         status = ctx.deferred_status or response.status_code
+        if ctx.audit.ticket is not None:  # queued by the pipeline, then a problem came
+            with contextlib.suppress(AuditDown):
+                audit_pair.confirm(store, ctx)
         if ctx.audit.opened:
             record = audit_pair.outcome(ctx, status)
             record.content = {"output": "".join(ctx.audit.output)}
@@ -96,7 +114,10 @@ def _when_the_stream_ends(store: AuditStore, response: Response) -> Response:
             store.append(record)
         except AuditUnavailable as exc:
             log.error("audit record lost", extra={"request_id": ctx.request_id, "error": str(exc)})
+            return False
+        return True
 
+    ctx.audit.finish = finish
     response.call_on_close(finish)
     return response
 
@@ -110,11 +131,11 @@ def init_app(app: Flask, store: AuditStore) -> None:
         if ctx.route in UNAUDITED or request.path in UNAUDITED or ctx.audit_suppressed:
             return response
         pair = ctx.audit
-        if pair.ticket is not None:
+        if pair.ticket is not None and not ctx.deferred_stream:
             try:
                 audit_pair.confirm(store, ctx)  # a request refused after its record was queued
             except AuditDown as err:
-                return error_response(err)
+                return _instead(response, err)
         if response.is_streamed and ctx.deferred_stream:
             return _when_the_stream_ends(store, response)
         if response.is_streamed and pair.opened:
@@ -148,5 +169,5 @@ def init_app(app: Flask, store: AuditStore) -> None:
         try:
             audit_pair.timed(ctx, lambda: store.commit(records))
         except AuditUnavailable as exc:
-            return error_response(AuditDown(exc))
+            return _instead(response, AuditDown(exc))
         return response

@@ -21,6 +21,10 @@ def init_app(app: Flask, pipeline: Pipeline) -> Pipeline:
     @app.after_request
     def _release_lease(response: Response) -> Response:
         ctx = context.current()
+        if not response.is_streamed:  # the model's work is done: the answer is in hand
+            if ctx.lease is not None:
+                ctx.lease.release()
+            return response
 
         def release() -> None:  # the lease as it is then: a stream may take it later
             if ctx.lease is not None:

@@ -85,6 +85,9 @@ class Embeddings:
     prompt_tokens: int
 
 
+# A stage sees the context, the ask and the resolved model's lease, and may refuse by
+# raising a problem. It must not reach for Flask's request or app: a stream whose model
+# had to load runs the pipeline in a thread of its own.
 Stage = Callable[[RequestContext, ChatAsk, Lease], None]
 
 
@@ -112,7 +115,20 @@ class Pipeline:
 
     # -- chat and completions -------------------------------------------------------
 
+    def check(self, ask: ChatAsk) -> None:
+        """What can be refused before the model is resolved (and perhaps loaded)."""
+        limit = self.settings.max_tokens
+        if ask.max_tokens is not None and ask.max_tokens > limit:
+            raise Invalid(
+                f"max_tokens is {ask.max_tokens}; this appliance allows at most {limit} "
+                "(setting max_tokens)",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        stops(ask.stop)
+
     def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
+        self.check(ask)
         lease = self.resolve(ctx, ask.model, "chat")
         for stage in self.stages:
             stage(ctx, ask, lease)
@@ -145,18 +161,11 @@ class Pipeline:
     def _sampling(
         self, ask: ChatAsk, prompt_tokens: int, model: ChatModel, grammar: str | None
     ) -> SamplingParams:
-        limit = self.settings.max_tokens
+        limit = self.settings.max_tokens  # a request over it was refused by check()
         n_ctx = model.engine.info.n_ctx
         name = model.manifest.name
         where = ask.prompt_param
         requested = ask.max_tokens
-        if requested is not None and requested > limit:
-            raise Invalid(
-                f"max_tokens is {requested}; this appliance allows at most {limit} "
-                "(setting max_tokens)",
-                param="max_tokens",
-                code="invalid_value",
-            )
         if prompt_tokens == 0:
             raise Invalid("the prompt is empty", param=where, code="invalid_value")
         if prompt_tokens >= n_ctx:
@@ -196,10 +205,7 @@ class Pipeline:
     # -- embeddings -----------------------------------------------------------------
 
     def embed(self, ctx: RequestContext, ask: EmbedAsk) -> Embeddings:
-        lease = self.resolve(ctx, ask.model, "embedding")
-        model = lease.model
-        assert isinstance(model, RunModel)
-        engine = model.engine
+        # What can be refused without the model, before it is resolved (and loaded).
         count = len(ask.texts if ask.texts is not None else ask.token_ids or [])
         if count == 0:
             raise Invalid(
@@ -213,6 +219,13 @@ class Pipeline:
                 param="input",
                 code="too_many_inputs",
             )
+        for i, item in enumerate(ask.texts or ask.token_ids or []):
+            if not item:
+                raise Invalid(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
+        lease = self.resolve(ctx, ask.model, "embedding")
+        model = lease.model
+        assert isinstance(model, RunModel)
+        engine = model.engine
         if ask.dimensions is not None and ask.dimensions != engine.dimensions:
             raise Invalid(
                 f"dimensions is {ask.dimensions}; model {model.manifest.name} gives "
@@ -221,17 +234,12 @@ class Pipeline:
                 code="invalid_value",
             )
         if ask.texts is not None:
-            for i, text in enumerate(ask.texts):
-                if not text:
-                    raise Invalid(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
             batch = engine.tokenize(ask.texts)
         else:
             assert ask.token_ids is not None
             vocab = engine.vocab_size()
             batch = []
             for i, ids in enumerate(ask.token_ids):
-                if not ids:
-                    raise Invalid(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
                 bad = next((t for t in ids if not 0 <= t < vocab), None)
                 if bad is not None:
                     raise Invalid(

@@ -3,16 +3,16 @@ engine, and the bound on the requests it runs at once."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from appliance.engines.base import TextEngine
 from appliance.registry import Manifest
 from appliance.serving.scheduler import Admission, ModelScheduler
 
-
-class Closeable(Protocol):
-    def close(self) -> None: ...
+log = logging.getLogger(__name__)
+STOP_SECONDS = 60.0  # a step reads at most 512 prompt tokens: seconds, not minutes
 
 
 @dataclass
@@ -34,7 +34,15 @@ class ChatModel:
         return self.scheduler.stalled(limit)
 
     def close(self) -> None:
-        self.scheduler.stop()
+        """Stop the worker, then free the engine; never under a step still running (a
+        long prompt read in llama_decode): then the engine is left, not freed."""
+        self.scheduler.stop(timeout=STOP_SECONDS)
+        if self.scheduler.running():
+            log.error(
+                "model worker still busy after stopping; its engine is not freed",
+                extra={"model": self.manifest.name, "waited_s": STOP_SECONDS},
+            )
+            return
         self.engine.close()
 
 

@@ -48,6 +48,9 @@ KIND_ROUTES = {
 KIND_NAMES = {"chat": "a chat model", "embedding": "an embedding model", "tensor": "a tensor model"}
 
 
+_MOVING = ("loading", "unloading")
+
+
 class UnknownModel(NotFound):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(
@@ -219,10 +222,16 @@ class ModelPool:
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join(5)
+        # A load or an unload under way ends first (bounded), then what is loaded goes.
         with self._lock:
-            entries = [e for e in self._entries.values() if e.model is not None]
+            moving = [e.settled for e in self._entries.values() if e.state in _MOVING]
+        for settled in moving:
+            settled.wait(self.settings.load_timeout)
+        with self._lock:
+            entries = [e for e in self._entries.values() if e.state == "ready"]
             for entry in entries:
                 entry.state = "unloading"
+                entry.settled = threading.Event()
         for entry in entries:
             self._unload(entry, "stopping")
 
@@ -263,7 +272,7 @@ class ModelPool:
         most ``wait`` seconds, default load_timeout). Raises UnknownModel, WrongKind,
         ModelUnavailable (refused, or still loading) or NoRoom."""
         deadline = self.clock() + (self.settings.load_timeout if wait is None else wait)
-        loaded_now = False
+        waited = False  # for a load (this request's or another's): a cold start
         while True:
             victims: list[_Entry] = []
             with self._lock:
@@ -277,55 +286,76 @@ class ModelPool:
                     entry.in_use += 1
                     entry.last_used = self.clock()
                     lease = Lease(self, entry)
-                    lease.loaded_now = loaded_now
+                    lease.loaded_now = waited
                     return lease
                 settled = entry.settled
-                load_it = entry.state == "unloaded"
-                if load_it:
-                    victims = self._make_room(entry)
-                    entry.state = "loading"
-                    entry.settled = settled = threading.Event()
-                    self.budget.used += entry.need
+                load_it = False
+                if entry.state == "unloaded":
+                    room = self._make_room(entry)
+                    if isinstance(room, threading.Event):
+                        settled = room  # memory is being freed: wait for it, then again
+                    else:
+                        victims, load_it = room, True
+                        entry.state = "loading"
+                        entry.settled = settled = threading.Event()
+                        self.budget.used += entry.need
+            waited = True
             if load_it:
                 for victim in victims:
                     self._unload(victim, f"make room for {name}")
                 self._load(entry, reason)
-                loaded_now = True
                 continue
             left = deadline - self.clock()
             if left <= 0 or not settled.wait(left):
                 raise ModelUnavailable(
-                    f"model {name!r} is still {entry.state}; retry shortly (load_timeout "
-                    f"{self.settings.load_timeout} s)",
+                    f"model {name!r} is not ready yet ({entry.state}); retry shortly "
+                    f"(load_timeout {self.settings.load_timeout} s)",
                     retry_after=5,
                 )
 
-    def _make_room(self, entry: _Entry) -> list[_Entry]:
-        """Under the lock: the idle models to unload so that ``entry`` fits, marked as
-        unloading; NoRoom when the budget cannot be met now."""
+    def check_room(self, name: str) -> None:
+        """Raise NoRoom now if model ``name`` could not be loaded now (a stream that
+        would wait for a load learns it as a 503, not as an error inside the stream)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry.state == "unloaded":
+                self._victims_for(entry)
+
+    def _victims_for(self, entry: _Entry) -> list[_Entry] | threading.Event:
+        """Under the lock: the idle models to unload so that ``entry`` fits, least
+        recently used first; an unloading model's event when the memory it frees may be
+        enough; NoRoom when the budget cannot be met now."""
         loaded = {e.manifest.name: e for e in self._entries.values() if e.state == "ready"}
         chosen = self.budget.victims(entry.need, [e.candidate() for e in loaded.values()])
-        if chosen is None:
-            held = sorted(loaded.values(), key=lambda e: e.manifest.name)
-            holders = ", ".join(
-                f"{e.manifest.name} ({e.need >> 20} MiB, "
-                + ("pinned" if e.pinned else f"{e.in_use} request(s)")
-                + ")"
-                for e in held
-            )
-            free = max(self.budget.capacity - self.budget.used, 0)
-            raise NoRoom(
-                f"model {entry.manifest.name!r} needs about {entry.need >> 20} MiB; "
-                f"{free >> 20} MiB of the models' budget ({self.budget.describe()}) is free "
-                f"and the models holding the rest are pinned or busy: {holders or 'none'}; "
-                "retry shortly",
-                retry_after=5,
-            )
-        victims = [loaded[c.name] for c in chosen]
-        for victim in victims:
-            victim.state = "unloading"
-            victim.settled = threading.Event()
-        return victims
+        if chosen is not None:
+            return [loaded[c.name] for c in chosen]
+        leaving = [e for e in self._entries.values() if e.state == "unloading"]
+        if leaving:
+            return leaving[0].settled
+        held = sorted(loaded.values(), key=lambda e: e.manifest.name)
+        holders = ", ".join(
+            f"{e.manifest.name} ({e.need >> 20} MiB, "
+            + ("pinned" if e.pinned else f"{e.in_use} request(s)")
+            + ")"
+            for e in held
+        )
+        free = max(self.budget.capacity - self.budget.used, 0)
+        raise NoRoom(
+            f"model {entry.manifest.name!r} needs about {entry.need >> 20} MiB; "
+            f"{free >> 20} MiB of the models' budget ({self.budget.describe()}) is free "
+            f"and the models holding the rest are pinned or busy: {holders or 'none'}; "
+            "retry shortly",
+            retry_after=5,
+        )
+
+    def _make_room(self, entry: _Entry) -> list[_Entry] | threading.Event:
+        """Under the lock: _victims_for, with the victims marked as unloading."""
+        room = self._victims_for(entry)
+        if isinstance(room, list):
+            for victim in room:
+                victim.state = "unloading"
+                victim.settled = threading.Event()
+        return room
 
     def _release(self, entry: _Entry) -> None:
         with self._lock:
@@ -408,18 +438,21 @@ class ModelPool:
         entry.identities = verification.identities
 
     def _unload(self, entry: _Entry, reason: str) -> None:
-        """Close a model marked unloading (outside the lock: closing takes time)."""
+        """Close a model marked unloading (outside the lock: closing takes time). A
+        close that fails is logged; the entry is unloaded all the same, so that no
+        waiter hangs and the budget stays true."""
         model = entry.model
         try:
             if model is not None:
                 model.close()
-        finally:
-            with self._lock:
-                entry.model = None
-                entry.state = "unloaded"
-                entry.unloads += 1
-                self.budget.used -= entry.need
-                entry.settled.set()
+        except Exception:
+            log.exception("closing a model failed", extra={"model": entry.manifest.name})
+        with self._lock:
+            entry.model = None
+            entry.state = "unloaded"
+            entry.unloads += 1
+            self.budget.used -= entry.need
+            entry.settled.set()
         name = entry.manifest.name
         log.info("model unloaded", extra={"model": name, "why": reason})
         self._tell(PoolEvent("unload", name, entry.manifest.sha256, reason, 0.0, entry.need))

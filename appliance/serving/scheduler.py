@@ -126,6 +126,10 @@ class ModelScheduler:
             return f"model {self.name!r} has made no progress for {quiet:.0f} s"
         return None
 
+    def running(self) -> bool:
+        """Whether the worker thread is still alive (after stop: still in a step)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._stopping = True
