@@ -65,6 +65,8 @@ class RequestContext:
     model_sha256: str | None = None
     model_kind: str | None = None
     model_loaded_now: bool = False  # the request waited for its model to load
+    # A specialist: the base and each adapter (hash, scale) that made the answer.
+    served_by: dict[str, Any] | None = None
     lease: Lease | None = None
     usage: Usage = field(default_factory=Usage)
     client_disconnected: bool = False

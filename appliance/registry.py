@@ -23,8 +23,14 @@ from appliance.tomlfmt import dumps_flat
 
 FORMATS = ("gguf", "onnx")
 # What a model does, which decides the engine that runs it and the routes that reach it.
-KINDS = ("chat", "embedding", "tensor")
-KIND_FORMATS = {"chat": "gguf", "embedding": "onnx", "tensor": "onnx"}
+KINDS = ("chat", "embedding", "tensor", "adapter", "specialist")
+KIND_FORMATS = {
+    "chat": "gguf",
+    "embedding": "onnx",
+    "tensor": "onnx",
+    "adapter": "gguf",  # a LoRA adapter for a chat model
+    "specialist": "gguf",  # a chat model's weights with adapters: no file of its own
+}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -83,6 +89,35 @@ class Companion:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter's fit: the base model it was made for (name and the very file, by
+    hash), its rank and alpha, the scale it is applied at unless a specialist says
+    otherwise, and where it came from."""
+
+    base: str
+    base_sha256: str
+    rank: int
+    alpha: float
+    scale: float = 1.0
+    provenance: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SpecialistSpec:
+    """A served model made of a base chat model, adapters at their scales, a system
+    prompt and sampling defaults; ``roles``: who may use it (None: every role the
+    route allows)."""
+
+    base: str
+    adapters: tuple[tuple[str, float | None], ...] = ()
+    system_prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    roles: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ServeSpec:
     """How the model is served, where it differs from the global settings (None: the
     setting's value). ``pinned``: loaded at start and never unloaded; the service is
@@ -127,17 +162,40 @@ class Manifest:
     chat_template: str | None = None  # for a GGUF that carries none (Jinja, as GGUF's)
     tokenizer: Companion | None = None
     serve: ServeSpec = field(default_factory=ServeSpec)
+    adapter: AdapterSpec | None = None
+    specialist: SpecialistSpec | None = None
 
     def public(self) -> dict[str, Any]:
         """The manifest's fields as clients see them (CLI --json, /v1/models)."""
         data = asdict(self)
-        for private in ("fetch", "build", "origin", "tokenizer", "serve", "chat_template"):
+        for private in (
+            "fetch",
+            "build",
+            "origin",
+            "tokenizer",
+            "serve",
+            "chat_template",
+            "adapter",
+            "specialist",
+        ):
             data.pop(private)
         data["pinned"] = self.serve.pinned
+        if self.adapter is not None:
+            data["base"] = self.adapter.base
+            data["adapters"] = None
+        if self.specialist is not None:
+            data["base"] = self.specialist.base
+            data["adapters"] = [
+                {"name": name, "scale": scale} for name, scale in self.specialist.adapters
+            ]
+            data["roles"] = list(self.specialist.roles) if self.specialist.roles else None
         return data
 
     def files(self) -> list[tuple[str, str]]:
-        """Every file the model needs and its pinned SHA-256, the model's own first."""
+        """Every file the model needs and its pinned SHA-256, the model's own first (a
+        specialist has none: its base's and its adapters' are theirs)."""
+        if self.kind == "specialist":
+            return []
         found = [(self.file, self.sha256)]
         if self.tokenizer is not None:
             found.append((self.tokenizer.file, self.tokenizer.sha256))
@@ -166,10 +224,14 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         raise ManifestError(
             f"{where}: name {name!r} must match {NAME_RE.pattern} (lowercase, digits, ._-)"
         )
-    file = _plain_file_name(_require(data, "file", str, where), where)
-    sha = _require(data, "sha256", str, where).lower()
-    if not SHA256_RE.match(sha):
-        raise ManifestError(f"{where}: sha256 {sha!r} is not 64 hex digits")
+    if data.get("kind") == "specialist":
+        data = {"file": "", "sha256": "", "format": "gguf", **data}
+        file, sha = "", ""
+    else:
+        file = _plain_file_name(_require(data, "file", str, where), where)
+        sha = _require(data, "sha256", str, where).lower()
+        if not SHA256_RE.match(sha):
+            raise ManifestError(f"{where}: sha256 {sha!r} is not 64 hex digits")
     fmt = _require(data, "format", str, where)
     if fmt not in FORMATS:
         raise ManifestError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -199,12 +261,20 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ManifestError(f"{where}: '{key}' must be an integer, got {value!r}")
         optional_ints[key] = value
+    adapter = _adapter_spec(data.get("adapter"), where + " [adapter]", data.get("provenance"))
+    if (kind == "adapter") != (adapter is not None):
+        raise ManifestError(
+            f"{where}: an [adapter] table belongs to kind adapter, and it needs one"
+        )
+    specialist = _specialist_spec(data, where) if kind == "specialist" else None
     return Manifest(
         name=name,
         file=file,
         sha256=sha,
         format=fmt,
         kind=kind,
+        adapter=adapter,
+        specialist=specialist,
         chat_template=_optional_str(data, "chat_template", where),
         tokenizer=tokenizer,
         serve=_serve_spec(data.get("serve"), where + " [serve]"),
@@ -218,6 +288,76 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         build=build_spec,
         origin=where,
         **optional_ints,
+    )
+
+
+def _number(table: dict[str, Any], key: str, where: str, low: float, high: float) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise ManifestError(f"{where}: {key} must be a number from {low} to {high}, got {value!r}")
+    return float(value)
+
+
+def _adapter_spec(table: Any, where: str, provenance: Any) -> AdapterSpec | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ManifestError(f"{where} must be a table")
+    base_sha = _require(table, "base_sha256", str, where).lower()
+    if not SHA256_RE.match(base_sha):
+        raise ManifestError(f"{where}: base_sha256 {base_sha!r} is not 64 hex digits")
+    rank = _require(table, "rank", int, where)
+    if rank < 1:
+        raise ManifestError(f"{where}: rank must be at least 1, got {rank}")
+    alpha = _number(table, "alpha", where, 0.0, 1e6)
+    scale = _number(table, "scale", where, 0.0, 10.0)
+    if provenance is not None and not isinstance(provenance, dict):
+        raise ManifestError(f"{where}: [provenance] must be a table")
+    return AdapterSpec(
+        base=_require(table, "base", str, where),
+        base_sha256=base_sha,
+        rank=rank,
+        alpha=float(rank) if alpha is None else alpha,
+        scale=1.0 if scale is None else scale,
+        provenance=tuple(sorted((str(k), str(v)) for k, v in (provenance or {}).items())),
+    )
+
+
+def _specialist_spec(data: dict[str, Any], where: str) -> SpecialistSpec:
+    adapters = []
+    raw = data.get("adapters", [])
+    if not isinstance(raw, list):
+        raise ManifestError(f"{where}: adapters must be a list of tables (name, scale)")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ManifestError(f"{where}: adapters[{i}] must be a table (name, scale)")
+        adapters.append(
+            (
+                _require(item, "name", str, f"{where} adapters[{i}]"),
+                _number(item, "scale", f"{where} adapters[{i}]", 0.0, 10.0),
+            )
+        )
+    sampling = data.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ManifestError(f"{where}: [sampling] must be a table")
+    max_tokens = sampling.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ManifestError(f"{where} [sampling]: max_tokens must be a positive integer")
+    roles = data.get("roles")
+    if roles is not None and (
+        not isinstance(roles, list) or not all(isinstance(r, str) for r in roles)
+    ):
+        raise ManifestError(f"{where}: roles must be a list of role names")
+    return SpecialistSpec(
+        base=_require(data, "base", str, where),
+        adapters=tuple(adapters),
+        system_prompt=_optional_str(data, "system_prompt", where),
+        temperature=_number(sampling, "temperature", where + " [sampling]", 0.0, 2.0),
+        top_p=_number(sampling, "top_p", where + " [sampling]", 0.0, 1.0),
+        max_tokens=max_tokens,
+        roles=tuple(roles) if roles is not None else None,
     )
 
 
@@ -438,6 +578,7 @@ def verify_model(
     """Check every file of the manifest against its SHA-256 (the model's own, then a
     tokenizer's); with no cache, always rehash. The first file that fails is named."""
     identities: list[list[int]] = []
+    main_cached = False
     for file, expected in manifest.files():
         path = model_dir / file
         main = file == manifest.file
@@ -492,7 +633,7 @@ def verify_model(
         expected=manifest.sha256,
         actual=manifest.sha256,
         message=f"model {manifest.name!r} verified: {model_dir / manifest.file}",
-        identity=identities[0],
+        identity=identities[0] if identities else None,
         cached=main_cached,
         identities=identities,
     )

@@ -16,11 +16,17 @@ MIB = 1 << 20
 
 
 def footprint(
-    manifest: Manifest, path: Path, context_size: int, parallel_streams: int, settings: Settings
+    manifest: Manifest,
+    path: Path,
+    context_size: int,
+    parallel_streams: int,
+    settings: Settings,
+    weights: bool = True,
 ) -> int:
     """Expected resident bytes: weights, plus the KV cache and work buffers for a
     language model; weights and activations for an ONNX model. A missing file: the size
-    its manifest gives."""
+    its manifest gives. ``weights=False``: a context of its own over weights another
+    engine holds (a specialist over its base)."""
     size = path.stat().st_size if path.is_file() else (manifest.size_bytes or 0)
     if manifest.format != "gguf":
         if manifest.quantization == "int8":
@@ -39,7 +45,7 @@ def footprint(
         cells = n_ctx * parallel_streams
         per_value = 2.0 if settings.kv_cache_type == "f16" else 34 / 32  # q8_0 blocks
         kv = int(cells * info.layers * kv_dim * 2 * per_value)  # K and V
-    return int(size * 1.1) + kv + 64 * MIB
+    return (int(size * 1.1) if weights else 0) + kv + 64 * MIB
 
 
 _MEMINFO = "/proc/meminfo"

@@ -29,6 +29,7 @@ from appliance.engines.base import (
     TextDelta,
 )
 from appliance.registry import Manifest
+from appliance.serving.loader import Parts
 from appliance.serving.models import ChatModel, Loaded, RunModel
 from appliance.serving.scheduler import Admission, ModelScheduler
 
@@ -40,8 +41,15 @@ class FakeChatEngine:
     """Splits prompts into words (one token each) and answers with the prompt's words
     back, one per step, up to max_tokens."""
 
-    def __init__(self, on_close: Callable[[], None], slots: int = 2, n_ctx: int = 64) -> None:
+    def __init__(
+        self,
+        on_close: Callable[[], None],
+        slots: int = 2,
+        n_ctx: int = 64,
+        words: list[str] = WORDS,
+    ) -> None:
         self.info = EngineInfo(n_ctx=n_ctx, threads=1, gpu_layers=0)
+        self.words = words
         self._slots = slots
         self._runs: list[tuple[Generation, Callable[[Event], None], Callable[[], bool], int]] = []
         self._on_close = on_close
@@ -84,7 +92,7 @@ class FakeChatEngine:
             if made >= generation.params.max_tokens:
                 emit(Finished("length", prompt, made))
                 continue
-            emit(TextDelta(WORDS[made % len(WORDS)] + " "))
+            emit(TextDelta(self.words[made % len(self.words)] + " "))
             still.append((generation, emit, cancelled, made + 1))
         self._runs = still
         return len(still)
@@ -147,10 +155,10 @@ class FakeLoader:
         self.closed: list[str] = []
         self._lock = threading.Lock()
 
-    def footprint(self, manifest: Manifest) -> int:
+    def footprint(self, manifest: Manifest, parts: Parts | None = None) -> int:
         return self.sizes.get(manifest.name, 1) * MIB
 
-    def load(self, manifest: Manifest) -> Loaded:
+    def load(self, manifest: Manifest, parts: Parts | None = None) -> Loaded:
         with self._lock:
             self.loads.append(manifest.name)
         time.sleep(self.delay)
@@ -161,6 +169,14 @@ class FakeLoader:
             with self._lock:
                 self.closed.append(manifest.name)
 
+        if manifest.kind == "specialist":
+            # Its own engine over its base's (a specialist's answers differ: its
+            # words run backwards), as the real loader gives it a context of its own.
+            assert parts is not None and isinstance(parts.loaded_base, ChatModel)
+            engine = FakeChatEngine(on_close=closed, words=WORDS[::-1])
+            scheduler = ModelScheduler(manifest.name, engine, self.queue_depth)
+            scheduler.start()
+            return ChatModel(manifest, engine, scheduler)
         if manifest.kind == "chat":
             engine = FakeChatEngine(on_close=closed)
             scheduler = ModelScheduler(manifest.name, engine, self.queue_depth)
@@ -168,6 +184,11 @@ class FakeLoader:
             return ChatModel(manifest, engine, scheduler)
         run_engine: Any = FakeEmbeddingEngine(on_close=closed)
         return RunModel(manifest, run_engine, Admission(manifest.name, 2, self.queue_depth))
+
+
+def file_sha256(name: str, kind: str = "chat") -> str:
+    """The SHA-256 of the fake file garden() writes for a model."""
+    return hashlib.sha256(f"fake {kind} model {name}".encode()).hexdigest()
 
 
 def garden(root: Path, models: dict[str, dict[str, Any]], **overrides: Any) -> Settings:
@@ -179,7 +200,10 @@ def garden(root: Path, models: dict[str, dict[str, Any]], **overrides: Any) -> S
     manifests.mkdir(parents=True)
     for name, fields in models.items():
         kind = fields.get("kind", "chat")
-        fmt = "gguf" if kind == "chat" else "onnx"
+        if kind == "specialist":  # no file: its manifest names its parts
+            (manifests / f"{name}.toml").write_text(fields["toml"])
+            continue
+        fmt = "gguf" if kind in ("chat", "adapter") else "onnx"
         file = f"{name}.{fmt}"
         data = f"fake {kind} model {name}".encode()
         (state / "models" / file).write_bytes(data)
@@ -191,7 +215,7 @@ def garden(root: Path, models: dict[str, dict[str, Any]], **overrides: Any) -> S
             f'kind = "{kind}"',
         ]
         serve = fields.get("serve", {})
-        tables = []
+        tables = [fields.get("toml", "")]
         if kind == "embedding":
             tokens = b"fake tokenizer"
             (state / "models" / f"{name}.tokenizer.json").write_bytes(tokens)

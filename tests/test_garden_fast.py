@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from appliance.app import close_app, create_app
+from appliance.audit.reader import records
 from appliance.audit.store import AuditStore, AuditUnavailable
 from appliance.config import Settings
 from appliance.context import RequestContext
@@ -35,7 +36,7 @@ from appliance.serving.pool import (
 )
 from appliance.serving.scheduler import ModelScheduler, QueueFull
 
-from fakes import FakeLoader, garden
+from fakes import FakeLoader, file_sha256, garden
 from helpers import admin_token
 
 CHAT = {"kind": "chat"}
@@ -677,3 +678,143 @@ def test_deeply_nested_json_is_a_400(fake_app: tuple[Flask, FakeLoader]) -> None
     nested = '{"model": "vec", "input": ' + "[" * 900 + "]" * 900 + "}"
     resp = client.post("/v1/embeddings", data=nested, content_type="application/json")
     assert resp.status_code == 400, resp.data[:300]
+
+
+# -- specialists: a base chat model with adapters ----------------------------------
+
+
+def specialist_toml(name: str, base: str, adapters: str = "", extra: str = "") -> str:
+    return f'name = "{name}"\nkind = "specialist"\nbase = "{base}"\n{extra}\n{adapters}\n'
+
+
+def adapter_fields(base: str, base_sha: str | None = None) -> dict[str, Any]:
+    sha = base_sha or file_sha256(base)
+    return {
+        "kind": "adapter",
+        "toml": f'[adapter]\nbase = "{base}"\nbase_sha256 = "{sha}"\nrank = 4\nalpha = 8\n',
+    }
+
+
+WARD = '[[adapters]]\nname = "ward-lora"\nscale = 0.5\n'
+
+
+@pytest.fixture
+def ward_app(tmp_path: Path) -> Iterator[tuple[Flask, FakeLoader]]:
+    settings = garden(
+        tmp_path,
+        {
+            "talk": {"kind": "chat", "serve": {"pinned": True}},
+            "ward-lora": adapter_fields("talk"),
+            "ward": {
+                "kind": "specialist",
+                "toml": specialist_toml(
+                    "ward",
+                    "talk",
+                    WARD,
+                    'system_prompt = "you are on the ward"\nroles = ["admin", "clinician"]\n'
+                    "[sampling]\ntemperature = 0.2\nmax_tokens = 3",
+                ),
+            },
+            "line-only": {
+                "kind": "specialist",
+                "toml": specialist_toml("line-only", "talk", WARD, 'roles = ["line"]'),
+            },
+        },
+        memory_limit_mb=100,
+    )
+    loader = FakeLoader({"talk": 40, "ward": 10, "line-only": 10})
+    app = create_app(settings, loader)
+    yield app, loader
+    close_app(app)
+
+
+def test_a_specialist_holds_its_base_and_answers_with_its_own_engine(
+    ward_app: tuple[Flask, FakeLoader],
+) -> None:
+    app, _ = ward_app
+    client = client_of(app)
+    pool = app.extensions["appliance.models"]
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"model": "ward", "messages": [{"role": "user", "content": "a b"}]},
+    )
+    assert resp.status_code == 200, resp.data
+    # Its own engine (the fake's specialist words run backwards), its sampling default
+    # (max_tokens 3), its system prompt read before the question (5 + 2 tokens).
+    assert resp.get_json()["choices"][0]["message"]["content"] == "theta eta zeta "
+    assert resp.get_json()["usage"]["prompt_tokens"] == 7
+    rows = {r["name"]: r for r in pool.state()}
+    assert rows["ward"]["state"] == "ready" and rows["talk"]["in_use"] == 1  # held by ward
+    assert rows["ward"]["adapters"] == [
+        {"name": "ward-lora", "sha256": file_sha256("ward-lora", "adapter"), "scale": 0.5}
+    ]
+    # The audit record names the specialist, its base and each adapter by hash and scale.
+    [request] = [
+        r
+        for r in audit_rows(app)
+        if r["request_id"] == resp.headers["X-Request-Id"] and r["kind"] == "request"
+    ]
+    assert request["model"] == "ward" and len(request["model_sha256"]) == 64
+    assert request["model_sha256"] != file_sha256("talk")  # the recipe's, not the base's
+    store: AuditStore = app.extensions["appliance.audit"]
+    [decrypted] = [r for r in records(store) if r["seq"] == request["seq"]]
+    served = decrypted["content"]["served_by"]
+    assert served["base_sha256"] == file_sha256("talk")
+    assert served["adapters"][0]["scale"] == 0.5 and served["sha256"] == request["model_sha256"]
+    pool.reap()  # nothing due yet; then unloading the specialist lets its base go
+    lease = pool.acquire("ward")
+    lease.release()
+    with pool._lock:  # the test makes it due without waiting its 300 s
+        pool._entries["ward"].last_used -= 10_000
+    assert pool.reap() == ["ward"]
+    assert {r["name"]: r["in_use"] for r in pool.state()}["talk"] == 0
+
+
+def test_a_specialist_is_only_for_its_roles(ward_app: tuple[Flask, FakeLoader]) -> None:
+    app, loader = ward_app
+    client = client_of(app)  # an admin: ward yes, line-only no
+    listed = [m["id"] for m in client.get("/v1/models").get_json()["data"]]
+    assert "ward" in listed and "line-only" not in listed and "ward-lora" not in listed
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"model": "line-only", "messages": [{"role": "user", "content": "a"}]},
+    )
+    assert resp.status_code == 403
+    assert "role 'admin' may not use specialist 'line-only'" in resp.get_json()["error"]["message"]
+    assert client.get("/v1/models/line-only").status_code == 403
+    assert "line-only" not in loader.loads  # refused before anything loaded
+    adapter = client.post(
+        "/v1/chat/completions",
+        json={"model": "ward-lora", "messages": [{"role": "user", "content": "a"}]},
+    )
+    assert (
+        adapter.status_code == 400 and "is a LoRA adapter" in adapter.get_json()["error"]["message"]
+    )
+
+
+def test_a_specialist_whose_adapter_was_made_for_another_base_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    wrong = "ab" * 32
+    settings = garden(
+        tmp_path,
+        {
+            "talk": CHAT,
+            "lora": adapter_fields("talk", wrong),
+            "bad": {
+                "kind": "specialist",
+                "toml": specialist_toml("bad", "talk", '[[adapters]]\nname = "lora"'),
+            },
+            "orphan": {"kind": "specialist", "toml": specialist_toml("orphan", "nobody")},
+        },
+    )
+    pool = open_pool(settings, FakeLoader({}))
+    try:
+        reason = pool.refused()["bad"]
+        assert f"made for base 'talk' with sha256 {wrong}" in reason
+        assert f"has sha256 {file_sha256('talk')}" in reason
+        assert "its base 'nobody' does not exist" in pool.refused()["orphan"]
+        with pytest.raises(ModelUnavailable, match="made for base"):
+            pool.acquire("bad", "chat")
+    finally:
+        pool.close()

@@ -34,12 +34,13 @@ from appliance.api.streams import PutText, sse, start_stream, stream_after_load,
 from appliance.context import RequestContext
 from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk
+from appliance.problems import Forbidden
 from appliance.serving import get_pool
 from appliance.serving.loader import ServeSettings
 from appliance.serving.pool import ModelUnavailable, WrongKind
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-OPENAI_KINDS = ("chat", "embedding")  # what /v1 serves; tensor models are on /v2
+OPENAI_KINDS = ("chat", "specialist", "embedding")  # /v1's; tensor models are on /v2
 
 
 def _refuse_unsupported(checks: dict[str, tuple[bool, str]]) -> None:
@@ -303,11 +304,20 @@ def _card(row: dict[str, Any]) -> ModelCard:
     manifest = pool.manifest(row["name"])
     path = settings.models_path / manifest.file
     serve = ServeSettings.of(settings, manifest)
-    chat = manifest.kind == "chat"
+    chat = manifest.kind in ("chat", "specialist")
+    if manifest.specialist is not None and manifest.kind == "specialist":
+        base = pool.manifest(manifest.specialist.base)
+        manifest_for_window = base
+    else:
+        manifest_for_window = manifest
     n_ctx = row.get("n_ctx")
     if n_ctx is None and chat:  # not loaded: what it will have
-        n_ctx = min(serve.context_size, manifest.context_length or serve.context_size)
+        window = manifest_for_window.context_length or serve.context_size
+        n_ctx = min(serve.context_size, window)
     kernels = row.get("kernels")
+    public = manifest.public()
+    if row.get("adapters") is not None:  # with each adapter's hash, as served
+        public["adapters"] = row["adapters"]
     return ModelCard(
         id=manifest.name,
         created=int(path.stat().st_mtime) if path.exists() else 0,
@@ -319,17 +329,24 @@ def _card(row: dict[str, Any]) -> ModelCard:
         n_ctx=n_ctx if chat else manifest.context_length,
         parallel_streams=row.get("slots", serve.parallel_streams) if chat else None,
         kernels=Kernels.model_validate(kernels) if kernels else None,
-        **manifest.public(),
+        **public,
     )
 
 
 def _rows() -> dict[str, dict[str, Any]]:
-    """The models /v1 serves (installed, not refused), with their state."""
-    return {
-        row["name"]: row
-        for row in get_pool(current_app).state()
-        if row["installed"] and row["kind"] in OPENAI_KINDS and row["state"] != "refused"
-    }
+    """The models /v1 serves (installed, not refused) that the caller's role may use,
+    with their state."""
+    pool = get_pool(current_app)
+    role = context.current().actor.role
+    rows = {}
+    for row in pool.state():
+        if not row["installed"] or row["kind"] not in OPENAI_KINDS or row["state"] == "refused":
+            continue
+        spec = pool.manifest(row["name"]).specialist
+        if spec is not None and spec.roles is not None and role not in spec.roles:
+            continue
+        rows[row["name"]] = row
+    return rows
 
 
 @bp.get("/models")
@@ -344,6 +361,13 @@ def get_model(name: str) -> Response:
     manifest = pool.manifest(name)  # UnknownModel: 404
     if manifest.kind not in OPENAI_KINDS:
         raise WrongKind(name, manifest.kind, "chat")
+    spec, role = manifest.specialist, context.current().actor.role
+    if spec is not None and spec.roles is not None and role not in spec.roles:
+        raise Forbidden(
+            f"role {role!r} may not use specialist {name!r}; it is for: " + ", ".join(spec.roles),
+            param="model",
+            code="forbidden",
+        )
     row = _rows().get(name)
     if row is None:  # refused (a missing, changed or unloadable file): the reason
         raise ModelUnavailable(pool.refused().get(name) or f"model {name!r} is refused")

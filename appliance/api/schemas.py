@@ -192,9 +192,17 @@ class ModelCard(BaseModel):
     description: str
     size_bytes: int | None
     default: bool
-    kind: Literal["chat", "embedding", "tensor"] = Field(
+    kind: Literal["chat", "specialist", "embedding", "tensor"] = Field(
         description="What the model does: chat (/v1/chat/completions, /v1/completions), "
-        "embedding (/v1/embeddings) or tensor (/v2)."
+        "specialist (the same routes: a base chat model with LoRA adapters, a system "
+        "prompt and sampling defaults), embedding (/v1/embeddings) or tensor (/v2)."
+    )
+    base: str | None = Field(default=None, description="A specialist's base model.")
+    adapters: list[dict[str, Any]] | None = Field(
+        default=None, description="A specialist's adapters: name, sha256 and scale."
+    )
+    roles: list[str] | None = Field(
+        default=None, description="The roles that may use this specialist (null: all)."
     )
     pinned: bool = Field(description="Loaded at start and never unloaded.")
     state: Literal["unloaded", "loading", "ready", "unloading", "refused"] = Field(

@@ -125,15 +125,35 @@ class LlamaEngine:
         kv_type: str = "f16",
         extra_buffers: bool = True,
         chat_template: str | None = None,
+        shared: LlamaEngine | None = None,
+        adapters: Sequence[tuple[Path, float]] = (),
     ) -> None:
+        """A model and a context of its own; with ``shared``, a context of its own over
+        that engine's weights (a specialist over its base: one copy of the weights), and
+        ``adapters`` (LoRA files and scales) applied to this context only."""
         kernels.plan()  # llama.cpp's CPU backend, chosen before anything loads one
         n_ctx = min(context_size, model_context) if model_context else context_size
         threads = threads or default_threads()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = gpu_layers
-        # Off: plain weights, no repacked (or AMX) matrix kernels; see engines/kernels.py.
-        model_params.use_extra_bufts = extra_buffers
-        self._model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        self._owns_model = shared is None
+        if shared is None:
+            model_params = llama_cpp.llama_model_default_params()
+            model_params.n_gpu_layers = gpu_layers
+            # Off: plain weights, no repacked (or AMX) kernels; see engines/kernels.py.
+            model_params.use_extra_bufts = extra_buffers
+            self._model = internals.LlamaModel(
+                path_model=str(path), params=model_params, verbose=False
+            )
+        else:
+            self._model = shared._model
+        self._adapters: list[Any] = []
+        for adapter_path, _ in adapters:
+            handle = llama_cpp.llama_adapter_lora_init(
+                self._model.model, str(adapter_path).encode()
+            )
+            if not handle:
+                self._free_adapters()
+                raise PromptError(f"llama.cpp could not load the adapter {adapter_path}")
+            self._adapters.append(handle)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx * parallel
         ctx_params.n_batch = BATCH_TOKENS
@@ -149,8 +169,20 @@ class LlamaEngine:
         try:
             self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
         except Exception:
-            self._model.close()
+            self._free_adapters()
+            if self._owns_model:
+                self._model.close()
             raise
+        if self._adapters:
+            # Per context: this context's every step runs with them, and only it; a
+            # slot's cached prefix therefore never crosses adapter sets.
+            count = len(self._adapters)
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*self._adapters)
+            scales = (ctypes.c_float * count)(*(scale for _, scale in adapters))
+            if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, handles, count, scales) != 0:
+                self._ctx.close()
+                self._free_adapters()
+                raise PromptError("llama.cpp refused to apply the adapters to the context")
         # The KV cache, cleared, resident in full: let its pages come as streams fill.
         # (On a GPU the cache is in the GPU's memory, and the driver's threads run.)
         released = zero_pages.release(before) if gpu_layers == 0 else 0
@@ -479,9 +511,16 @@ class LlamaEngine:
         # clearing it too would make the whole cache resident again.
         llama_cpp.llama_memory_clear(self._ctx.memory, False)
 
+    def _free_adapters(self) -> None:
+        for handle in self._adapters:
+            llama_cpp.llama_adapter_lora_free(handle)
+        self._adapters = []
+
     def close(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
         self._ctx.close()
-        self._model.close()
+        self._free_adapters()
+        if self._owns_model:  # a specialist's context leaves its base's weights be
+            self._model.close()

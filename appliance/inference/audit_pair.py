@@ -55,6 +55,8 @@ def open_pair(
     record = entry("request", ctx)
     record.model, record.model_sha256 = ctx.model, ctx.model_sha256
     record.content = {"input": body}
+    if ctx.served_by is not None:  # a specialist: what answered, file by file
+        record.content["served_by"] = ctx.served_by
     if with_outcome:
         ctx.audit.deferred = record
         return

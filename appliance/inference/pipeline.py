@@ -12,9 +12,11 @@ here knows HTTP: the blueprints translate a protocol into an ask and an answer b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,8 +35,10 @@ from appliance.engines.base import (
 )
 from appliance.inference import audit_pair
 from appliance.problems import Failed as GenerationFailed
-from appliance.problems import Invalid, Unavailable
+from appliance.problems import Forbidden, Invalid, Unavailable
+from appliance.registry import SpecialistSpec
 from appliance.resources import pressure
+from appliance.serving.loader import Parts
 from appliance.serving.models import ChatModel, RunModel
 from appliance.serving.pool import Lease, ModelPool
 from appliance.serving.scheduler import Job
@@ -106,11 +110,23 @@ class Pipeline:
         short = pressure(self.settings)
         if short:
             raise Unavailable(short, code="memory_pressure", retry_after=5)
+        spec = self.pool.manifest(name).specialist  # an unknown name: 404 here
+        role = ctx.actor.role
+        if spec is not None and spec.roles is not None and role not in spec.roles:
+            raise Forbidden(
+                f"role {role!r} may not use specialist {name!r}; it is for: "
+                + ", ".join(spec.roles),
+                param="model",
+                code="forbidden",
+            )
         lease = self.pool.acquire(name, kind)
         ctx.lease = lease
         ctx.model, ctx.model_sha256 = lease.manifest.name, lease.manifest.sha256
         ctx.model_kind = lease.manifest.kind
         ctx.model_loaded_now = lease.loaded_now
+        if lease.parts is not None:
+            ctx.served_by = served_by(lease.parts)
+            ctx.model_sha256 = ctx.served_by["sha256"]
         return lease
 
     # -- chat and completions -------------------------------------------------------
@@ -130,6 +146,9 @@ class Pipeline:
     def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
         self.check(ask)
         lease = self.resolve(ctx, ask.model, "chat")
+        if lease.manifest.specialist is not None:
+            ask = as_specialist(ask, lease.manifest.specialist)
+            self.check(ask)  # its defaults too stay within the settings' bounds
         for stage in self.stages:
             stage(ctx, ask, lease)
         model = lease.model
@@ -292,6 +311,36 @@ class Pipeline:
             except Exception as exc:  # onnxruntime rejects what the metadata could not tell
                 raise Invalid(f"the model could not run these inputs: {exc}") from None
         return results
+
+
+def served_by(parts: Parts) -> dict[str, Any]:
+    """What answers for a specialist, file by file, and one hash over it all (its
+    model_sha256 in the audit log: the same base and adapters at the same scales, the
+    same hash)."""
+    recipe = {
+        "base": parts.base.name,
+        "base_sha256": parts.base.sha256,
+        "adapters": [
+            {"name": a.name, "sha256": a.sha256, "scale": scale} for a, scale in parts.adapters
+        ],
+    }
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
+    return {**recipe, "sha256": hashlib.sha256(canonical).hexdigest()}
+
+
+def as_specialist(ask: ChatAsk, spec: SpecialistSpec) -> ChatAsk:
+    """The ask as the specialist serves it: its system prompt first, its sampling
+    defaults where the request left them out."""
+    messages = ask.messages
+    if spec.system_prompt and messages is not None:
+        messages = [{"role": "system", "content": spec.system_prompt}, *messages]
+    return replace(
+        ask,
+        messages=messages,
+        temperature=spec.temperature if ask.temperature is None else ask.temperature,
+        top_p=spec.top_p if ask.top_p is None else ask.top_p,
+        max_tokens=spec.max_tokens if ask.max_tokens is None else ask.max_tokens,
+    )
 
 
 def stops(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from appliance import gguf
 from appliance.config import Settings
 from appliance.registry import Manifest, file_identity
 from appliance.resources import footprint
@@ -19,12 +20,23 @@ from appliance.serving.scheduler import Admission, ModelScheduler
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a specialist is made of, resolved by the pool: its base model's manifest
+    and, once loaded, the base itself; its adapters' manifests and scales."""
+
+    base: Manifest
+    adapters: tuple[tuple[Manifest, float], ...]
+    loaded_base: Loaded | None = None
+
+
 class Loader(Protocol):
-    def footprint(self, manifest: Manifest) -> int:
-        """Bytes the model is expected to hold once loaded."""
+    def footprint(self, manifest: Manifest, parts: Parts | None = None) -> int:
+        """Bytes the model is expected to hold once loaded (a specialist: its own
+        context and adapters; its base holds the weights)."""
         ...
 
-    def load(self, manifest: Manifest) -> Loaded:
+    def load(self, manifest: Manifest, parts: Parts | None = None) -> Loaded:
         """The model, loaded and ready to serve; raises with the reason otherwise."""
         ...
 
@@ -117,14 +129,30 @@ class EngineLoader:
         # process, so they are the same.
         self._selftests: dict[tuple[tuple[int, ...], int], tuple[bool, dict[str, Any]]] = {}
 
-    def footprint(self, manifest: Manifest) -> int:
+    def footprint(self, manifest: Manifest, parts: Parts | None = None) -> int:
         serve = ServeSettings.of(self.settings, manifest)
-        path = self.settings.models_path / manifest.file
-        return footprint(manifest, path, serve.context_size, serve.parallel_streams, self.settings)
+        models = self.settings.models_path
+        if parts is None:
+            path = models / manifest.file
+            return footprint(
+                manifest, path, serve.context_size, serve.parallel_streams, self.settings
+            )
+        own = footprint(
+            parts.base,
+            models / parts.base.file,
+            serve.context_size,
+            serve.parallel_streams,
+            self.settings,
+            weights=False,
+        )
+        return own + sum(_size(models / a.file) for a, _ in parts.adapters)
 
-    def load(self, manifest: Manifest) -> Loaded:
+    def load(self, manifest: Manifest, parts: Parts | None = None) -> Loaded:
         settings = self.settings
         serve = ServeSettings.of(settings, manifest)
+        if manifest.kind == "specialist":
+            assert parts is not None and isinstance(parts.loaded_base, ChatModel)
+            return self._specialist(manifest, serve, parts, parts.loaded_base)
         path = settings.models_path / manifest.file
         if manifest.kind == "tensor":
             from appliance.engines.onnx import OnnxEngine
@@ -172,3 +200,41 @@ class EngineLoader:
         scheduler = ModelScheduler(manifest.name, chat, settings.queue_depth)
         scheduler.start()
         return ChatModel(manifest, chat, scheduler)
+
+    def _specialist(
+        self, manifest: Manifest, serve: ServeSettings, parts: Parts, base: ChatModel
+    ) -> ChatModel:
+        """A context of its own over the base's weights, with its adapters applied to
+        it alone: its batch runs on its own worker thread, beside the base's and other
+        specialists', and no slot's cached prefix crosses from one to another."""
+        from appliance.engines.llama import LlamaEngine
+
+        models = self.settings.models_path
+        base_info = gguf.read_info(models / parts.base.file)
+        for adapter, _ in parts.adapters:
+            theirs = gguf.read_info(models / adapter.file).architecture
+            if theirs != base_info.architecture:
+                raise RuntimeError(
+                    f"adapter {adapter.name!r} is for architecture {theirs!r}; base "
+                    f"{parts.base.name!r} is {base_info.architecture!r}"
+                )
+        engine = LlamaEngine(
+            models / parts.base.file,
+            context_size=serve.context_size,
+            threads=serve.threads,
+            gpu_layers=serve.gpu_layers,
+            model_context=parts.base.context_length,
+            parallel=serve.parallel_streams,
+            kv_type=self.settings.kv_cache_type,
+            chat_template=parts.base.chat_template,
+            shared=base.engine,  # type: ignore[arg-type]
+            adapters=[(models / a.file, scale) for a, scale in parts.adapters],
+        )
+        engine.info.extra["kernels"] = base.engine.info.extra.get("kernels")
+        scheduler = ModelScheduler(manifest.name, engine, self.settings.queue_depth)
+        scheduler.start()
+        return ChatModel(manifest, engine, scheduler)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0

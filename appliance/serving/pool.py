@@ -34,7 +34,7 @@ from appliance.registry import (
     verify_model,
 )
 from appliance.serving.budget import Budget, Candidate
-from appliance.serving.loader import Loader, ServeSettings
+from appliance.serving.loader import Loader, Parts, ServeSettings
 from appliance.serving.models import ChatModel, Loaded, RunModel
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,27 @@ log = logging.getLogger(__name__)
 # Where each kind is served: named in the error a wrong-kind request gets.
 KIND_ROUTES = {
     "chat": "/v1/chat/completions or /v1/completions",
+    "specialist": "/v1/chat/completions or /v1/completions",
     "embedding": "/v1/embeddings",
     "tensor": "/v2/models/{name}/infer",
+    "adapter": "a specialist that names it",
 }
-KIND_NAMES = {"chat": "a chat model", "embedding": "an embedding model", "tensor": "a tensor model"}
+KIND_NAMES = {
+    "chat": "a chat model",
+    "specialist": "a specialist",
+    "embedding": "an embedding model",
+    "tensor": "a tensor model",
+    "adapter": "a LoRA adapter",
+}
 
 
 _MOVING = ("loading", "unloading")
+
+
+def _served_as(kind: str) -> str:
+    """The kind of request that reaches a model of this kind: a specialist answers
+    chat requests; an adapter none on its own."""
+    return "chat" if kind == "specialist" else kind
 
 
 class UnknownModel(NotFound):
@@ -113,6 +127,8 @@ class _Entry:
     unloads: int = 0
     load_seconds: float | None = None
     rss_growth: int | None = None
+    parts: Parts | None = None  # a specialist's base and adapters
+    base_lease: Lease | None = None  # a loaded specialist holds its base
 
     @property
     def pinned(self) -> bool:
@@ -130,6 +146,7 @@ class Lease:
         self._entry = entry
         self.model: Loaded = entry.model  # type: ignore[assignment]  # ready: set
         self.manifest = entry.manifest
+        self.parts = entry.parts  # a specialist's base and adapters
         self.loaded_now = False  # this request waited for the load
         self._released = False
 
@@ -174,6 +191,9 @@ class ModelPool:
             log.error("manifest refused", extra={"reason": problem})
         for verification in verify_all(self.settings, manifests.values()):
             self._add(manifests[verification.name], verification)
+        for entry in list(self._entries.values()):
+            if entry.manifest.kind == "specialist" and entry.state != "refused":
+                self._compose(entry)
         for entry in self._entries.values():
             if entry.pinned and entry.state == "unloaded":
                 try:
@@ -184,7 +204,9 @@ class ModelPool:
 
     def _add(self, manifest: Manifest, verification: Verification) -> None:
         serve = ServeSettings.of(self.settings, manifest)
-        entry = _Entry(manifest, serve, self.loader.footprint(manifest), verification.identities)
+        # A specialist's footprint needs its base's: _compose counts it.
+        need = 0 if manifest.kind == "specialist" else self.loader.footprint(manifest)
+        entry = _Entry(manifest, serve, need, verification.identities)
         self._entries[manifest.name] = entry
         if not verification.ok:
             entry.missing = verification.state == "missing"
@@ -197,6 +219,47 @@ class ModelPool:
             self._refuse(entry, verification.message, loud=entry.pinned or not entry.missing)
             return
         too_big = self.budget.never_fits(manifest.name, entry.need)
+        if too_big is not None:
+            self._refuse(entry, too_big)
+
+    def _compose(self, entry: _Entry) -> None:
+        """A specialist's parts, checked against each other: its base a chat model
+        that serves, each adapter one made for that very base file (by hash)."""
+        manifest = entry.manifest
+        spec = manifest.specialist
+        assert spec is not None
+        name = manifest.name
+        base = self._entries.get(spec.base)
+        if base is None or base.manifest.kind != "chat":
+            what = "does not exist" if base is None else f"is kind {base.manifest.kind}"
+            self._refuse(entry, f"specialist {name!r} refused: its base {spec.base!r} {what}")
+            return
+        if base.state == "refused":
+            self._refuse(entry, f"specialist {name!r} refused: its base: {base.reason}")
+            return
+        adapters = []
+        for adapter_name, scale in spec.adapters:
+            adapter = self._entries.get(adapter_name)
+            if adapter is None or adapter.manifest.adapter is None:
+                what = "does not exist" if adapter is None else "is not an adapter"
+                self._refuse(entry, f"specialist {name!r} refused: {adapter_name!r} {what}")
+                return
+            fit = adapter.manifest.adapter
+            if adapter.state == "refused":
+                self._refuse(entry, f"specialist {name!r} refused: {adapter.reason}")
+                return
+            if fit.base != spec.base or fit.base_sha256 != base.manifest.sha256:
+                self._refuse(
+                    entry,
+                    f"specialist {name!r} refused: adapter {adapter_name!r} was made for "
+                    f"base {fit.base!r} with sha256 {fit.base_sha256}; its base "
+                    f"{spec.base!r} has sha256 {base.manifest.sha256}",
+                )
+                return
+            adapters.append((adapter.manifest, fit.scale if scale is None else scale))
+        entry.parts = Parts(base.manifest, tuple(adapters))
+        entry.need = self.loader.footprint(manifest, entry.parts)
+        too_big = self.budget.never_fits(name, entry.need)
         if too_big is not None:
             self._refuse(entry, too_big)
 
@@ -244,7 +307,7 @@ class ModelPool:
             entry = self._entries.get(name)
             return (
                 entry is not None
-                and entry.manifest.kind == kind
+                and _served_as(entry.manifest.kind) == kind
                 and entry.state in ("unloaded", "loading", "unloading")
             )
 
@@ -278,7 +341,7 @@ class ModelPool:
             with self._lock:
                 entry = self._entry(name)
                 manifest = entry.manifest
-                if kind is not None and manifest.kind != kind:
+                if kind is not None and _served_as(manifest.kind) != kind:
                     raise WrongKind(name, manifest.kind, kind)
                 if entry.state == "refused":
                     raise ModelUnavailable(entry.reason or f"model {name!r} is refused")
@@ -325,7 +388,12 @@ class ModelPool:
         """Under the lock: the idle models to unload so that ``entry`` fits, least
         recently used first; an unloading model's event when the memory it frees may be
         enough; NoRoom when the budget cannot be met now."""
-        loaded = {e.manifest.name: e for e in self._entries.values() if e.state == "ready"}
+        keep = entry.parts.base.name if entry.parts is not None else None  # it is needed
+        loaded = {
+            e.manifest.name: e
+            for e in self._entries.values()
+            if e.state == "ready" and e.manifest.name != keep
+        }
         chosen = self.budget.victims(entry.need, [e.candidate() for e in loaded.values()])
         if chosen is not None:
             return [loaded[c.name] for c in chosen]
@@ -371,21 +439,32 @@ class ModelPool:
         name = manifest.name
         started = time.perf_counter()
         process = psutil.Process()
+        base_lease: Lease | None = None
         try:
             self._check_files(entry)
+            parts = entry.parts
+            if parts is not None:  # a specialist: its base loaded and held first
+                for adapter, _ in parts.adapters:
+                    self._check_files(self._entries[adapter.name])
+                base_lease = self.acquire(parts.base.name, "chat", reason=f"base of {name}")
+                parts = Parts(parts.base, parts.adapters, base_lease.model)
             short = self.budget.machine_short(name, entry.need)
             if short is not None:
                 raise NoRoom(short, retry_after=10)
             before = process.memory_info().rss
-            model = self.loader.load(manifest)
+            model = self.loader.load(manifest, parts)
             growth = process.memory_info().rss - before
-        except NoRoom:
+        except Unavailable:  # no room now, for it or its base: it may load later
+            if base_lease is not None:
+                base_lease.release()
             with self._lock:
                 self.budget.used -= entry.need
                 entry.state = "unloaded"
                 entry.settled.set()
             raise
         except Exception as exc:
+            if base_lease is not None:
+                base_lease.release()
             message = f"model {name!r} failed to load: {exc}"
             log.error(message, extra={"model": name})
             with self._lock:
@@ -397,6 +476,7 @@ class ModelPool:
         seconds = time.perf_counter() - started
         with self._lock:
             entry.model = model
+            entry.base_lease = base_lease
             entry.state = "ready"
             entry.reason = None
             entry.loads += 1
@@ -449,10 +529,13 @@ class ModelPool:
             log.exception("closing a model failed", extra={"model": entry.manifest.name})
         with self._lock:
             entry.model = None
+            base_lease, entry.base_lease = entry.base_lease, None
             entry.state = "unloaded"
             entry.unloads += 1
             self.budget.used -= entry.need
             entry.settled.set()
+        if base_lease is not None:  # the base may go now, in its own time
+            base_lease.release()
         name = entry.manifest.name
         log.info("model unloaded", extra={"model": name, "why": reason})
         self._tell(PoolEvent("unload", name, entry.manifest.sha256, reason, 0.0, entry.need))
@@ -547,6 +630,12 @@ class ModelPool:
                     row["load_seconds"] = round(entry.load_seconds, 3)
                 if entry.rss_growth is not None:
                     row["rss_growth_bytes"] = entry.rss_growth
+                if entry.parts is not None:
+                    row["base"] = entry.parts.base.name
+                    row["adapters"] = [
+                        {"name": a.name, "sha256": a.sha256, "scale": scale}
+                        for a, scale in entry.parts.adapters
+                    ]
                 if entry.model is not None:
                     row.update(entry.model.snapshot())
                 rows.append(row)

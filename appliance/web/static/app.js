@@ -247,7 +247,9 @@
       const data = await response.json();
       modelSelect.replaceChildren();
       // Only the models that answer questions; embedding models serve search.
-      const chat = data.data.filter(function (m) { return m.kind === "chat"; });
+      const chat = data.data.filter(function (m) {
+        return m.kind === "chat" || m.kind === "specialist";
+      });
       for (const m of chat) {
         models[m.id] = m;
         const option = document.createElement("option");
