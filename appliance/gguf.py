@@ -86,7 +86,7 @@ class GGUFInfo:
     kv_heads: int | None = None
 
 
-class _Reader:
+class Reader:
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh = fh
 
@@ -129,7 +129,7 @@ class _Reader:
 
 def read_info(path: Path) -> GGUFInfo:
     with path.open("rb") as fh:
-        reader = _Reader(fh)
+        reader = Reader(fh)
         if reader.take(4) != MAGIC:
             raise GGUFError(f"{path} is not a GGUF file (no GGUF magic)")
         version = int(reader.unpack("<I"))

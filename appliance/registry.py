@@ -662,7 +662,7 @@ def verify_all(
     return results
 
 
-def _copy_hashing(fin: IO[bytes], dst: Path, progress: Progress | None) -> str:
+def copy_hashing(fin: IO[bytes], dst: Path, progress: Progress | None) -> str:
     digest = hashlib.sha256()
     with dst.open("xb") as fout:
         while chunk := fin.read(CHUNK):
@@ -713,7 +713,7 @@ def import_model(
     partial.unlink(missing_ok=True)
     try:
         with source.open("rb") as fin:
-            sha = _copy_hashing(fin, partial, progress)
+            sha = copy_hashing(fin, partial, progress)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -750,7 +750,7 @@ def install_verified(
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
-        sha = _copy_hashing(source, partial, progress)
+        sha = copy_hashing(source, partial, progress)
         if sha != manifest.sha256:
             raise ImportRefused(
                 f"{described_as} has sha256 {sha}, expected {manifest.sha256} "
