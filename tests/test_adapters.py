@@ -190,3 +190,14 @@ def test_a_role_not_allowed_a_specialist_gets_403(specialists: tuple[Server, Pat
     assert "role 'clinician' may not use specialist 'ward'" in str(denied.value)
     assert "ward" not in [m.id for m in client.models.list().data]
     assert answer(client, "zero")  # a specialist without roles: anyone the route allows
+
+
+def test_a_server_with_specialists_loaded_stops_cleanly(
+    specialists: tuple[Server, Path, str],
+) -> None:
+    """Specialists are closed before their base: the base's weights (and the adapters
+    llama.cpp ties to them) outlive every context over them. The other order crashed
+    the process in a specialist's last step, before the audit log was sealed."""
+    server, _, _ = specialists
+    answer(sdk(server), "ward")  # loaded, with its base
+    assert server.stop() == 0, server.stderr[-20:]  # a crash would be -11 (SIGSEGV)

@@ -291,7 +291,13 @@ class ModelPool:
         for settled in moving:
             settled.wait(self.settings.load_timeout)
         with self._lock:
-            entries = [e for e in self._entries.values() if e.state == "ready"]
+            # Specialists first: a base's weights (and the adapters llama.cpp ties to
+            # them) must outlive every context over them; freed before, a specialist's
+            # worker crashes the process in its last step.
+            entries = sorted(
+                (e for e in self._entries.values() if e.state == "ready"),
+                key=lambda e: e.base_lease is None,
+            )
             for entry in entries:
                 entry.state = "unloading"
                 entry.settled = threading.Event()
