@@ -202,6 +202,7 @@ class LlamaEngine:
         self._eog = [
             t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         ]
+        self._eog_set = frozenset(self._eog)
         # The file's own template wins; the manifest's is for a file that has none.
         template = self._model.metadata().get("tokenizer.chat_template") or chat_template
         self._formatter = (
@@ -240,6 +241,20 @@ class LlamaEngine:
                     piece.encode("utf-8"), add_bos=self._add_bos and n == 0, special=not content
                 )
         return tokens
+
+    def answer_tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """A conversation whose last message is the assistant's, as training reads it:
+        the prompt's tokens (the template's, up to where the answer starts) and the
+        answer's (its text, then the token that ends its turn)."""
+        prompt = self.chat_prompt(messages[:-1])
+        whole = self.chat_prompt(messages)
+        if whole[: len(prompt)] != prompt:
+            raise PromptError("the chat template renders the earlier turns differently")
+        rest = whole[len(prompt) :]
+        end = next((i for i, t in enumerate(rest) if t in self._eog_set), None)
+        if end is None:
+            raise PromptError("the chat template ends no assistant turn with an end token")
+        return prompt, rest[: end + 1]
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
