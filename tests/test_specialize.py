@@ -196,3 +196,15 @@ def test_served_it_beats_the_base_and_the_larger_generalist(
         base,
         generalist,
     )
+
+
+def test_serving_never_imports_training() -> None:
+    """The training extra is optional: the app, the CLI and the server import no torch
+    (and `appliance specialize` says which extra to install when it is missing)."""
+    code = (
+        "import sys; import appliance.app, appliance.cli, appliance.server; "
+        "assert 'torch' not in sys.modules and 'appliance.training' not in sys.modules, "
+        "sorted(m for m in sys.modules if 'torch' in m or 'training' in m)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
