@@ -208,3 +208,18 @@ def test_serving_never_imports_training() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_name_is_a_name_not_a_path(tmp_path: Path, model_file: Path) -> None:
+    from appliance.training.specialize import TrainConfig, train
+
+    state = make_state(tmp_path / "state", model_file)
+    settings = load_settings(env={}, overrides={"state_dir": state})
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    for bad in ("../outside", "UPPER", "a/b"):
+        with pytest.raises(TrainingError, match="must match"):
+            train(settings, data, "smollm2-135m-instruct", bad, TrainConfig())
+    with pytest.raises(TrainingError, match="exists already"):
+        train(settings, data, "smollm2-135m-instruct", "smollm2-135m-instruct", TrainConfig())
+    assert not (tmp_path / "outside").exists() and not (state / "training").exists()

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from appliance.config import Settings
-from appliance.registry import load_manifests, verify_model
+from appliance.registry import NAME_RE, load_manifests, verify_model
 
 MIB = 1 << 20
 ROLES = ("system", "user", "assistant")
@@ -158,7 +158,11 @@ def train(
     from appliance.engines.llama import LlamaEngine
     from appliance.training.llama_torch import LlamaLora, read_weights
 
+    if not NAME_RE.match(name):  # it names a directory and files: nothing else
+        raise TrainingError(f"name {name!r} must match {NAME_RE.pattern}")
     manifests = load_manifests(settings)
+    if name in manifests or f"{name}-lora" in manifests:
+        raise TrainingError(f"a model named {name!r} or {name + '-lora'!r} exists already")
     base = manifests.get(base_name)
     if base is None or base.kind != "chat":
         raise TrainingError(f"base {base_name!r} is not a chat model this appliance knows")
