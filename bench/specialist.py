@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -43,12 +42,11 @@ BASE = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"
 
 
-def held_out(state: Path, share: float) -> list[list[dict[str, str]]]:
-    """The notes training kept back: its own split (seed 0)."""
-    examples = read_examples(state / "training" / NAME / "data.jsonl")
-    shuffled = examples[:]
-    random.Random(0).shuffle(shuffled)
-    return [e.messages for e in shuffled[: max(1, int(len(shuffled) * share))]]
+def held_out(state: Path) -> list[list[dict[str, str]]]:
+    """The notes training kept back, as it recorded them (by line)."""
+    work = state / "training" / NAME
+    lines = set(json.loads((work / "held_out.json").read_text()))
+    return [e.messages for e in read_examples(work / "data.jsonl") if e.line in lines]
 
 
 def serve_scores(
@@ -112,7 +110,7 @@ def main() -> None:
         if trained.returncode != 0:
             sys.exit(f"specialize failed: {trained.stderr[-2000:]}")
         report = json.loads(trained.stdout)
-        notes = held_out(state, 0.2)
+        notes = held_out(state)
         server = start_server(state, "--context-size", "512", "--keep-alive", "-1")
         try:
             client = OpenAI(

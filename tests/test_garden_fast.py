@@ -5,6 +5,7 @@ no GGUF; the real models go through the same paths in test_garden.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -761,6 +762,9 @@ def test_a_specialist_holds_its_base_and_answers_with_its_own_engine(
     served = decrypted["content"]["served_by"]
     assert served["base_sha256"] == file_sha256("talk")
     assert served["adapters"][0]["scale"] == 0.5 and served["sha256"] == request["model_sha256"]
+    # What the model is given beside the request is part of what answered.
+    assert served["system_prompt_sha256"] == hashlib.sha256(b"you are on the ward").hexdigest()
+    assert served["sampling"] == {"temperature": 0.2, "top_p": None, "max_tokens": 3}
     pool.reap()  # nothing due yet; then unloading the specialist lets its base go
     lease = pool.acquire("ward")
     lease.release()
@@ -782,6 +786,15 @@ def test_a_specialist_is_only_for_its_roles(ward_app: tuple[Flask, FakeLoader]) 
     assert resp.status_code == 403
     assert "role 'admin' may not use specialist 'line-only'" in resp.get_json()["error"]["message"]
     assert client.get("/v1/models/line-only").status_code == 403
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "line-only",
+            "messages": [{"role": "user", "content": "a"}],
+            "stream": True,
+        },
+    )
+    assert streamed.status_code == 403  # a plain 403, never an event inside a 200 stream
     assert "line-only" not in loader.loads  # refused before anything loaded
     adapter = client.post(
         "/v1/chat/completions",
@@ -816,5 +829,40 @@ def test_a_specialist_whose_adapter_was_made_for_another_base_file_is_refused(
         assert "its base 'nobody' does not exist" in pool.refused()["orphan"]
         with pytest.raises(ModelUnavailable, match="made for base"):
             pool.acquire("bad", "chat")
+    finally:
+        pool.close()
+
+
+def test_an_idle_specialist_and_its_base_make_room_together(tmp_path: Path) -> None:
+    """A base held only by idle specialists is unloaded with them (they first) when
+    another model needs the memory; before, the specialist's hold kept it for good."""
+    settings = garden(
+        tmp_path,
+        {
+            "talk": CHAT,
+            "ward-lora": adapter_fields("talk"),
+            "ward": {"kind": "specialist", "toml": specialist_toml("ward", "talk", WARD)},
+            "big": CHAT,
+        },
+        memory_limit_mb=100,
+    )
+    loader = FakeLoader({"talk": 40, "ward": 10, "big": 70})
+    pool = open_pool(settings, loader)
+    try:
+        use(pool, "ward", "chat")  # loads talk, then ward over it
+        assert loader.loads == ["talk", "ward"]
+        use(pool, "big")
+        assert states(pool) == {
+            "big": "ready",
+            "talk": "unloaded",
+            "ward": "unloaded",
+            "ward-lora": "unloaded",
+        }
+        assert loader.closed == ["ward", "talk"]  # the specialist before its base
+        assert pool.budget_state()["used_bytes"] == 70 << 20
+        held = pool.acquire("big")
+        with pytest.raises(NoRoom):  # with big busy, ward and its base cannot come back
+            pool.acquire("ward", "chat", wait=0.5)
+        held.release()
     finally:
         pool.close()

@@ -156,14 +156,11 @@ def served(trained: tuple[Path, dict[str, Any], Path]) -> Iterator[Server]:
 
 
 def held_out_examples(state: Path) -> list[dict[str, Any]]:
-    """The examples the training kept back (its own split: the same seed)."""
-    import random
-
-    examples = read_examples(state / "training" / NAME / "data.jsonl")
-    rng = random.Random(0)
-    shuffled = examples[:]
-    rng.shuffle(shuffled)
-    return [{"messages": e.messages} for e in shuffled[: max(1, int(len(shuffled) * 0.2))]]
+    """The examples the training kept back, as it recorded them (by line)."""
+    work = state / "training" / NAME
+    lines = set(json.loads((work / "held_out.json").read_text()))
+    examples = read_examples(work / "data.jsonl")
+    return [{"messages": e.messages} for e in examples if e.line in lines]
 
 
 def exact(client: OpenAI, model: str, examples: list[dict[str, Any]], system: bool) -> float:

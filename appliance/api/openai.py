@@ -172,6 +172,7 @@ def _stream(
     """A stream; when its model must load first, one that says so with keep-alive
     comments while it loads, rather than a silent wait."""
     pipeline = get_pipeline(current_app)
+    pipeline.authorize(ctx, ask.model)  # a 403 is a plain 403, never inside a stream
     if pipeline.pool.needs_load(ask.model, "chat"):
         pipeline.check(ask)  # a plain mistake is a plain 400, before anything loads
         pipeline.pool.check_room(ask.model)  # and no room a 503 with Retry-After

@@ -84,7 +84,11 @@ def specialize(
             f"training needs the training extra ({exc}): pip install '.[train]'"
         ) from None
     from appliance.adapters import AdapterRefused, install_adapter, write_specialist
+    from appliance.auth.store import ROLES
 
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:  # refused before hours of training, not after
+        raise click.ClickException(f"unknown role(s) {unknown}; roles: {', '.join(ROLES)}")
     config = TrainConfig(
         rank=rank,
         alpha=alpha,
@@ -107,7 +111,10 @@ def specialize(
 
         try:
             result = train(settings, data, base, name, config, resume, progress)
-        except TrainingError as exc:
+        except TrainingError as exc:  # a run that stopped is an event too
+            record_action(
+                store, "specialize stopped", {"name": name, "base": base, "reason": str(exc)}
+            )
             raise click.ClickException(str(exc)) from None
         finally:
             if not as_json:

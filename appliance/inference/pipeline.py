@@ -68,6 +68,9 @@ class ChatAsk:
     json_mode: bool = False  # answer in JSON; with json_schema, in that schema
     json_schema: dict[str, Any] | None = None
     stream: bool = False
+    # When the request gives no max_tokens: at most this many (a specialist's default),
+    # and never more than the window or the setting allow.
+    default_max_tokens: int | None = None
 
     @property
     def prompt_param(self) -> str:
@@ -110,7 +113,20 @@ class Pipeline:
         short = pressure(self.settings)
         if short:
             raise Unavailable(short, code="memory_pressure", retry_after=5)
-        spec = self.pool.manifest(name).specialist  # an unknown name: 404 here
+        self.authorize(ctx, name)
+        lease = self.pool.acquire(name, kind)
+        ctx.lease = lease
+        ctx.model, ctx.model_sha256 = lease.manifest.name, lease.manifest.sha256
+        ctx.model_kind = lease.manifest.kind
+        ctx.model_loaded_now = lease.loaded_now
+        if lease.parts is not None:
+            ctx.served_by = served_by(lease.parts, lease.manifest.specialist)
+            ctx.model_sha256 = ctx.served_by["sha256"]
+        return lease
+
+    def authorize(self, ctx: RequestContext, name: str) -> None:
+        """A specialist is for the roles its manifest names (an unknown name: 404)."""
+        spec = self.pool.manifest(name).specialist
         role = ctx.actor.role
         if spec is not None and spec.roles is not None and role not in spec.roles:
             raise Forbidden(
@@ -119,15 +135,6 @@ class Pipeline:
                 param="model",
                 code="forbidden",
             )
-        lease = self.pool.acquire(name, kind)
-        ctx.lease = lease
-        ctx.model, ctx.model_sha256 = lease.manifest.name, lease.manifest.sha256
-        ctx.model_kind = lease.manifest.kind
-        ctx.model_loaded_now = lease.loaded_now
-        if lease.parts is not None:
-            ctx.served_by = served_by(lease.parts)
-            ctx.model_sha256 = ctx.served_by["sha256"]
-        return lease
 
     # -- chat and completions -------------------------------------------------------
 
@@ -148,7 +155,6 @@ class Pipeline:
         lease = self.resolve(ctx, ask.model, "chat")
         if lease.manifest.specialist is not None:
             ask = as_specialist(ask, lease.manifest.specialist)
-            self.check(ask)  # its defaults too stay within the settings' bounds
         for stage in self.stages:
             stage(ctx, ask, lease)
         model = lease.model
@@ -194,7 +200,10 @@ class Pipeline:
                 param=where,
                 code="context_length_exceeded",
             )
-        max_tokens = requested if requested is not None else min(limit, n_ctx - prompt_tokens)
+        if requested is not None:
+            max_tokens = requested
+        else:
+            max_tokens = min(limit, n_ctx - prompt_tokens, ask.default_max_tokens or limit)
         if prompt_tokens + max_tokens > n_ctx:
             raise Invalid(
                 f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
@@ -313,17 +322,27 @@ class Pipeline:
         return results
 
 
-def served_by(parts: Parts) -> dict[str, Any]:
+def served_by(parts: Parts, spec: SpecialistSpec | None = None) -> dict[str, Any]:
     """What answers for a specialist, file by file, and one hash over it all (its
     model_sha256 in the audit log: the same base and adapters at the same scales, the
     same hash)."""
-    recipe = {
+    recipe: dict[str, Any] = {
         "base": parts.base.name,
         "base_sha256": parts.base.sha256,
         "adapters": [
             {"name": a.name, "sha256": a.sha256, "scale": scale} for a, scale in parts.adapters
         ],
     }
+    if spec is not None:  # what the model is given beside the request
+        prompt = spec.system_prompt
+        recipe["system_prompt_sha256"] = (
+            hashlib.sha256(prompt.encode()).hexdigest() if prompt is not None else None
+        )
+        recipe["sampling"] = {
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "max_tokens": spec.max_tokens,
+        }
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
     return {**recipe, "sha256": hashlib.sha256(canonical).hexdigest()}
 
@@ -339,7 +358,7 @@ def as_specialist(ask: ChatAsk, spec: SpecialistSpec) -> ChatAsk:
         messages=messages,
         temperature=spec.temperature if ask.temperature is None else ask.temperature,
         top_p=spec.top_p if ask.top_p is None else ask.top_p,
-        max_tokens=spec.max_tokens if ask.max_tokens is None else ask.max_tokens,
+        default_max_tokens=spec.max_tokens,
     )
 
 

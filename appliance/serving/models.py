@@ -33,17 +33,19 @@ class ChatModel:
     def stalled(self, limit: float) -> str | None:
         return self.scheduler.stalled(limit)
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """Stop the worker, then free the engine; never under a step still running (a
-        long prompt read in llama_decode): then the engine is left, not freed."""
+        long prompt read in llama_decode): then the engine is left, not freed, and
+        False says so (a specialist's base must then stay too)."""
         self.scheduler.stop(timeout=STOP_SECONDS)
         if self.scheduler.running():
             log.error(
                 "model worker still busy after stopping; its engine is not freed",
                 extra={"model": self.manifest.name, "waited_s": STOP_SECONDS},
             )
-            return
+            return False
         self.engine.close()
+        return True
 
 
 @dataclass
@@ -61,8 +63,9 @@ class RunModel:
     def stalled(self, limit: float) -> str | None:
         return None
 
-    def close(self) -> None:
+    def close(self) -> bool:
         self.engine.close()
+        return True
 
 
 Loaded = ChatModel | RunModel

@@ -400,9 +400,11 @@ class ModelPool:
             for e in self._entries.values()
             if e.state == "ready" and e.manifest.name != keep
         }
-        chosen = self.budget.victims(entry.need, [e.candidate() for e in loaded.values()])
+        candidates, groups = self._candidates(loaded)
+        chosen = self.budget.victims(entry.need, candidates)
         if chosen is not None:
-            return [loaded[c.name] for c in chosen]
+            # A base goes with the idle specialists that hold it, they first.
+            return [victim for c in chosen for victim in groups.get(c.name, [loaded[c.name]])]
         leaving = [e for e in self._entries.values() if e.state == "unloading"]
         if leaving:
             return leaving[0].settled
@@ -421,6 +423,40 @@ class ModelPool:
             "retry shortly",
             retry_after=5,
         )
+
+    def _candidates(
+        self, loaded: dict[str, _Entry]
+    ) -> tuple[list[Candidate], dict[str, list[_Entry]]]:
+        """What may make room: each idle model; a base held only by idle specialists
+        counts as one candidate with them (its memory and theirs), since unloading
+        them lets it go; those specialists are then no candidates of their own."""
+        holders: dict[str, list[_Entry]] = {}
+        for e in loaded.values():
+            if e.parts is not None and e.base_lease is not None:
+                holders.setdefault(e.parts.base.name, []).append(e)
+        candidates: list[Candidate] = []
+        groups: dict[str, list[_Entry]] = {}
+        grouped: set[str] = set()
+        for base_name, held_by in holders.items():
+            base = loaded.get(base_name)
+            idle = all(h.in_use == 0 for h in held_by)
+            if base is None or base.pinned or not idle or base.in_use != len(held_by):
+                continue
+            groups[base_name] = [*held_by, base]
+            grouped.update(h.manifest.name for h in held_by)
+            candidates.append(
+                Candidate(
+                    base_name,
+                    base.need + sum(h.need for h in held_by),
+                    max(e.last_used for e in groups[base_name]),
+                    False,
+                    0,
+                )
+            )
+        for e in loaded.values():
+            if e.manifest.name not in grouped and e.manifest.name not in groups:
+                candidates.append(e.candidate())
+        return candidates, groups
 
     def _make_room(self, entry: _Entry) -> list[_Entry] | threading.Event:
         """Under the lock: _victims_for, with the victims marked as unloading."""
@@ -528,9 +564,10 @@ class ModelPool:
         close that fails is logged; the entry is unloaded all the same, so that no
         waiter hangs and the budget stays true."""
         model = entry.model
+        freed = True
         try:
             if model is not None:
-                model.close()
+                freed = model.close()
         except Exception:
             log.exception("closing a model failed", extra={"model": entry.manifest.name})
         with self._lock:
@@ -540,8 +577,13 @@ class ModelPool:
             entry.unloads += 1
             self.budget.used -= entry.need
             entry.settled.set()
-        if base_lease is not None:  # the base may go now, in its own time
+        if base_lease is not None and freed:  # the base may go now, in its own time
             base_lease.release()
+        elif base_lease is not None:  # a context still in a step: its base must outlive it
+            log.error(
+                "a specialist's base kept: its context was not freed",
+                extra={"model": entry.manifest.name},
+            )
         name = entry.manifest.name
         log.info("model unloaded", extra={"model": name, "why": reason})
         self._tell(PoolEvent("unload", name, entry.manifest.sha256, reason, 0.0, entry.need))

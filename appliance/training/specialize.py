@@ -24,8 +24,10 @@ from typing import Any
 
 import psutil
 
+from appliance import gguf
 from appliance.config import Settings
 from appliance.registry import NAME_RE, load_manifests, verify_model
+from appliance.training.llama_torch import PROJECTIONS
 
 MIB = 1 << 20
 ROLES = ("system", "user", "assistant")
@@ -117,7 +119,7 @@ def _normal(text: str) -> str:
 
 def score(engine: Any, examples: list[Example]) -> float:
     """Exact match (whitespace and case aside) of greedy answers, through llama.cpp."""
-    from appliance.engines.base import Finished, Generation, SamplingParams, TextDelta
+    from appliance.engines.base import Failed, Finished, Generation, SamplingParams, TextDelta
 
     right = 0
     for example in examples:
@@ -126,7 +128,9 @@ def score(engine: Any, examples: list[Example]) -> float:
         events: list[Any] = []
         params = SamplingParams(max_tokens=max(8, len(want) // 2 + 8), temperature=0.0)
         engine.admit(Generation(prompt, params), events.append, lambda: False)
-        while not any(isinstance(e, Finished) for e in events):
+        for _ in range(params.max_tokens + len(prompt) + 8):  # bounded: a step a token
+            if any(isinstance(e, Finished | Failed) for e in events):
+                break
             engine.step()
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         right += _normal(text) == _normal(want)
@@ -163,16 +167,33 @@ def train(
     manifests = load_manifests(settings)
     if name in manifests or f"{name}-lora" in manifests:
         raise TrainingError(f"a model named {name!r} or {name + '-lora'!r} exists already")
+    if not NAME_RE.match(f"{name}-lora"):
+        raise TrainingError(f"name {name!r} is too long: its adapter {name}-lora must fit")
     base = manifests.get(base_name)
     if base is None or base.kind != "chat":
         raise TrainingError(f"base {base_name!r} is not a chat model this appliance knows")
     if not verify_model(base, settings.models_path).ok:
         raise TrainingError(f"base {base_name!r}: its file does not verify; see `models verify`")
+    architecture = gguf.read_info(settings.models_path / base.file).architecture
+    if architecture != "llama":
+        raise TrainingError(
+            f"training supports the llama architecture; base {base_name!r} is {architecture!r}"
+        )
+    unknown = sorted(set(config.targets) - set(PROJECTIONS))
+    if unknown or not config.targets:
+        raise TrainingError(f"unknown targets {unknown}; known: {', '.join(PROJECTIONS)}")
+    read_examples(data)  # a bad file is refused before anything is kept
     work = settings.state_dir / "training" / name
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(work, 0o700)
     kept = work / "data.jsonl"
-    if not (resume and kept.is_file()):
+    if resume and kept.is_file():
+        if _sha256(kept) != _sha256(data):
+            raise TrainingError(
+                f"{data} is not the data the run to resume was trained on ({kept}); start "
+                "afresh without --resume"
+            )
+    else:
         shutil.copyfile(data, kept)  # the examples stay in the state directory
         os.chmod(kept, 0o600)
     data_sha = _sha256(kept)
@@ -182,6 +203,8 @@ def train(
     rng.shuffle(shuffled)
     held = max(1, int(len(shuffled) * config.held_out))
     held_out, trained = shuffled[:held], shuffled[held:]
+    # Which examples were kept back, by line: a check of the result reads this.
+    (work / "held_out.json").write_text(json.dumps([e.line for e in held_out]))
 
     kernels.plan()
     base_path = settings.models_path / base.file
@@ -190,12 +213,14 @@ def train(
         pairs = []
         for example in trained:
             prompt, answer = engine.answer_tokens(example.messages)
+            pairs.append((prompt, answer))
+        for example in examples:  # the held-out ones too: scoring reads them whole
+            prompt, answer = engine.answer_tokens(example.messages)
             if len(prompt) + len(answer) > config.max_example_tokens:
                 raise TrainingError(
                     f"{data}:{example.line} has {len(prompt) + len(answer)} tokens; the "
-                    f"limit is {config.max_example_tokens} (--max-example-tokens)"
+                    f"limit is {config.max_example_tokens} tokens per example"
                 )
-            pairs.append((prompt, answer))
         before = score(engine, held_out)
     finally:
         engine.close()
@@ -213,7 +238,7 @@ def train(
     shaping = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     fingerprint = {"data_sha256": data_sha, "base_sha256": base.sha256, **shaping}
     if resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=True)
         if saved["fingerprint"] != json.loads(json.dumps(fingerprint)):
             raise TrainingError(
                 f"{checkpoint} was made with other data, base or settings; start afresh "
