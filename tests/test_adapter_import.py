@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,10 +224,24 @@ def test_f16_stays_f16_and_bf16_is_widened_exactly(tmp_path: Path, model_file: P
     (peft / "adapter_model.safetensors").write_bytes(
         len(text).to_bytes(8, "little") + text + b"".join(blobs)
     )
-    out = tmp_path / "bf16.gguf"
-    assert peft_to_gguf(peft, model_file, out).quantization == "F32"
     a = mats[(3, "v_proj")][0]
     want = ((a.view(np.uint32) >> 16) << 16).view(np.float32)
+    # Both ways numpy may meet bfloat16: unknown to it (a fresh process), or known
+    # once ml_dtypes is imported (onnx and tritonclient import it: the whole suite).
+    plain = tmp_path / "bf16-plain.gguf"
+    code = (
+        "import sys; from pathlib import Path; from appliance.adapters import peft_to_gguf; "
+        "assert 'ml_dtypes' not in sys.modules; "
+        f"print(peft_to_gguf(Path({str(peft)!r}), Path({str(model_file)!r}), "
+        f"Path({str(plain)!r})).quantization)"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "F32", fresh.stderr[-2000:]
+    np.testing.assert_array_equal(gguf_tensors(plain)["blk.3.attn_v.weight.lora_a"], want)
+    import ml_dtypes  # noqa: F401  # numpy now knows bfloat16
+
+    out = tmp_path / "bf16.gguf"
+    assert peft_to_gguf(peft, model_file, out).quantization == "F32"
     np.testing.assert_array_equal(gguf_tensors(out)["blk.3.attn_v.weight.lora_a"], want)
 
 

@@ -147,9 +147,14 @@ def _load_safetensors(path: Path) -> dict[str, Array]:
         )
     try:
         try:
-            return dict(load_file(path))
+            loaded = dict(load_file(path))
         except TypeError:  # "data type 'bfloat16' not understood"
             pass
+        else:  # where ml_dtypes is imported, numpy knows bfloat16: widened all the same
+            return {
+                name: array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+                for name, array in loaded.items()
+            }
         found: dict[str, Array] = {}
         raw: list[tuple[str, dict[str, Any]]] = safetensors.deserialize(  # type: ignore[no-untyped-call]
             path.read_bytes()
