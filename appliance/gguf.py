@@ -86,7 +86,7 @@ class GGUFInfo:
     kv_heads: int | None = None
 
 
-class Reader:
+class _Reader:
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh = fh
 
@@ -127,9 +127,21 @@ class Reader:
         raise GGUFError(f"unknown value type {kind}")
 
 
-def read_info(path: Path) -> GGUFInfo:
+@dataclass(frozen=True)
+class Directory:
+    """A GGUF header as stored: metadata (scalars and strings; arrays skipped) and the
+    tensor directory, each tensor's name, ne (ggml's order), type and data offset;
+    ``end``: where the header ends (the data starts at the next alignment)."""
+
+    meta: dict[str, Any]
+    tensors: list[tuple[str, list[int], int, int]]
+    end: int
+
+
+def read_directory(path: Path) -> Directory:
+    """The header of a GGUF file, every length bounded."""
     with path.open("rb") as fh:
-        reader = Reader(fh)
+        reader = _Reader(fh)
         if reader.take(4) != MAGIC:
             raise GGUFError(f"{path} is not a GGUF file (no GGUF magic)")
         version = int(reader.unpack("<I"))
@@ -142,15 +154,22 @@ def read_info(path: Path) -> GGUFInfo:
             key = reader.string()
             kind = int(reader.unpack("<I"))
             meta[key] = reader.value(kind, keep=kind != _ARRAY)
-        parameters = 0
+        tensors = []
         for _ in range(n_tensors):
-            reader.string()
+            name = reader.string()
             n_dims = int(reader.unpack("<I"))
             if n_dims > _MAX_DIMS:
-                raise GGUFError(f"tensor with {n_dims} dimensions")
-            dims = [int(reader.unpack("<Q")) for _ in range(n_dims)]
-            reader.take(4 + 8)  # type, offset
-            parameters += math.prod(dims)
+                raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions")
+            ne = [int(reader.unpack("<Q")) for _ in range(n_dims)]
+            ggml_type = int(reader.unpack("<I"))
+            tensors.append((name, ne, ggml_type, int(reader.unpack("<Q"))))
+        return Directory(meta, tensors, fh.tell())
+
+
+def read_info(path: Path) -> GGUFInfo:
+    directory = read_directory(path)
+    meta = directory.meta
+    parameters = sum(math.prod(ne) for _, ne, _, _ in directory.tensors)
     arch = meta.get("general.architecture")
     ctx = meta.get(f"{arch}.context_length") if arch else None
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from appliance.gguf import MAGIC, GGUFError, Reader
+from appliance.gguf import GGUFError, read_directory
 
 Array = npt.NDArray[Any]
 
@@ -65,30 +65,12 @@ def read_header(path: Path) -> GGUFHeader:
     vocabulary, which this reader skips (85 ms)."""
     import gguf
 
-    with path.open("rb") as fh:
-        reader = Reader(fh)
-        if reader.take(4) != MAGIC:
-            raise GGUFError(f"{path} is not a GGUF file (no GGUF magic)")
-        version = int(reader.unpack("<I"))
-        if version < 2:
-            raise GGUFError(f"{path}: GGUF version {version} is too old")
-        n_tensors = reader.count("tensor")
-        n_kv = reader.count("metadata")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = reader.string()
-            kind = int(reader.unpack("<I"))
-            meta[key] = reader.value(kind, keep=False)
-        raw = []
-        for _ in range(n_tensors):
-            name = reader.string()
-            n_dims = int(reader.unpack("<I"))
-            if n_dims > 4:
-                raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions")
-            ne = [int(reader.unpack("<Q")) for _ in range(n_dims)]
-            ggml_type = int(reader.unpack("<I"))
-            raw.append((name, ne, ggml_type, int(reader.unpack("<Q"))))
-        end = fh.tell()
+    directory = read_directory(path)
+    meta, end = directory.meta, directory.end
+    raw = directory.tensors
+    for name, ne, _, _ in raw:
+        if len(ne) > 4:  # ggml's own limit: llama.cpp would refuse the file
+            raise GGUFError(f"{path}: tensor {name} has {len(ne)} dimensions")
     alignment = meta.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment < 1:
         raise GGUFError(f"{path}: general.alignment {alignment!r} is not a positive integer")
