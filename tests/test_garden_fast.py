@@ -325,6 +325,20 @@ def fake_app(tmp_path: Path) -> Iterator[tuple[Flask, FakeLoader]]:
     close_app(app)
 
 
+def post_stream(client: FlaskClient, model: str, content: str = "a", **extra: Any) -> Any:
+    """A streamed chat completion, unbuffered: its chunks are read as they come."""
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "stream": True,
+            **extra,
+        },
+        buffered=False,
+    )
+
+
 def client_of(app: Flask) -> FlaskClient:
     settings: Settings = app.config["APPLIANCE_SETTINGS"]
     client = app.test_client()
@@ -405,16 +419,7 @@ def test_a_stream_holds_its_model_until_it_ends(fake_app: tuple[Flask, FakeLoade
     app, _ = fake_app
     client = client_of(app)
     pool = app.extensions["appliance.models"]
-    resp = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "other",
-            "messages": [{"role": "user", "content": "a"}],
-            "max_tokens": 5,
-            "stream": True,
-        },
-        buffered=False,
-    )
+    resp = post_stream(client, "other", max_tokens=5)
     chunks = iter(resp.response)
     while not next(chunks).startswith(b"data: "):  # past the loading comments: under way
         pass
@@ -493,16 +498,7 @@ def slow_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
 
 
 def stream_lines(client: FlaskClient, content: str) -> tuple[Any, list[bytes]]:
-    resp = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "slow",
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": 2,
-            "stream": True,
-        },
-        buffered=False,
-    )
+    resp = post_stream(client, "slow", content, max_tokens=2)
     assert resp.status_code == 200
     return resp, list(resp.response)
 
@@ -546,16 +542,7 @@ def test_a_client_that_leaves_during_the_load_frees_the_model(
 ) -> None:
     app, _ = slow_app
     client = client_of(app)
-    resp = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "slow",
-            "messages": [{"role": "user", "content": "a"}],
-            "max_tokens": 50,
-            "stream": True,
-        },
-        buffered=False,
-    )
+    resp = post_stream(client, "slow", max_tokens=50)
     first = next(iter(resp.response))
     assert first.startswith(b": loading")
     resp.close()  # the client hangs up while the model loads
@@ -786,14 +773,7 @@ def test_a_specialist_is_only_for_its_roles(ward_app: tuple[Flask, FakeLoader]) 
     assert resp.status_code == 403
     assert "role 'admin' may not use specialist 'line-only'" in resp.get_json()["error"]["message"]
     assert client.get("/v1/models/line-only").status_code == 403
-    streamed = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "line-only",
-            "messages": [{"role": "user", "content": "a"}],
-            "stream": True,
-        },
-    )
+    streamed = post_stream(client, "line-only")
     assert streamed.status_code == 403  # a plain 403, never an event inside a 200 stream
     assert "line-only" not in loader.loads  # refused before anything loaded
     adapter = client.post(
