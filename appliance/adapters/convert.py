@@ -22,6 +22,7 @@ from appliance.adapters.formats import (
     AdapterRefused,
     Array,
     LoraPair,
+    add_half,
     check_finite,
     check_pairs,
     read_base_shapes,
@@ -227,14 +228,8 @@ def peft_to_gguf(peft_dir: Path, base: Path, out: Path) -> AdapterFacts:
         all_f16 = all_f16 and array.dtype == np.float16
         kind = MODULES[module][1]
         stem = f"base_model.model.model.layers.{layer}.{block}.{module}"
-        pair = pairs.get((layer, kind)) or LoraPair(
-            layer, kind, None, None, f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
-        )
-        pairs[(layer, kind)] = (
-            LoraPair(layer, kind, array, pair.b, pair.a_name, pair.b_name)
-            if which == "A"
-            else LoraPair(layer, kind, pair.a, array, pair.a_name, pair.b_name)
-        )
+        names = (f"{stem}.lora_A.weight", f"{stem}.lora_B.weight")
+        add_half(pairs, layer, kind, which == "A", array, names)
     rank = check_pairs(
         list(pairs.values()), base_info, int(config["r"]), "adapter_config.json r", where
     )
@@ -263,7 +258,9 @@ def peft_to_gguf(peft_dir: Path, base: Path, out: Path) -> AdapterFacts:
             b = _rope_reorder(b, base_info.n_head if kind == "attn_q" else base_info.n_head_kv)
         written.append((f"blk.{layer}.{kind}.weight.lora_a", np.ascontiguousarray(pair.a, dtype)))
         written.append((f"blk.{layer}.{kind}.weight.lora_b", np.ascontiguousarray(b, dtype)))
-    _write_gguf(out, base_info.architecture, alpha, FILE_TYPE[F16 if all_f16 else F32], written)
+    write_gguf_adapter(
+        out, base_info.architecture, alpha, FILE_TYPE[F16 if all_f16 else F32], written
+    )
     base_model = config.get("base_model_name_or_path")
     return AdapterFacts(
         architecture=base_info.architecture,
@@ -278,7 +275,7 @@ def peft_to_gguf(peft_dir: Path, base: Path, out: Path) -> AdapterFacts:
     )
 
 
-def _write_gguf(
+def write_gguf_adapter(
     out: Path, architecture: str, alpha: float, file_type: int, tensors: list[tuple[str, Array]]
 ) -> None:
     """llama.cpp's adapter format, written to a temporary name beside ``out`` and renamed
@@ -360,14 +357,7 @@ def check_gguf_adapter(path: Path, base: Path) -> AdapterFacts:
         types.add(info.ggml_type)
         layer, kind, which = int(match[1]), match[2], match[3]
         stem = f"blk.{layer}.{kind}.weight"
-        pair = pairs.get((layer, kind)) or LoraPair(
-            layer, kind, None, None, f"{stem}.lora_a", f"{stem}.lora_b"
-        )
-        pairs[(layer, kind)] = (
-            LoraPair(layer, kind, values, pair.b, pair.a_name, pair.b_name)
-            if which == "a"
-            else LoraPair(layer, kind, pair.a, values, pair.a_name, pair.b_name)
-        )
+        add_half(pairs, layer, kind, which == "a", values, (f"{stem}.lora_a", f"{stem}.lora_b"))
     rank = check_pairs(list(pairs.values()), base_info, None, "the adapter's first tensor", path)
     # llama.cpp reads a missing or zero alpha as "no alpha": the update at scale s is
     # s * B @ A, which is what alpha = rank says.

@@ -5,7 +5,7 @@ adapter's pairs of lora_a/lora_b tensors must pass whichever format they come in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,20 @@ class LoraPair:
     @property
     def target(self) -> str:
         return f"blk.{self.layer}.{self.kind}.weight"
+
+
+def add_half(
+    pairs: dict[tuple[int, str], LoraPair],
+    layer: int,
+    kind: str,
+    is_a: bool,
+    values: Array,
+    names: tuple[str, str],
+) -> None:
+    """Put lora_a or lora_b of a projection into ``pairs`` (named as its file names
+    them), whichever of the two comes first."""
+    pair = pairs.get((layer, kind)) or LoraPair(layer, kind, None, None, *names)
+    pairs[(layer, kind)] = replace(pair, a=values) if is_a else replace(pair, b=values)
 
 
 def check_pairs(

@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
+
+from appliance.engines.onnx import open_session
 
 # Texts are sorted by length and run in groups of at most this many padded tokens
 # (texts x longest). Measured on two cores, one or two threads: for 32 short texts,
@@ -61,13 +62,7 @@ class EmbeddingEngine:
             )
         self.max_input_tokens = max_input_tokens
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.session = open_session(model_path, threads)
         self._inputs = {a.name for a in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - self._inputs
         if missing:

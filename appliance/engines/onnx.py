@@ -45,17 +45,21 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def open_session(path: Path, threads: int) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU: ``threads`` for one run (0: onnxruntime's
+    choice), one run's operators one after another."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class OnnxEngine:
     """One onnxruntime session; run() is safe from several threads at once."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.session = open_session(path, threads)
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
 

@@ -276,7 +276,7 @@ def train(
                 progress(step, total)
     seconds = time.monotonic() - started
     adapter_file = work / f"{name}-lora.gguf"
-    _write_adapter(adapter_file, model, shape_arch="llama")
+    _write_adapter(adapter_file, model, "llama")
 
     engine = LlamaEngine(base_path, 512, settings.threads, 0, base.context_length, 1)
     try:
@@ -344,21 +344,12 @@ def _save(torch: Any, path: Path, model: Any, optimizer: Any, step: int, fingerp
     os.replace(partial, path)
 
 
-def _write_adapter(path: Path, model: Any, shape_arch: str) -> None:
-    import gguf
+def _write_adapter(path: Path, model: Any, architecture: str) -> None:
+    from appliance.adapters.convert import write_gguf_adapter
+    from appliance.adapters.formats import F32, FILE_TYPE
 
-    partial = path.with_suffix(".partial")
-    writer = gguf.GGUFWriter(str(partial), shape_arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(model.alpha))
-    for tensor_name, array in sorted(model.adapter_tensors().items()):
-        writer.add_tensor(tensor_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(partial, path)
+    tensors = sorted(model.adapter_tensors().items())
+    write_gguf_adapter(path, architecture, float(model.alpha), FILE_TYPE[F32], tensors)
 
 
 def describe(result: Result) -> dict[str, str]:
