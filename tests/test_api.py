@@ -195,8 +195,6 @@ def test_unknown_model_is_404(client: FlaskClient, model_name: str) -> None:
     [
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"function_call": "auto"}, "function_call"),
     ],

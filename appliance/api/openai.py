@@ -13,6 +13,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app
 
 from appliance import context
+from appliance.api import logprobs
 from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import (
     AssistantMessage,
@@ -32,6 +33,7 @@ from appliance.api.schemas import (
 )
 from appliance.api.streams import PutText, sse, start_stream, stream_after_load, usage
 from appliance.context import RequestContext
+from appliance.engines.base import TokenLogprob
 from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk
 from appliance.problems import Forbidden
@@ -62,7 +64,6 @@ def _common_unsupported(
             req.n not in (None, 1),
             f"n is {req.n}; only n=1 is served, send one request per answer",
         ),
-        "logprobs": (req.logprobs not in (None, False, 0), "log probabilities are not returned"),
         "logit_bias": (bool(req.logit_bias), "token biases are not applied"),
     }
 
@@ -89,9 +90,16 @@ def chat_completions() -> Response:
                 req.function_call not in (None, "none"),
                 "function calling is not offered",
             ),
-            "top_logprobs": (bool(req.top_logprobs), "log probabilities are not returned"),
         }
     )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(
+            400,
+            f"top_logprobs is {req.top_logprobs}; it needs logprobs set to true",
+            param="top_logprobs",
+            code="invalid_value",
+        )
+    top = (req.top_logprobs or 0) if req.logprobs else None
     fmt = req.response_format
     if (
         fmt is not None
@@ -112,6 +120,7 @@ def chat_completions() -> Response:
         json_mode=fmt is not None and fmt.type != "text",
         json_schema=fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
         stream=req.stream,
+        logprobs=top,
         **_sampling(req),
     )
     ctx = context.current()
@@ -124,9 +133,12 @@ def chat_completions() -> Response:
             "model": name,
         }
 
-        def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
+        def put_text(
+            text: str | None, reason: str | None, tokens: tuple[TokenLogprob, ...]
+        ) -> dict[str, Any]:
             delta = {"content": text} if text is not None else {}
-            return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            shown = logprobs.chat(tokens).model_dump() if top is not None and text else None
+            return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": shown}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
         first = sse(
@@ -144,7 +156,8 @@ def chat_completions() -> Response:
             }
         )
         return _stream(ctx, ask, chunk, put_text, include, first)
-    text, done = get_pipeline(current_app).chat(ctx, ask).collect()
+    run = get_pipeline(current_app).chat(ctx, ask)
+    text, done = run.collect()
     answer = ChatCompletion(
         id=ident,
         created=created,
@@ -155,6 +168,7 @@ def chat_completions() -> Response:
                 index=0,
                 message=AssistantMessage(content=text),
                 finish_reason="length" if done.reason == "length" else "stop",
+                logprobs=logprobs.chat(run.tokens) if top is not None else None,
             )
         ],
     )
@@ -222,12 +236,14 @@ def completions() -> Response:
             "suffix": (req.suffix is not None, "insertion (suffix) is not offered"),
         }
     )
+    top = req.logprobs
     ask = ChatAsk(
         model=req.model,
         body=body,
         prompt=prompt_in,
         max_tokens=req.max_tokens,
         stream=req.stream,
+        logprobs=top,
         **_sampling(req),
     )
     ctx = context.current()
@@ -240,12 +256,22 @@ def completions() -> Response:
             "model": name,
         }
 
-        def put_text(text: str | None, reason: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        offset = 0  # where the next chunk's tokens start in the answer
+
+        def put_text(
+            text: str | None, reason: str | None, tokens: tuple[TokenLogprob, ...]
+        ) -> dict[str, Any]:
+            nonlocal offset
+            shown = None
+            if top is not None and text:
+                shown = logprobs.completion(tokens, top, offset).model_dump()
+                offset += len(text)
+            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": shown}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(ctx, ask, chunk, put_text, include)
-    text, done = get_pipeline(current_app).chat(ctx, ask).collect()
+    run = get_pipeline(current_app).chat(ctx, ask)
+    text, done = run.collect()
     answer = Completion(
         id=ident,
         created=created,
@@ -253,7 +279,10 @@ def completions() -> Response:
         usage=usage(done),
         choices=[
             CompletionChoice(
-                index=0, text=text, finish_reason="length" if done.reason == "length" else "stop"
+                index=0,
+                text=text,
+                finish_reason="length" if done.reason == "length" else "stop",
+                logprobs=logprobs.completion(run.tokens, top) if top is not None else None,
             )
         ],
     )

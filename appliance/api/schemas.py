@@ -12,6 +12,8 @@ TopP = Field(default=None, gt=0.0, le=1.0)
 Penalty = Field(default=None, ge=-2.0, le=2.0)
 Seed = Field(default=None, ge=-(2**63), lt=2**64)
 MaxTokens = Field(default=None, ge=1)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limits
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class _Strict(BaseModel):
@@ -58,7 +60,6 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Penalty
     frequency_penalty: float | None = Penalty
     n: int | None = Field(default=None, ge=1, description="Only 1 is supported.")
-    logprobs: Any = Field(default=None, description="Not supported.")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
     user: str | None = None
     ignore_eos: bool = Field(
@@ -73,7 +74,15 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = MaxTokens
     max_completion_tokens: int | None = MaxTokens
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    logprobs: bool | None = Field(
+        default=None, description="Return each answer token's log-probability."
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the likeliest tokens at each place.",
+    )
     tools: list[Any] | None = Field(default=None, description="Not supported.")
     tool_choice: Any = Field(default=None, description="Not supported.")
     functions: list[Any] | None = Field(default=None, description="Not supported.")
@@ -86,6 +95,12 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Each answer token's log-probability and this many likeliest tokens.",
+    )
     echo: bool = Field(default=False, description="Only false is supported.")
     best_of: int | None = Field(default=None, ge=1, description="Only 1 is supported.")
     suffix: str | None = Field(default=None, description="Not supported.")
@@ -104,6 +119,32 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat answer's tokens, each with its log-probability (OpenAI's shape)."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion's tokens, in the legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -113,7 +154,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -134,7 +175,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -152,7 +193,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -15,7 +15,7 @@ from flask import Response
 from appliance.api.errors import error_body, problem_body, status_of
 from appliance.api.schemas import PromptTokensDetails, Usage
 from appliance.context import RequestContext
-from appliance.engines.base import Failed, Finished, TextDelta
+from appliance.engines.base import Failed, Finished, TextDelta, TokenLogprob
 from appliance.inference.pipeline import ChatRun
 from appliance.problems import Failed as Failure
 from appliance.problems import Problem, Unavailable
@@ -23,7 +23,9 @@ from appliance.problems import Problem, Unavailable
 log = logging.getLogger(__name__)
 LOADING_KEEPALIVE_SECONDS = 2.0
 
-PutText = Callable[[str | None, str | None], dict[str, Any]]
+# Writes text (and its tokens' log-probabilities, when asked for) or a finish reason
+# into a choice of the protocol's chunk.
+PutText = Callable[[str | None, str | None, tuple[TokenLogprob, ...]], dict[str, Any]]
 
 
 def usage(done: Finished) -> Usage:
@@ -53,10 +55,12 @@ def _chunks(
             if event is None:
                 yield b": keep-alive\n\n"
             elif isinstance(event, TextDelta):
-                yield sse({**chunk, "choices": [put_text(event.text, None)], **usage_key})
+                yield sse(
+                    {**chunk, "choices": [put_text(event.text, None, event.tokens)], **usage_key}
+                )
             elif isinstance(event, Finished):
                 reason = "length" if event.reason == "length" else "stop"
-                yield sse({**chunk, "choices": [put_text(None, reason)], **usage_key})
+                yield sse({**chunk, "choices": [put_text(None, reason, ())], **usage_key})
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": usage(event).model_dump()})
                 yield b"data: [DONE]\n\n"

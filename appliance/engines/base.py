@@ -18,6 +18,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     grammar: str | None = None  # GBNF, already checked to compile
     ignore_eos: bool = False
+    # Log-probabilities: None, none; 0, each answer token's own; k, and the k likeliest
+    # tokens at each place (OpenAI's top_logprobs).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,22 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token: its text (bytes as llama.cpp gives them, which may split a
+    UTF-8 character), its log-probability under the model (before sampling shaped the
+    distribution), and the likeliest tokens at its place when they were asked for."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The tokens this text came from, when log-probabilities were asked for (a token
+    # held back by a stop string comes with the text that follows it).
+    tokens: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,9 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     decode_seconds: float = 0.0  # first sampled token to the last
+    # Each answer token's log-probability, in order (logprobs asked for): what a
+    # confidence measure reads, stop-string tokens included.
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 import psutil
 from llama_cpp import _internals as internals
 from llama_cpp import _logger as llama_log
@@ -52,6 +53,7 @@ from appliance.engines.base import (
     Generation,
     PromptError,
     TextDelta,
+    TokenLogprob,
 )
 from appliance.engines.stops import StopScanner
 
@@ -104,6 +106,10 @@ class _Run:
     produced: int = 0
     next_token: int | None = None  # sampled, not yet in the KV cache
     decode_started: float = 0.0
+    # With log-probabilities: tokens whose text has not been emitted yet, and every
+    # answer token's log-probability so far.
+    unsent: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -461,14 +467,22 @@ class LlamaEngine:
         assert run is not None
         if not run.produced:
             run.decode_started = now
+        top = run.generation.params.logprobs
+        # The model's own distribution, read before the sampler shapes it.
+        logits = self._log_softmax(index) if top is not None else None
         token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            self._finish(slot, "stop")
+            self._finish(slot, "stop", flush=True)  # a partial stop string is text
             return
         run.produced += 1
-        text, stopped = run.scanner.feed(self._piece(token))
+        piece = self._piece(token)
+        if logits is not None and top is not None:
+            run.logprobs.append(float(logits[token]))
+            run.unsent.append(TokenLogprob(piece, float(logits[token]), self._top(logits, top)))
+        text, stopped = run.scanner.feed(piece)
         if text:
-            run.emit(TextDelta(text))
+            run.emit(TextDelta(text, tuple(run.unsent)))
+            run.unsent.clear()
         if stopped:
             self._finish(slot, "stop")
         elif (
@@ -477,6 +491,21 @@ class LlamaEngine:
             self._finish(slot, "length")
         else:
             run.next_token = token
+
+    def _log_softmax(self, index: int) -> np.ndarray:
+        """Log-probabilities over the vocabulary at batch position ``index``."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        result: np.ndarray = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        return result
+
+    def _top(self, logprobs: np.ndarray, k: int) -> tuple[tuple[bytes, float], ...]:
+        if k <= 0:
+            return ()
+        best = np.argpartition(-logprobs, k)[:k]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return tuple((self._piece(int(t)), float(logprobs[t])) for t in best)
 
     def _piece(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(
@@ -487,16 +516,19 @@ class LlamaEngine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buffer, -n, 0, False)
         return self._buffer.raw[:n]
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
+    def _finish(self, slot: _Slot, reason: str, flush: bool | None = None) -> None:
+        """End a slot's request; the held-back text is sent unless a stop string
+        ended it (``flush`` says otherwise)."""
         run = slot.run
         assert run is not None
-        if reason != "stop" and (rest := run.scanner.flush()):
-            run.emit(TextDelta(rest))
+        if (reason != "stop" if flush is None else flush) and (rest := run.scanner.flush()):
+            run.emit(TextDelta(rest, tuple(run.unsent)))
         decode = time.perf_counter() - run.decode_started if run.produced else 0.0
         prompt = len(run.generation.prompt_tokens)
         run.sampler.close()
         slot.run = None
-        run.emit(Finished(reason, prompt, run.produced, run.cached, decode))
+        logprobs = tuple(run.logprobs)
+        run.emit(Finished(reason, prompt, run.produced, run.cached, decode, logprobs))
 
     def _undo(self, added: list[tuple[_Slot, int]], why: str) -> None:
         """A failed step: the slots in it lose what it added to the cache and their

@@ -32,6 +32,7 @@ from appliance.engines.base import (
     PromptError,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
 )
 from appliance.inference import audit_pair
 from appliance.problems import Failed as GenerationFailed
@@ -68,6 +69,7 @@ class ChatAsk:
     json_mode: bool = False  # answer in JSON; with json_schema, in that schema
     json_schema: dict[str, Any] | None = None
     stream: bool = False
+    logprobs: int | None = None  # None: none; k: each token's, and the k likeliest
     # When the request gives no max_tokens: at most this many (a specialist's default),
     # and never more than the window or the setting allow.
     default_max_tokens: int | None = None
@@ -228,6 +230,7 @@ class Pipeline:
             frequency_penalty=ask.frequency_penalty or 0.0,
             grammar=grammar,
             ignore_eos=ask.ignore_eos,
+            logprobs=ask.logprobs,
         )
 
     # -- embeddings -----------------------------------------------------------------
@@ -394,6 +397,7 @@ class ChatRun:
         self.job = job
         self.store = store
         self.settled = False  # the job's last event came
+        self.tokens: list[TokenLogprob] = []  # collect(): with logprobs, the answer's
 
     def confirm(self) -> None:
         """The request record must be durable before the answer's first byte; if it
@@ -430,6 +434,7 @@ class ChatRun:
             for event in self._events():
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                    self.tokens.extend(event.tokens)
                 elif isinstance(event, Finished):
                     self._settle(event)
                     self.confirm()
