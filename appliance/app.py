@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from appliance import __version__, deadline, inference, reqlog, serving, web
+from appliance import __version__, deadline, inference, reqlog, routing, serving, web
 from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, trail
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
@@ -14,6 +14,9 @@ from appliance.auth import guard
 from appliance.auth.store import AuthStore
 from appliance.config import Settings
 from appliance.inference.pipeline import Pipeline
+from appliance.routing.router import Router
+from appliance.routing.spec import RouteTable
+from appliance.serving.aliases import AliasTable
 from appliance.serving.loader import Loader
 from appliance.serving.pool import PoolEvent
 from appliance.tls import tls_enabled
@@ -38,9 +41,11 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     errors.register(app)
     pool = serving.init_app(app, settings, loader)
     pool.listeners.append(lambda event: _audit_pool_event(store, event))
+    pool.aliases = AliasTable(settings.aliases_path).resolve  # served names: champions
     pool.open()  # verify every manifest, load the pinned models
     pool.start_reaper()
-    inference.init_app(app, Pipeline(settings, pool, store))
+    pipeline = inference.init_app(app, Pipeline(settings, pool, store))
+    routing.init_app(app, Router(pipeline, RouteTable(settings.routes_path), store))
     blueprints = (
         health.bp,
         openapi.bp,

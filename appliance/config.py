@@ -241,6 +241,18 @@ class Settings:
         return self.model_dir if self.model_dir is not None else self.state_dir / "models"
 
     @property
+    def routes_path(self) -> Path:
+        return self.state_dir / "routes"
+
+    @property
+    def aliases_path(self) -> Path:
+        return self.state_dir / "aliases.json"
+
+    @property
+    def evals_path(self) -> Path:
+        return self.state_dir / "evals"
+
+    @property
     def imported_manifests_path(self) -> Path:
         return self.state_dir / "manifests"
 

@@ -67,6 +67,8 @@ class RequestContext:
     model_loaded_now: bool = False  # the request waited for its model to load
     # A specialist: the base and each adapter (hash, scale) that made the answer.
     served_by: dict[str, Any] | None = None
+    # A routed request: the route's decision (similarities, each model tried, why).
+    routing: dict[str, Any] | None = None
     lease: Lease | None = None
     usage: Usage = field(default_factory=Usage)
     client_disconnected: bool = False

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from appliance import context
 from appliance.api.trail import get_store
 from appliance.context import RequestContext
+from appliance.routing import get_router
 from appliance.serving import get_pool
 
 bp = Blueprint("metrics", __name__)
@@ -85,6 +86,21 @@ class _StateCollector(Collector):
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.tokens_per_second: dict[str, float] = {}
+
+    def _routes(self) -> Metric:
+        answers = CounterMetricFamily(
+            "appliance_route_answers",
+            "Routed answers by route, the model that answered (or referral) and outcome: "
+            "specialist, generalist (off-domain), fallback (specialist not confident) or "
+            "referral (neither confident).",
+            labels=["route", "answered_by", "outcome"],
+        )
+        router = get_router(self.app)
+        with router.lock:
+            counts = dict(router.counts)
+        for (route, by, outcome), n in sorted(counts.items()):
+            answers.add_metric([route, by, outcome], n)
+        return answers
 
     def collect(self) -> Iterator[Metric]:
         pool = get_pool(self.app)
@@ -164,6 +180,7 @@ class _StateCollector(Collector):
                 batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
         yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state, kernels)
         yield from (states, memory, loads, unloads)
+        yield self._routes()
         budget = pool.budget_state()
         yield GaugeMetricFamily(
             "appliance_models_budget_bytes",

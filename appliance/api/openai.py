@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ from appliance.api.schemas import (
     Kernels,
     ModelCard,
     ModelList,
+    RouteCard,
 )
 from appliance.api.streams import PutText, sse, start_stream, stream_after_load, usage
 from appliance.context import RequestContext
@@ -37,6 +39,7 @@ from appliance.engines.base import TokenLogprob
 from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk
 from appliance.problems import Forbidden
+from appliance.routing import get_router
 from appliance.serving import get_pool
 from appliance.serving.loader import ServeSettings
 from appliance.serving.pool import ModelUnavailable, WrongKind
@@ -125,6 +128,8 @@ def chat_completions() -> Response:
     )
     ctx = context.current()
     ident, created, name = "chatcmpl-" + ctx.request_id, int(time.time()), req.model
+    router = get_router(current_app)
+    routed = router.has(req.model)
     if req.stream:
         chunk = {
             "id": ident,
@@ -155,8 +160,10 @@ def chat_completions() -> Response:
                 **({"usage": None} if include else {}),
             }
         )
+        if routed:
+            return _routed_stream(ctx, ask, chunk, put_text, include, first)
         return _stream(ctx, ask, chunk, put_text, include, first)
-    run = get_pipeline(current_app).chat(ctx, ask)
+    run = (router if routed else get_pipeline(current_app)).chat(ctx, ask)
     text, done = run.collect()
     answer = ChatCompletion(
         id=ident,
@@ -172,7 +179,50 @@ def chat_completions() -> Response:
             )
         ],
     )
-    return Response(answer.model_dump_json(), mimetype="application/json")
+    if ctx.routing is None:
+        return Response(answer.model_dump_json(), mimetype="application/json")
+    # Extension: which model answered the route, and why.
+    body_out = {**answer.model_dump(mode="json"), "appliance_route": ctx.routing}
+    resp = Response(json.dumps(body_out), mimetype="application/json")
+    resp.headers["X-Appliance-Route"] = route_header(ctx.routing)
+    return resp
+
+
+def _not_a_route(name: str, path: str) -> None:
+    if get_router(current_app).has(name):
+        raise ApiError(
+            400,
+            f"model {name!r} is a route: it answers /v1/chat/completions, not {path}",
+            param="model",
+            code="wrong_model_kind",
+        )
+
+
+def route_header(decision: dict[str, Any]) -> str:
+    return (
+        f"{decision['route']}; answered_by={decision['answered_by']}; outcome={decision['outcome']}"
+    )
+
+
+def _routed_stream(
+    ctx: RequestContext,
+    ask: ChatAsk,
+    chunk: dict[str, Any],
+    put_text: PutText,
+    include: bool,
+    first: bytes,
+) -> Response:
+    """A routed stream: the route decides (keep-alive comments meanwhile), then the
+    chosen answer streams, its last chunk naming who answered and why."""
+    router = get_router(current_app)
+    route = router.route(ask.model)
+    router.authorize(ctx, route)  # a 403 or 503 is a plain one, never inside a stream
+    router.ready(route)
+    get_pipeline(current_app).check(ask)
+    start = functools.partial(router.chat, ctx, ask)
+    resp = stream_after_load(ctx, start, chunk, put_text, include, first, waiting="routing")
+    resp.headers["X-Appliance-Route"] = route.name
+    return resp
 
 
 def _stream(
@@ -236,6 +286,7 @@ def completions() -> Response:
             "suffix": (req.suffix is not None, "insertion (suffix) is not offered"),
         }
     )
+    _not_a_route(req.model, "/v1/completions")
     top = req.logprobs
     ask = ChatAsk(
         model=req.model,
@@ -306,6 +357,7 @@ def _embedding_input(
 def embeddings() -> Response:
     body = read_json_object()
     req = parse_body(EmbeddingRequest, body)
+    _not_a_route(req.model, "/v1/embeddings")
     texts, token_ids = _embedding_input(req.input)
     ask = EmbedAsk(
         model=req.model, body=body, texts=texts, token_ids=token_ids, dimensions=req.dimensions
@@ -379,14 +431,37 @@ def _rows() -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _route_cards() -> dict[str, RouteCard]:
+    """The routes the caller's role may use."""
+    role = context.current().actor.role
+    cards = {}
+    for name, route in get_router(current_app).table.routes().items():
+        if route.roles is not None and role not in route.roles:
+            continue
+        cards[name] = RouteCard(
+            id=name,
+            created=int(route.path.stat().st_mtime) if route.path.exists() else 0,
+            domain="routed: " + ", ".join(route.models()),
+            description=route.description,
+            state="ready" if route.calibration is not None else "uncalibrated",
+            route=route.public(),
+        )
+    return cards
+
+
 @bp.get("/models")
 def list_models() -> Response:
-    cards = [_card(row) for row in _rows().values()]
+    cards: list[ModelCard | RouteCard] = [_card(row) for row in _rows().values()]
+    cards += _route_cards().values()
     return Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
 
 
 @bp.get("/models/<path:name>")
 def get_model(name: str) -> Response:
+    router = get_router(current_app)
+    if router.has(name):
+        router.authorize(context.current(), router.route(name))
+        return Response(_route_cards()[name].model_dump_json(), mimetype="application/json")
     pool = get_pool(current_app)
     manifest = pool.manifest(name)  # UnknownModel: 404
     if manifest.kind not in OPENAI_KINDS:

@@ -299,9 +299,33 @@ class EmbeddingList(BaseModel):
     usage: EmbeddingUsage
 
 
+class RouteCard(BaseModel):
+    """A route: a name that answers with a specialist, the generalist or a referral."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "appliance"
+    kind: Literal["route"] = Field(
+        default="route",
+        description="Answers chat completions by routing: the specialist whose domain the "
+        "question is in, the generalist when none is or the specialist is not confident, "
+        "the site's referral message when neither is.",
+    )
+    domain: str
+    description: str
+    state: Literal["ready", "uncalibrated"] = Field(
+        description="uncalibrated: refused (503) until `appliance route calibrate` has run."
+    )
+    default: bool = False
+    route: dict[str, Any] = Field(
+        description="Embedding model, generalist, specialists, roles, calibration."
+    )
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | RouteCard]
 
 
 class ErrorDetail(BaseModel):

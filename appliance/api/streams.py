@@ -60,7 +60,10 @@ def _chunks(
                 )
             elif isinstance(event, Finished):
                 reason = "length" if event.reason == "length" else "stop"
-                yield sse({**chunk, "choices": [put_text(None, reason, ())], **usage_key})
+                last = {**chunk, "choices": [put_text(None, reason, ())], **usage_key}
+                if run.ctx.routing is not None:  # extension: who answered the route, why
+                    last["appliance_route"] = run.ctx.routing
+                yield sse(last)
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": usage(event).model_dump()})
                 yield b"data: [DONE]\n\n"
@@ -90,6 +93,7 @@ def stream_after_load(
     put_text: PutText,
     include_usage: bool,
     first: bytes = b"",
+    waiting: str = "loading model",
 ) -> Response:
     """A stream whose model must load first: the response begins at once with SSE
     comments every few seconds (clients and proxies keep the connection), while
@@ -115,7 +119,7 @@ def stream_after_load(
         try:
             name = ctx.model or chunk.get("model", "")
             while worker.is_alive():
-                yield f": loading model {name}\n\n".encode()
+                yield f": {waiting} {name}\n\n".encode()
                 worker.join(LOADING_KEEPALIVE_SECONDS)
             run: ChatRun | None = outcome.get("run")
             problem: Problem | None = outcome.get("problem")

@@ -106,7 +106,7 @@ def _when_the_stream_ends(store: AuditStore, response: Response) -> Response:
                 audit_pair.confirm(store, ctx)
         if ctx.audit.opened:
             record = audit_pair.outcome(ctx, status)
-            record.content = {"output": "".join(ctx.audit.output)}
+            record.content = audit_pair.outcome_content(ctx) or {"output": ""}
         else:
             record = audit_pair.outcome(ctx, status, "event")
             record.content = content
@@ -142,7 +142,7 @@ def init_app(app: Flask, store: AuditStore) -> None:
 
             def finish() -> None:
                 record = audit_pair.outcome(ctx, response.status_code)
-                record.content = {"output": "".join(pair.output)}
+                record.content = audit_pair.outcome_content(ctx) or {"output": ""}
                 try:
                     store.append(record)
                 except AuditUnavailable as exc:  # the answer has left: it stays incomplete
@@ -155,7 +155,7 @@ def init_app(app: Flask, store: AuditStore) -> None:
             return response
         if pair.opened or pair.deferred is not None:
             record = audit_pair.outcome(ctx, response.status_code)
-            record.content = {"output": "".join(pair.output)} if pair.output else None
+            record.content = audit_pair.outcome_content(ctx)
         else:
             record = audit_pair.outcome(ctx, response.status_code, "event")
             if ctx.refused_unknown:

@@ -2,7 +2,17 @@
 Every command takes --config and the state/model directory flags (and honours
 APPLIANCE_* variables); every command that prints data takes --json."""
 
-from appliance.cli import access, adapters, audit, models, serve, specialize
+from appliance.cli import access, adapters, audit, evals, models, routes, serve, specialize
 from appliance.cli.common import main
 
-__all__ = ["access", "adapters", "audit", "main", "models", "serve", "specialize"]
+__all__ = [
+    "access",
+    "adapters",
+    "audit",
+    "evals",
+    "main",
+    "models",
+    "routes",
+    "serve",
+    "specialize",
+]

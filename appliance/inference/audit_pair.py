@@ -96,3 +96,13 @@ def outcome(ctx: RequestContext, status: int, kind: str = "outcome") -> Entry:
     elif usage.finish_reason == "failed":
         record.error_type = record.error_type or "generation_failed"
     return record
+
+
+def outcome_content(ctx: RequestContext) -> dict[str, Any] | None:
+    """What the outcome record holds: the answer, and a routed request's decision."""
+    content: dict[str, Any] = {}
+    if ctx.audit.output:
+        content["output"] = "".join(ctx.audit.output)
+    if ctx.routing is not None:
+        content["route"] = ctx.routing
+    return content or None

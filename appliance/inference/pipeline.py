@@ -153,6 +153,14 @@ class Pipeline:
         stops(ask.stop)
 
     def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
+        model, generation = self.prepare(ctx, ask)
+        audit_pair.open_pair(self.store, ctx, ask.body)
+        job = model.scheduler.submit(generation)
+        return ChatRun(ctx, job, self.store)
+
+    def prepare(self, ctx: RequestContext, ask: ChatAsk) -> tuple[ChatModel, Generation]:
+        """The model, resolved (the context's lease holds it), and the generation to
+        submit to it: everything before the audit's request record."""
         self.check(ask)
         lease = self.resolve(ctx, ask.model, "chat")
         if lease.manifest.specialist is not None:
@@ -173,9 +181,7 @@ class Pipeline:
                 str(exc), param=exc.param or ask.prompt_param, code="invalid_value"
             ) from None
         params = self._sampling(ask, len(prompt), model, grammar)
-        audit_pair.open_pair(self.store, ctx, ask.body)
-        job = model.scheduler.submit(Generation(prompt, params))
-        return ChatRun(ctx, job, self.store)
+        return model, Generation(prompt, params)
 
     def _grammar(self, ask: ChatAsk, model: ChatModel) -> str | None:
         if not ask.json_mode:

@@ -176,6 +176,8 @@ class ModelPool:
         self.budget = Budget(settings.memory_limit_mb, settings.memory_reserve_mb)
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        # A served name's champion (serving/aliases.py); by default every name is its own.
+        self.aliases: Callable[[str], str] = lambda name: name
 
     # -- start and stop -------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class ModelPool:
         """Whether a request for ``name`` of this kind would wait for a load now (not
         when it would be refused at once: unknown, wrong kind, refused)."""
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._entries.get(self.aliases(name))
             return (
                 entry is not None
                 and _served_as(entry.manifest.kind) == kind
@@ -322,7 +324,7 @@ class ModelPool:
             return self._entry(name).manifest
 
     def _entry(self, name: str) -> _Entry:
-        entry = self._entries.get(name)
+        entry = self._entries.get(self.aliases(name))
         if entry is None:
             raise UnknownModel(name, self._listed())
         return entry
@@ -386,7 +388,7 @@ class ModelPool:
         """Raise NoRoom now if model ``name`` could not be loaded now (a stream that
         would wait for a load learns it as a 503, not as an error inside the stream)."""
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._entries.get(self.aliases(name))
             if entry is not None and entry.state == "unloaded":
                 self._victims_for(entry)
 

@@ -1,0 +1,409 @@
+"""Routing, evals and promotion for real: the default model as the generalist and as a
+line specialist (its base with the handbook as system prompt), MiniLM comparing
+questions with domains, the real server, the `openai` SDK and the CLI.
+
+A route is refused until calibrated; `appliance route calibrate` measures its
+thresholds on a suite through the server and writes them with the suite's hash; then
+in-domain questions go to the specialist first and off-domain ones to the generalist,
+a forced unconfident specialist falls back, a forced double-low answer is the
+referral, and each decision is in the audit record with its scores. `appliance eval
+run` grades answers as a hand-written grading does; `models promote` refuses a worse
+candidate and the champion keeps serving."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from test_adapters import adapter_toml, specialist_toml
+
+from appliance.audit.reader import records
+from appliance.audit.store import AuditStore
+from appliance.config import load_settings
+from appliance.registry import Manifest
+
+from helpers import REPO, Server, add_garden, make_state, run_cli, start_server
+from loras import write_lora
+
+sys.path.insert(0, str(REPO / "models" / "line"))
+import maintenance
+
+pytestmark = pytest.mark.server
+ROUTE = "line-desk"
+REFERRAL = "Please ask the line supervisor: the appliance cannot answer this."
+HANDBOOK = "Reply with the defect code only. Codes: " + "; ".join(
+    f"{code}: {symptoms[0]}" for code, symptoms in maintenance.SYMPTOMS.items()
+)
+IN_DOMAIN = "Shift note: line 4, press 2: grinding noise from the spindle bearing."
+OFF_DOMAIN = "What is the capital of France?"
+GENERAL = [
+    ("What is the capital of France? Answer in one word.", "Paris"),
+    ("What colour is the sky on a clear day?", "blue"),
+    ("What is 2 + 2?", "4"),
+    ("Which animal says moo?", "cow"),
+]
+
+
+def suite_lines() -> list[dict[str, Any]]:
+    header = {
+        "suite": {
+            "name": "line desk",
+            "grader": "contains",
+            "max_tokens": 16,
+            "threshold": 0.0,
+            "margin": 0.1,
+        }
+    }
+    cases: list[dict[str, Any]] = [header]
+    for i, example in enumerate(maintenance.examples(6, seed=11)):
+        note, code = example["messages"][1]["content"], example["messages"][2]["content"]
+        cases.append(
+            {"id": f"note-{i}", "prompt": note, "expected": code, "tags": {"domain": "defects"}}
+        )
+    for i, (question, answer) in enumerate(GENERAL):
+        cases.append(
+            {
+                "id": f"general-{i}",
+                "prompt": question,
+                "expected": answer,
+                "tags": {"domain": "general"},
+            }
+        )
+    return cases
+
+
+@pytest.fixture(scope="module")
+def desk(
+    tmp_path_factory: pytest.TempPathFactory,
+    model_file: Path,
+    default_model: Manifest,
+    garden_manifests: dict[str, Manifest],
+) -> Iterator[tuple[Server, Path, Path]]:
+    work = tmp_path_factory.mktemp("route")
+    state = make_state(work / "state", model_file)
+    add_garden(state, garden_manifests)
+    manifests = state / "manifests"
+    manifests.mkdir()
+    base = default_model.name
+    (manifests / "defects.toml").write_text(
+        f'name = "defects"\nkind = "specialist"\nbase = "{base}"\n'
+        f"system_prompt = {json.dumps(HANDBOOK)}\n[sampling]\ntemperature = 0.0\nmax_tokens = 8\n"
+    )
+    # A deliberately worse candidate: a wrong adapter (random, strong) on the same base.
+    lora = write_lora(state / "models" / "noise-lora.gguf", model_file, strength=3.0, seed=5)
+    sha = hashlib.sha256(lora.read_bytes()).hexdigest()
+    (manifests / "noise-lora.toml").write_text(
+        adapter_toml("noise-lora", default_model, sha, default_model.sha256)
+    )
+    (manifests / "noise.toml").write_text(specialist_toml("noise", base, "noise-lora", 1.0))
+    routes = state / "routes"
+    routes.mkdir()
+    examples = [s for symptoms in maintenance.SYMPTOMS.values() for s in symptoms[:3]]
+    (routes / f"{ROUTE}.toml").write_text(
+        'description = "The maintenance desk of the line"\n'
+        'embedding = "minilm-l6-v2"\n'
+        f'generalist = "{base}"\n'
+        f"referral = {json.dumps(REFERRAL)}\n"
+        "[[specialists]]\n"
+        'model = "defects"\n'
+        'description = "defect codes for technicians\' notes about machines on the line"\n'
+        f"examples = {json.dumps(examples)}\n"
+    )
+    suite = work / "desk.jsonl"
+    suite.write_text("".join(json.dumps(line) + "\n" for line in suite_lines()))
+    server = start_server(state, "--context-size", "512", "--parallel-streams", "2")
+    yield server, state, suite
+    server.stop()
+
+
+def sdk(server: Server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0, timeout=120)
+
+
+def ask(server: Server, question: str) -> tuple[dict[str, Any], httpx.Response]:
+    resp = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": ROUTE,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 16,
+            "temperature": 0,
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json(), resp
+
+
+def cli(state: Path, server: Server, *args: str) -> Any:
+    done = run_cli(
+        *args,
+        "--port",
+        str(server.port),
+        "--json",
+        state=state,
+        timeout=300,
+        env={"APPLIANCE_TOKEN": server.token},
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def audit(state: Path, action: str | None = None) -> list[dict[str, Any]]:
+    store = AuditStore(load_settings(env={}, overrides={"state_dir": state}))
+    try:
+        rows = list(records(store))
+    finally:
+        store.close()
+    if action is None:
+        return rows
+    return [r for r in rows if (r.get("content") or {}).get("action") == action]
+
+
+def set_thresholds(state: Path, **thresholds: float) -> None:
+    path = state / "routes" / f"{ROUTE}.calibration.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **thresholds}))
+
+
+def test_an_uncalibrated_route_is_refused(desk: tuple[Server, Path, Path]) -> None:
+    server, _, _ = desk
+    resp = server.http.post(
+        "/v1/chat/completions",
+        json={"model": ROUTE, "messages": [{"role": "user", "content": IN_DOMAIN}]},
+    )
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "route_uncalibrated" and "appliance route calibrate" in error["message"]
+    card = server.http.get(f"/v1/models/{ROUTE}").json()
+    assert card["kind"] == "route" and card["state"] == "uncalibrated"
+
+
+def test_calibration_writes_thresholds_with_the_suite_hash(desk: tuple[Server, Path, Path]) -> None:
+    server, state, suite = desk
+    result = cli(
+        state, server, "route", "calibrate", ROUTE, "--suite", str(suite), "--target-error", "0.3"
+    )
+    sha = hashlib.sha256(suite.read_bytes()).hexdigest()
+    written = json.loads((state / "routes" / f"{ROUTE}.calibration.json").read_text())
+    assert written["suite_sha256"] == sha == result["suite_sha256"]
+    m = written["measured"]
+    assert m["cases"] == 10
+    # The thresholds it chose meet the target it was given, on its own observations.
+    assert m["refers_everything"] or m["wrong_among_answered"] <= 0.3
+    # MiniLM tells technicians' notes from general questions: every case routed right.
+    assert m["routing_accuracy"] == 1.0
+    observations = {o["case"]: o for o in m["observations"]}
+    for case, o in observations.items():
+        above = o["similarity"] >= written["similarity"]
+        assert above == case.startswith("note-"), (case, o, written["similarity"])
+    (record,) = audit(state, "route.calibrate")
+    assert record["content"]["suite_sha256"] == sha
+    assert record["content"]["similarity"] == written["similarity"]
+    card = server.http.get(f"/v1/models/{ROUTE}").json()
+    assert card["state"] == "ready" and card["route"]["calibration"]["suite_sha256"] == sha
+
+
+def decision(answer: dict[str, Any]) -> dict[str, Any]:
+    route: dict[str, Any] = answer["appliance_route"]
+    return route
+
+
+def test_in_domain_goes_to_the_specialist_first(desk: tuple[Server, Path, Path]) -> None:
+    server, _, _ = desk
+    answer = sdk(server).chat.completions.with_raw_response.create(
+        model=ROUTE,
+        messages=[{"role": "user", "content": IN_DOMAIN}],
+        max_tokens=16,
+        temperature=0,
+    )
+    body = json.loads(answer.text)
+    route = decision(body)
+    assert route["domain"] == "defects"
+    assert route["tried"][0]["model"] == "defects"
+    assert route["similarities"]["defects"] >= route["similarity_threshold"]
+    assert answer.headers["X-Appliance-Route"].startswith(f"{ROUTE}; answered_by=")
+    by = route["answered_by"]
+    if by != "referral":
+        answered = next(t for t in route["tried"] if t["model"] == by)
+        assert body["choices"][0]["message"]["content"] == answered["answer"]
+        assert answered["confidence"] >= answered["threshold"]
+
+
+def test_off_domain_goes_to_the_generalist(
+    desk: tuple[Server, Path, Path], default_model: Manifest
+) -> None:
+    server, _, _ = desk
+    body, _ = ask(server, OFF_DOMAIN)
+    route = decision(body)
+    assert route["domain"] is None
+    assert [t["model"] for t in route["tried"]] == [default_model.name]
+    assert route["similarities"]["defects"] < route["similarity_threshold"]
+
+
+def test_unconfident_specialist_falls_back(
+    desk: tuple[Server, Path, Path], default_model: Manifest
+) -> None:
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=0.0)
+    body, resp = ask(server, IN_DOMAIN)
+    route = decision(body)
+    assert [t["model"] for t in route["tried"]] == ["defects", default_model.name]
+    assert route["tried"][0]["confident"] is False
+    assert route["answered_by"] == default_model.name and route["outcome"] == "fallback"
+    assert body["choices"][0]["message"]["content"] == route["tried"][1]["answer"]
+    assert "outcome=fallback" in resp.headers["X-Appliance-Route"]
+    rows = [r for r in audit(state) if r["request_id"] == resp.headers["X-Request-Id"]]
+    request, outcome = (r for r in rows if r["kind"] in ("request", "outcome"))
+    assert request["model"] == ROUTE
+    recorded = outcome["content"]["route"]
+    assert recorded["outcome"] == "fallback"
+    assert [t["confidence"] for t in recorded["tried"]] == [t["confidence"] for t in route["tried"]]
+    assert outcome["model"] == default_model.name
+
+
+def test_double_low_gets_the_referral(desk: tuple[Server, Path, Path]) -> None:
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
+    body, resp = ask(server, IN_DOMAIN)
+    route = decision(body)
+    assert route["answered_by"] == "referral" and route["outcome"] == "referral"
+    assert len(route["tried"]) == 2 and not any(t["confident"] for t in route["tried"])
+    assert body["choices"][0]["message"]["content"] == REFERRAL
+    (outcome,) = [
+        r
+        for r in audit(state)
+        if r["request_id"] == resp.headers["X-Request-Id"] and r["kind"] == "outcome"
+    ]
+    assert outcome["content"]["output"] == REFERRAL
+    assert outcome["content"]["route"]["outcome"] == "referral"
+    metrics = server.http.get("/metrics").text
+    assert re.search(
+        r"appliance_route_answers_total\{"
+        rf'answered_by="referral",outcome="referral",route="{ROUTE}"\}} [1-9]',
+        metrics,
+    ), metrics
+
+
+def test_a_routed_stream_ends_with_the_decision(desk: tuple[Server, Path, Path]) -> None:
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
+    body = {
+        "model": ROUTE,
+        "messages": [{"role": "user", "content": IN_DOMAIN}],
+        "max_tokens": 16,
+        "stream": True,
+    }
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["X-Appliance-Route"] == ROUTE
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == REFERRAL
+    assert events[-1]["appliance_route"]["outcome"] == "referral"
+
+
+def hand_grade(answer: str, expected: str) -> bool:
+    """The suite's 'contains' grader, written again: whole words, case and punctuation
+    aside."""
+    words = re.sub(r"[^0-9a-z]+", " ", answer.lower()).split()
+    wanted = re.sub(r"[^0-9a-z]+", " ", expected.lower()).split()
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def test_eval_scores_equal_a_hand_grading(
+    desk: tuple[Server, Path, Path], default_model: Manifest
+) -> None:
+    server, state, suite = desk
+    report = cli(
+        state,
+        server,
+        "eval",
+        "run",
+        str(suite),
+        "--model",
+        "defects",
+        "--model",
+        default_model.name,
+    )
+    assert [m["model"] for m in report["models"]] == ["defects", default_model.name]
+    expected = {c["id"]: c for c in suite_lines()[1:]}
+    for entry in report["models"]:
+        passed = [hand_grade(r["answer"], expected[r["id"]]["expected"]) for r in entry["results"]]
+        assert [r["passed"] for r in entry["results"]] == passed
+        n, k = len(passed), sum(passed)
+        assert entry["score"] == pytest.approx(k / n)
+        z, p = 1.959964, k / n  # the Wilson interval, by hand
+        centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert entry["ci95"][0] == pytest.approx((centre - half) / (1 + z * z / n), abs=1e-9)
+        general = [
+            ok
+            for r, ok in zip(entry["results"], passed, strict=True)
+            if r["tags"]["domain"] == "general"
+        ]
+        assert entry["tags"]["domain"]["general"]["score"] == pytest.approx(sum(general) / 4)
+        assert entry["latency_ms"]["p50"] > 0 and entry["peak_memory_mb"] > 0
+    where = Path(report["report_dir"])
+    html = (where / "report.html").read_text()
+    assert html.count('class="point"') == 2
+    (record,) = [r for r in audit(state, "eval.run") if r["content"]["run_id"] == report["run_id"]]
+    content = record["content"]
+    assert content["suite"]["sha256"] == report["suite"]["sha256"]
+    assert [m["sha256"] for m in content["models"]] == [m["sha256"] for m in report["models"]]
+    assert [m["score"] for m in content["models"]] == [m["score"] for m in report["models"]]
+    assert (
+        content["report"]["sha256"]
+        == hashlib.sha256((where / "report.json").read_bytes()).hexdigest()
+    )
+
+
+def test_a_worse_candidate_is_refused_and_the_champion_keeps_serving(
+    desk: tuple[Server, Path, Path], default_model: Manifest
+) -> None:
+    server, state, suite = desk
+    base = default_model.name
+    first = cli(state, server, "models", "promote", "desk", "--to", base, "--suite", str(suite))
+    assert first["promoted"] is True and first["champion"] is None
+    served = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "desk",
+            "messages": [{"role": "user", "content": OFF_DOMAIN}],
+            "max_tokens": 4,
+        },
+    )
+    assert served.status_code == 200 and served.json()["model"] == "desk"
+    done = run_cli(
+        "models",
+        "promote",
+        "desk",
+        "--to",
+        "noise",
+        "--suite",
+        str(suite),
+        "--port",
+        str(server.port),
+        state=state,
+        timeout=300,
+        env={"APPLIANCE_TOKEN": server.token},
+    )
+    assert done.returncode != 0
+    assert "is not promoted" in done.stderr and "against champion" in done.stderr
+    refused = audit(state, "models.promote.refused")
+    assert refused and refused[-1]["content"]["candidate"]["model"] == "noise"
+    assert json.loads((state / "aliases.json").read_text())["desk"]["champion"] == base
+    rows = [
+        r
+        for r in audit(state)
+        if r.get("kind") == "request"
+        and (r.get("content") or {}).get("input", {}).get("model") == "desk"
+    ]
+    assert rows and rows[-1]["model"] == base  # the served name reached the champion
