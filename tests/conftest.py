@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 from packaging.version import Version
+from playwright.sync_api import Browser, sync_playwright
 
 from appliance import __version__
 from appliance.app import close_app, create_app
@@ -184,3 +185,23 @@ def newer_bundle(bundle: tuple[Path, Path], model_file: Path) -> tuple[Path, str
     models = pinned_models(out.parent / "newer", model_file)
     build_bundle(out, bundle[1].with_suffix(".pem"), models, "--version", version)
     return out, version
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright never downloads a browser here
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium, for the tests of the page."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        yield browser
+        browser.close()

@@ -24,7 +24,9 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from playwright.sync_api import Browser
 from test_adapters import adapter_toml, specialist_toml
+from test_browser import add_user, sign_in
 
 from appliance.audit.reader import records
 from appliance.audit.store import AuditStore
@@ -120,7 +122,8 @@ def desk(
     )
     suite = work / "desk.jsonl"
     suite.write_text("".join(json.dumps(line) + "\n" for line in suite_lines()))
-    server = start_server(state, "--context-size", "512", "--parallel-streams", "2")
+    add_user(state, "tech.ida")
+    server = start_server(state, "--parallel-streams", "2")
     yield server, state, suite
     server.stop()
 
@@ -187,11 +190,21 @@ def test_an_uncalibrated_route_is_refused(desk: tuple[Server, Path, Path]) -> No
     assert card["kind"] == "route" and card["state"] == "uncalibrated"
 
 
-def test_calibration_writes_thresholds_with_the_suite_hash(desk: tuple[Server, Path, Path]) -> None:
+@pytest.fixture(scope="module")
+def calibrated(desk: tuple[Server, Path, Path]) -> dict[str, Any]:
+    """`appliance route calibrate` through the server, once: what it printed."""
     server, state, suite = desk
-    result = cli(
+    result: dict[str, Any] = cli(
         state, server, "route", "calibrate", ROUTE, "--suite", str(suite), "--target-error", "0.3"
     )
+    return result
+
+
+def test_calibration_writes_thresholds_with_the_suite_hash(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any]
+) -> None:
+    server, state, suite = desk
+    result = calibrated
     sha = hashlib.sha256(suite.read_bytes()).hexdigest()
     written = json.loads((state / "routes" / f"{ROUTE}.calibration.json").read_text())
     assert written["suite_sha256"] == sha == result["suite_sha256"]
@@ -217,7 +230,10 @@ def decision(answer: dict[str, Any]) -> dict[str, Any]:
     return route
 
 
-def test_in_domain_goes_to_the_specialist_first(desk: tuple[Server, Path, Path]) -> None:
+def test_in_domain_goes_to_the_specialist_first(
+    desk: tuple[Server, Path, Path],
+    calibrated: dict[str, Any],
+) -> None:
     server, _, _ = desk
     answer = sdk(server).chat.completions.with_raw_response.create(
         model=ROUTE,
@@ -239,7 +255,7 @@ def test_in_domain_goes_to_the_specialist_first(desk: tuple[Server, Path, Path])
 
 
 def test_off_domain_goes_to_the_generalist(
-    desk: tuple[Server, Path, Path], default_model: Manifest
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any], default_model: Manifest
 ) -> None:
     server, _, _ = desk
     body, _ = ask(server, OFF_DOMAIN)
@@ -250,7 +266,7 @@ def test_off_domain_goes_to_the_generalist(
 
 
 def test_unconfident_specialist_falls_back(
-    desk: tuple[Server, Path, Path], default_model: Manifest
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any], default_model: Manifest
 ) -> None:
     server, state, _ = desk
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=0.0)
@@ -270,7 +286,10 @@ def test_unconfident_specialist_falls_back(
     assert outcome["model"] == default_model.name
 
 
-def test_double_low_gets_the_referral(desk: tuple[Server, Path, Path]) -> None:
+def test_double_low_gets_the_referral(
+    desk: tuple[Server, Path, Path],
+    calibrated: dict[str, Any],
+) -> None:
     server, state, _ = desk
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
     body, resp = ask(server, IN_DOMAIN)
@@ -293,7 +312,10 @@ def test_double_low_gets_the_referral(desk: tuple[Server, Path, Path]) -> None:
     ), metrics
 
 
-def test_a_routed_stream_ends_with_the_decision(desk: tuple[Server, Path, Path]) -> None:
+def test_a_routed_stream_ends_with_the_decision(
+    desk: tuple[Server, Path, Path],
+    calibrated: dict[str, Any],
+) -> None:
     server, state, _ = desk
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
     body = {
@@ -407,3 +429,20 @@ def test_a_worse_candidate_is_refused_and_the_champion_keeps_serving(
         and (r.get("content") or {}).get("input", {}).get("model") == "desk"
     ]
     assert rows and rows[-1]["model"] == base  # the served name reached the champion
+
+
+def test_the_page_says_who_answered_a_route(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any], browser: Browser
+) -> None:
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
+    page = browser.new_context().new_page()
+    sign_in(page, server, "tech.ida")
+    page.select_option("#model", ROUTE)
+    page.fill("#question", IN_DOMAIN)
+    page.click("#ask")
+    page.locator(".route").wait_for(timeout=60000)
+    assert page.locator(".message.assistant .content").last.inner_text() == REFERRAL
+    note = page.locator(".route").last
+    assert note.get_attribute("data-outcome") == "referral"
+    assert note.inner_text() == f"Route {ROUTE}: neither model was confident: referred"

@@ -15,6 +15,8 @@ def judge(
     ``champion`` are a run report's model entries on this suite."""
     name, score = candidate["model"], candidate["score"]
     problems = []
+    if score is None:  # a metric undefined on this suite (one class only, for AUC)
+        return [f"{name} has no {candidate.get('metric', 'score')} on {suite['name']}"]
     if candidate.get("errors"):
         problems.append(f"{name} failed {candidate['errors']} of {candidate['cases']} cases")
     threshold = suite.get("threshold")
@@ -27,7 +29,7 @@ def judge(
         return problems
     margin = float(suite.get("margin") or 0.0)
     best = champion["score"]
-    if score < best - margin:
+    if best is not None and score < best - margin:
         problems.append(
             f"{name} scores {score:.3f} against champion {champion['model']}'s {best:.3f} "
             f"(allowed margin {margin:.3f})"
@@ -35,7 +37,9 @@ def judge(
     for tag, groups in sorted(candidate.get("tags", {}).items()):
         for value, group in sorted(groups.items()):
             theirs = champion.get("tags", {}).get(tag, {}).get(value)
-            if theirs is not None and group["score"] < theirs["score"] - margin:
+            if theirs is None or group["score"] is None or theirs["score"] is None:
+                continue  # a group only one was scored on, or undefined in it
+            if group["score"] < theirs["score"] - margin:
                 problems.append(
                     f"in {tag}={value}: {name} scores {group['score']:.3f} against "
                     f"{champion['model']}'s {theirs['score']:.3f} (allowed margin {margin:.3f})"

@@ -165,9 +165,11 @@ def calibrate(
         ],
     }
     return Calibration(
-        similarity=round(similarity, 6),
-        specialist_confidence=round(spec, 6) if spec < NEVER else NEVER,
-        generalist_confidence=round(gen, 6) if gen < NEVER else NEVER,
+        # Exactly as measured: a rounded threshold may sit above the value it was
+        # chosen at, and refer the very case it was chosen to answer.
+        similarity=similarity,
+        specialist_confidence=spec,
+        generalist_confidence=gen,
         suite=str(suite.path),
         suite_sha256=suite.sha256,
         target_error=target_error,

@@ -76,7 +76,25 @@
     return item;
   }
 
-  function finishAnswer(item, requestId, text) {
+  // A routed answer says which model answered it and why, or that it was referred.
+  const OUTCOMES = {
+    specialist: "answered by the specialist ",
+    generalist: "outside the specialists' domains: answered by the generalist ",
+    fallback: "the specialist was not confident: answered by the generalist ",
+    referral: "neither model was confident: referred",
+  };
+
+  function routeNote(item, route) {
+    const note = document.createElement("p");
+    note.className = "meta route";
+    note.dataset.outcome = route.outcome;
+    const by = route.outcome === "referral" ? "" : route.answered_by;
+    note.textContent = "Route " + route.route + ": " + (OUTCOMES[route.outcome] || "") + by;
+    item.append(note);
+  }
+
+  function finishAnswer(item, requestId, text, route) {
+    if (route) routeNote(item, route);
     const meta = document.createElement("p");
     meta.className = "meta";
     const cite = document.createElement("span");
@@ -139,8 +157,11 @@
     const content = answer.querySelector(".content");
     controller = new AbortController();
     setBusy(true);
-    say("Answering…", "");
+    const routed = models[model] && models[model].kind === "route";
+    // A route checks an answer before it shows it: the text comes whole, a moment later.
+    say(routed ? "Answering… (routed: the answer shows once it is checked)" : "Answering…", "");
     let received = "";
+    let route = null;
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST",
@@ -180,6 +201,7 @@
             if (data === "[DONE]") { done = true; break; }
             const parsed = JSON.parse(data);
             if (parsed.error) { throw new Error(parsed.error.message || "generation failed"); }
+            if (parsed.appliance_route) route = parsed.appliance_route;
             const delta = parsed.choices && parsed.choices[0] && parsed.choices[0].delta;
             if (delta && delta.content) {
               received += delta.content;
@@ -189,7 +211,7 @@
         }
       }
       history.push({role: "assistant", content: received});
-      finishAnswer(answer, requestId, received);
+      finishAnswer(answer, requestId, received, route);
       say("", "");
     } catch (error) {
       if (error.name === "AbortError") {
@@ -248,7 +270,8 @@
       modelSelect.replaceChildren();
       // Only the models that answer questions; embedding models serve search.
       const chat = data.data.filter(function (m) {
-        return m.kind === "chat" || m.kind === "specialist";
+        return m.kind === "chat" || m.kind === "specialist" ||
+          (m.kind === "route" && m.state === "ready");
       });
       for (const m of chat) {
         models[m.id] = m;
