@@ -446,3 +446,16 @@ def test_the_page_says_who_answered_a_route(
     note = page.locator(".route").last
     assert note.get_attribute("data-outcome") == "referral"
     assert note.inner_text() == f"Route {ROUTE}: neither model was confident: referred"
+
+
+def test_the_status_page_shows_the_route(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any]
+) -> None:
+    server, _, _ = desk
+    ask(server, OFF_DOMAIN)  # at least one answer counted
+    page = server.http.get("/status")
+    assert page.status_code == 200
+    row = re.search(rf"<tr><td>{ROUTE}</td>.*?</tr>", page.text, re.S)
+    assert row is not None, page.text
+    assert "defects" in row.group(0) and "suite " + calibrated["suite_sha256"][:12] in row.group(0)
+    assert re.search(r"(generalist|referral|specialist|fallback) [1-9]", row.group(0))

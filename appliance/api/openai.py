@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from appliance.api.schemas import (
     ModelCard,
     ModelList,
     RouteCard,
+    RouteDecision,
 )
 from appliance.api.streams import PutText, sse, start_stream, stream_after_load, usage
 from appliance.context import RequestContext
@@ -180,10 +180,11 @@ def chat_completions() -> Response:
         ],
     )
     if ctx.routing is None:
-        return Response(answer.model_dump_json(), mimetype="application/json")
+        body_out = answer.model_dump_json(exclude={"appliance_route"})
+        return Response(body_out, mimetype="application/json")
     # Extension: which model answered the route, and why.
-    body_out = {**answer.model_dump(mode="json"), "appliance_route": ctx.routing}
-    resp = Response(json.dumps(body_out), mimetype="application/json")
+    answer.appliance_route = RouteDecision.model_validate(ctx.routing)
+    resp = Response(answer.model_dump_json(), mimetype="application/json")
     resp.headers["X-Appliance-Route"] = route_header(ctx.routing)
     return resp
 

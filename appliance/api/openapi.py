@@ -63,6 +63,14 @@ def build_document() -> dict[str, Any]:
             "/v1/chat/completions": {
                 "post": {
                     "summary": "Chat completion (OpenAI)",
+                    "description": "model: a chat model, a specialist, a served name (its "
+                    "champion answers) or a route. A route answers with the specialist whose "
+                    "domain the question is in, the generalist when none is or the "
+                    "specialist is not confident, or the site's referral message when "
+                    "neither is; the answer carries appliance_route and the header "
+                    "X-Appliance-Route. A routed stream sends keep-alive comments while the "
+                    "route decides, then the chosen answer; its last chunk carries "
+                    "appliance_route. An uncalibrated route is 503 route_uncalibrated.",
                     "requestBody": {"required": True, **_body(schemas.ChatCompletionRequest)},
                     "responses": {
                         "200": _stream_or(schemas.ChatCompletion, schemas.ChatCompletionChunk),
@@ -96,7 +104,8 @@ def build_document() -> dict[str, Any]:
             "/v1/models": {
                 "get": {
                     "summary": "The chat and embedding models, with their manifests, state "
-                    "(unloaded, loading, ready, unloading) and memory",
+                    "(unloaded, loading, ready, unloading) and memory; and the routes "
+                    "(kind route)",
                     "responses": {"200": {"description": "list", **_body(schemas.ModelList)}},
                 }
             },
@@ -112,8 +121,20 @@ def build_document() -> dict[str, Any]:
                         }
                     ],
                     "responses": {
-                        "200": {"description": "model", **_body(schemas.ModelCard)},
-                        **_errors(404, 503),
+                        "200": {
+                            "description": "a model, or a route",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": _REF.format(model="ModelCard")},
+                                            {"$ref": _REF.format(model="RouteCard")},
+                                        ]
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(403, 404, 503),
                     },
                 }
             },

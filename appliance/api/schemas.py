@@ -157,6 +157,34 @@ class ChatChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
+class RouteTry(BaseModel):
+    model: str
+    model_sha256: str | None
+    answer: str
+    confidence: float = Field(description="Geometric mean of the answer tokens' probabilities.")
+    threshold: float
+    confident: bool
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: str
+
+
+class RouteDecision(BaseModel):
+    """Extension, on a route's answer (and a routed stream's last chunk): who answered
+    and why; the same is in the answer's audit record."""
+
+    route: str
+    answered_by: str = Field(description="The model that answered, or 'referral'.")
+    outcome: Literal["specialist", "generalist", "fallback", "referral"]
+    domain: str | None = Field(description="The specialist whose domain the question is in.")
+    similarities: dict[str, float]
+    similarity_threshold: float
+    tried: list[RouteTry]
+    config_sha256: str
+    calibration_suite_sha256: str
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -164,6 +192,9 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    appliance_route: RouteDecision | None = Field(
+        default=None, description="Extension: only on a route's answer."
+    )
 
 
 class ChunkDelta(BaseModel):

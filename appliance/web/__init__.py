@@ -139,17 +139,27 @@ def home() -> Response:
 
 @bp.get("/status")
 def status() -> Response:
-    """For IT: models and their queues, the machine's checks, the audit log."""
+    """For IT: models and their queues, routes, the machine's checks, the audit log."""
     from appliance.api.trail import get_store
     from appliance.doctor import examine
+    from appliance.routing import get_router
     from appliance.serving import get_pool
 
     settings = current_app.config["APPLIANCE_SETTINGS"]
     store = get_store(current_app)
     pool = get_pool(current_app)
+    router = get_router(current_app)
+    with router.lock:
+        answers = dict(router.counts)
+    routes = []
+    for name, route in sorted(router.table.routes().items()):
+        counts = {o: n for (r, _, o), n in answers.items() if r == name}
+        routes.append({**route.public(), "answers": counts})
     html = render_template(
         "status.html",
         models=pool.state(),
+        routes=routes,
+        route_problems=router.table.problems,
         memory=pool.budget_state(),
         checks=examine(settings, quick=True),
         audit={"writable": store.healthy, "error": store.last_error},
