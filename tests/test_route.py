@@ -107,6 +107,8 @@ def desk(
         adapter_toml("noise-lora", default_model, sha, default_model.sha256)
     )
     (manifests / "noise.toml").write_text(specialist_toml("noise", base, "noise-lora", 1.0))
+    # An equal candidate: the base through a specialist of its own, nothing added.
+    (manifests / "plain.toml").write_text(f'name = "plain"\nkind = "specialist"\nbase = "{base}"\n')
     routes = state / "routes"
     routes.mkdir()
     examples = [s for symptoms in maintenance.SYMPTOMS.values() for s in symptoms[:3]]
@@ -156,6 +158,13 @@ def cli(state: Path, server: Server, *args: str) -> Any:
         timeout=300,
         env={"APPLIANCE_TOKEN": server.token},
     )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def local(state: Path, *args: str) -> Any:
+    """A command that needs no server."""
+    done = run_cli(*args, "--json", state=state)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -459,3 +468,72 @@ def test_the_status_page_shows_the_route(
     assert row is not None, page.text
     assert "defects" in row.group(0) and "suite " + calibrated["suite_sha256"][:12] in row.group(0)
     assert re.search(r"(generalist|referral|specialist|fallback) [1-9]", row.group(0))
+
+
+def test_an_equal_candidate_is_promoted_and_rolled_back(
+    desk: tuple[Server, Path, Path], default_model: Manifest
+) -> None:
+    server, state, suite = desk
+    base = default_model.name
+    cli(state, server, "models", "promote", "floor", "--to", base, "--suite", str(suite))
+    promoted = cli(
+        state, server, "models", "promote", "floor", "--to", "plain", "--suite", str(suite)
+    )
+    assert promoted["promoted"] is True
+    assert promoted["candidate"]["score"] == promoted["champion"]["score"]  # the same answers
+    assert local(state, "models", "aliases")["floor"]["champion"] == "plain"
+    back = local(state, "models", "rollback", "floor")
+    assert back == {"name": "floor", "from": "plain", "to": base}
+    (record,) = [r for r in audit(state, "models.rollback") if r["content"]["name"] == "floor"]
+    assert record["content"]["to"] == base
+    served = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "floor",
+            "messages": [{"role": "user", "content": OFF_DOMAIN}],
+            "max_tokens": 2,
+        },
+    )
+    assert served.status_code == 200
+    (row,) = [
+        r
+        for r in audit(state)
+        if r["request_id"] == served.headers["X-Request-Id"] and r["kind"] == "request"
+    ]
+    assert row["model"] == base
+    again = run_cli("models", "rollback", "floor", state=state)
+    assert again.returncode != 0 and "no earlier champion" in again.stderr
+
+
+def test_a_tensor_suite_is_scored_as_by_hand(
+    desk: tuple[Server, Path, Path], tmp_path: Path
+) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO / "models" / "line"))
+    import build as line_build
+
+    server, state, _ = desk
+    x, y = line_build.generate(np.random.default_rng(3), 40)
+    rows = ["vib,freq,temp,amps,label,tag:shift"]
+    for i, (features, label) in enumerate(zip(x, y, strict=True)):
+        rows.append(",".join(f"{v:.4f}" for v in features) + f",{int(label)},{'ab'[i % 2]}")
+    folder = tmp_path / "anomaly"
+    folder.mkdir()
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+    (folder / "suite.toml").write_text(
+        'kind = "tensor"\ninput = "readings"\noutput = "anomaly_score"\nmetric = "accuracy"\n'
+    )
+    report = cli(state, server, "eval", "run", str(folder), "--model", "line-anomaly")
+    (entry,) = report["models"]
+    session = ort.InferenceSession(str(state / "models" / "line-anomaly.onnx"))
+    readings = np.array([[round(v, 4) for v in f] for f in x], dtype=np.float32)
+    scores = session.run(["anomaly_score"], {"readings": readings})[0].ravel()
+    predicted = (scores > 0.5).astype(int)
+    right = predicted == y.astype(int)
+    assert [r["passed"] for r in entry["results"]] == right.tolist()
+    assert entry["score"] == pytest.approx(right.mean())
+    shift_a = right[::2]
+    assert entry["tags"]["shift"]["a"]["score"] == pytest.approx(shift_a.mean())
+    assert entry["metric"] == "accuracy" and entry["latency_ms"]["p50"] > 0
