@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,18 +30,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "models" / "line"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import maintenance  # noqa: E402
+from specialist import BASE, NAME, garden_state, train  # noqa: E402
 
-from appliance.config import load_settings  # noqa: E402
 from appliance.engines.kernels import cpu_model  # noqa: E402
-from appliance.fetch import fetch_model  # noqa: E402
-from appliance.registry import load_manifests, verify_model  # noqa: E402
 from appliance.training.specialize import read_examples  # noqa: E402
 
-from helpers import CACHE, add_garden, make_state, run_cli, start_server  # noqa: E402
+from helpers import run_cli, start_server  # noqa: E402
 
-NAME, BASE, EMBEDDING, ROUTE = "line-codes", "smollm2-135m-instruct", "minilm-l6-v2", "desk"
+EMBEDDING, ROUTE = "minilm-l6-v2", "desk"
 MAX_TOKENS = 32
 # General questions the line desk also gets, with the word a right answer holds.
 GENERAL = [
@@ -131,34 +129,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    settings = load_settings(env={}, overrides={"state_dir": CACHE})
-    manifests = load_manifests(settings)
-    for name in (BASE, EMBEDDING):
-        if not verify_model(manifests[name], settings.models_path).ok:
-            fetch_model(manifests[name], settings.models_path)
     with tempfile.TemporaryDirectory(prefix="bench-route-") as tmp:
         work = Path(tmp)
-        state = make_state(work / "state", settings.models_path / manifests[BASE].file)
-        add_garden(state, manifests)
-        data = work / "maintenance.jsonl"
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "models/line/maintenance.py"),
-                str(data),
-                "--count",
-                str(args.count),
-            ],
-            check=True,
-        )
-        trained = run_cli(
-            "specialize", "--base", BASE, "--data", str(data), "--name", NAME,
-            "--epochs", str(args.epochs), "--learning-rate", "0.004",
-            "--targets", "attn_q,attn_k,attn_v,attn_output", "--json",
-            state=state, timeout=3600,
-        )  # fmt: skip
-        if trained.returncode != 0:
-            sys.exit(f"specialize failed: {trained.stderr[-2000:]}")
+        state = garden_state(work)
+        train(state, work, args.count, args.epochs)
         notes = held_out_notes(state)
         rng = random.Random(17)
         rng.shuffle(notes)

@@ -73,43 +73,52 @@ def serve_scores(
     }
 
 
+def garden_state(work: Path) -> Path:
+    """A state directory under ``work`` with the default model and the garden's (fetched
+    into the test cache once)."""
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    manifests = load_manifests(settings)
+    for name in manifests:
+        if (
+            name in (GEMMA, "minilm-l6-v2")
+            and not verify_model(manifests[name], settings.models_path).ok
+        ):
+            fetch_model(manifests[name], settings.models_path)
+    state = make_state(work / "state", settings.models_path / manifests[BASE].file)
+    add_garden(state, manifests)
+    return state
+
+
+def train(state: Path, work: Path, count: int, epochs: int) -> dict[str, Any]:
+    """`appliance specialize` of NAME on ``count`` notes of the maintenance log: its
+    report."""
+    data = work / "maintenance.jsonl"
+    maker = REPO / "models/line/maintenance.py"
+    subprocess.run([sys.executable, str(maker), str(data), "--count", str(count)], check=True)
+    trained = run_cli(
+        "specialize", "--base", BASE, "--data", str(data), "--name", NAME,
+        "--epochs", str(epochs), "--learning-rate", "0.004",
+        "--targets", "attn_q,attn_k,attn_v,attn_output", "--json",
+        state=state, timeout=3600,
+    )  # fmt: skip
+    if trained.returncode != 0:
+        sys.exit(f"specialize failed: {trained.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(trained.stdout)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300, help="maintenance notes made")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    settings = load_settings(env={}, overrides={"state_dir": CACHE})
-    manifests = load_manifests(settings)
-    for name in (BASE, GEMMA):
-        if not verify_model(manifests[name], settings.models_path).ok:
-            fetch_model(manifests[name], settings.models_path)
     with tempfile.TemporaryDirectory(prefix="bench-specialist-") as tmp:
-        state = make_state(Path(tmp) / "state", settings.models_path / manifests[BASE].file)
-        add_garden(state, manifests)
-        data = Path(tmp) / "maintenance.jsonl"
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "models/line/maintenance.py"),
-                str(data),
-                "--count",
-                str(args.count),
-            ],
-            check=True,
-        )
+        state = garden_state(Path(tmp))
         load_before = os.getloadavg()[0]
         started = time.monotonic()
-        trained = run_cli(
-            "specialize", "--base", BASE, "--data", str(data), "--name", NAME,
-            "--epochs", str(args.epochs), "--learning-rate", "0.004",
-            "--targets", "attn_q,attn_k,attn_v,attn_output", "--json",
-            state=state, timeout=3600,
-        )  # fmt: skip
+        report = train(state, Path(tmp), args.count, args.epochs)
         wall = time.monotonic() - started
-        if trained.returncode != 0:
-            sys.exit(f"specialize failed: {trained.stderr[-2000:]}")
-        report = json.loads(trained.stdout)
         notes = held_out(state)
         server = start_server(state, "--context-size", "512", "--keep-alive", "-1")
         try:

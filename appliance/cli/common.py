@@ -18,6 +18,8 @@ from appliance.config import Settings, SettingsError
 from appliance.registry import Manifest, Progress
 
 PATH_SETTINGS = ("state_dir", "model_dir", "manifest_dir")
+# A command that talks to the running appliance: where it listens, and how.
+SERVER_SETTINGS = (*PATH_SETTINGS, "host", "port", "tls")
 BIG_FILE = 32 << 20
 
 
@@ -138,3 +140,16 @@ def verification_bars(quiet: bool) -> Iterator[Callable[[Manifest, int], Progres
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
+
+
+def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--token and --url, for a command that calls the running appliance's API."""
+    func = click.option(
+        "--url", default=None, help="The appliance's URL (default: from the settings)."
+    )(func)
+    return click.option(
+        "--token",
+        envvar="APPLIANCE_TOKEN",
+        default=None,
+        help="API token (default: one made for the command and revoked after it).",
+    )(func)

@@ -13,24 +13,17 @@ import click
 
 from appliance.cli.common import (
     PATH_SETTINGS,
+    SERVER_SETTINGS,
     audit_store,
     json_option,
     main,
     print_json,
     record_action,
+    server_options,
     settings_options,
 )
 from appliance.cli.models import models as models_group
 from appliance.config import Settings
-
-SERVER_SETTINGS = (*PATH_SETTINGS, "host", "port", "tls")
-token_option = click.option(
-    "--token",
-    envvar="APPLIANCE_TOKEN",
-    default=None,
-    help="API token (default: one made for the run and revoked after it).",
-)
-url_option = click.option("--url", default=None, help="The appliance's URL (default: settings).")
 
 
 @main.group("eval")
@@ -93,8 +86,7 @@ def run_and_record(
     show_default=True,
     help="Cases in flight per model.",
 )
-@token_option
-@url_option
+@server_options
 @settings_options(SERVER_SETTINGS)
 @json_option
 def eval_run(
@@ -173,8 +165,7 @@ def _entry_for(
 @click.option(
     "--rerun", is_flag=True, help="Run the eval again even if a run of these hashes is saved."
 )
-@token_option
-@url_option
+@server_options
 @settings_options(SERVER_SETTINGS)
 @json_option
 def models_promote(

@@ -9,16 +9,16 @@ import click
 
 from appliance.cli.common import (
     PATH_SETTINGS,
+    SERVER_SETTINGS,
     audit_store,
     json_option,
     main,
     print_json,
     record_action,
+    server_options,
     settings_options,
 )
 from appliance.config import Settings
-
-SERVER_SETTINGS = (*PATH_SETTINGS, "host", "port", "tls")
 
 
 @main.group("route")
@@ -67,13 +67,7 @@ def route_list(settings: Settings, as_json: bool) -> None:
     help="Most wrong answers allowed among those not referred.",
 )
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=None, help="Per answer.")
-@click.option(
-    "--token",
-    envvar="APPLIANCE_TOKEN",
-    default=None,
-    help="API token (default: one made for the run).",
-)
-@click.option("--url", default=None, help="The appliance's URL (default: from the settings).")
+@server_options
 @settings_options(SERVER_SETTINGS)
 @json_option
 def route_calibrate(
