@@ -16,7 +16,6 @@ from appliance.config import Settings
 from appliance.inference.pipeline import Pipeline
 from appliance.routing.router import Router
 from appliance.routing.spec import RouteTable
-from appliance.serving.aliases import AliasTable
 from appliance.serving.loader import Loader
 from appliance.serving.pool import PoolEvent
 from appliance.tls import tls_enabled
@@ -41,7 +40,6 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     errors.register(app)
     pool = serving.init_app(app, settings, loader)
     pool.listeners.append(lambda event: _audit_pool_event(store, event))
-    pool.aliases = AliasTable(settings.aliases_path).resolve  # served names: champions
     pool.open()  # verify every manifest, load the pinned models
     pool.start_reaper()
     pipeline = inference.init_app(app, Pipeline(settings, pool, store))

@@ -412,6 +412,12 @@ def test_a_worse_candidate_is_refused_and_the_champion_keeps_serving(
         },
     )
     assert served.status_code == 200 and served.json()["model"] == "desk"
+    card = server.http.get("/v1/models/desk").json()
+    assert card["id"] == "desk" and card["champion"] == base and card["kind"] == "chat"
+    listed = {m["id"]: m for m in server.http.get("/v1/models").json()["data"]}
+    assert listed["desk"]["champion"] == base and listed[base]["champion"] is None
+    clash = run_cli("models", "promote", ROUTE, "--to", base, "--suite", str(suite), state=state)
+    assert clash.returncode != 0 and "a route's name" in clash.stderr
     done = run_cli(
         "models",
         "promote",

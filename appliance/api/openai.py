@@ -40,7 +40,7 @@ from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk
 from appliance.problems import Forbidden
 from appliance.routing import get_router
-from appliance.serving import get_pool
+from appliance.serving import get_aliases, get_pool
 from appliance.serving.loader import ServeSettings
 from appliance.serving.pool import ModelUnavailable, WrongKind
 
@@ -452,7 +452,12 @@ def _route_cards() -> dict[str, RouteCard]:
 
 @bp.get("/models")
 def list_models() -> Response:
-    cards: list[ModelCard | RouteCard] = [_card(row) for row in _rows().values()]
+    rows = _rows()
+    cards: list[ModelCard | RouteCard] = [_card(row) for row in rows.values()]
+    for served, entry in sorted(get_aliases(current_app).all().items()):
+        row = rows.get(entry["champion"])
+        if row is not None:  # a served name, as the model behind it now
+            cards.append(_card(row).model_copy(update={"id": served, "champion": row["name"]}))
     cards += _route_cards().values()
     return Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
 
@@ -474,7 +479,11 @@ def get_model(name: str) -> Response:
             param="model",
             code="forbidden",
         )
-    row = _rows().get(name)
+    real = manifest.name  # a served name's champion
+    row = _rows().get(real)
     if row is None:  # refused (a missing, changed or unloadable file): the reason
-        raise ModelUnavailable(pool.refused().get(name) or f"model {name!r} is refused")
-    return Response(_card(row).model_dump_json(), mimetype="application/json")
+        raise ModelUnavailable(pool.refused().get(real) or f"model {real!r} is refused")
+    card = _card(row)
+    if real != name:
+        card = card.model_copy(update={"id": name, "champion": real})
+    return Response(card.model_dump_json(), mimetype="application/json")

@@ -276,6 +276,10 @@ class ModelCard(BaseModel):
     roles: list[str] | None = Field(
         default=None, description="The roles that may use this specialist (null: all)."
     )
+    champion: str | None = Field(
+        default=None,
+        description="On a served name: the model that answers it now (appliance models promote).",
+    )
     pinned: bool = Field(description="Loaded at start and never unloaded.")
     state: Literal["unloaded", "loading", "ready", "unloading", "refused"] = Field(
         description="Models load on their first request and unload when idle past their "

@@ -195,6 +195,10 @@ def models_promote(
             )
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
+    from appliance.routing.spec import RouteTable
+
+    if RouteTable(settings.routes_path).get(name) is not None:
+        raise click.ClickException(f"{name!r} is a route's name; a served name must be another")
     aliases = AliasTable(settings.aliases_path)
     champion = aliases.champion(name)
     if champion == candidate:
