@@ -43,7 +43,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     pool.open()  # verify every manifest, load the pinned models
     pool.start_reaper()
     pipeline = inference.init_app(app, Pipeline(settings, pool, store))
-    routing.init_app(app, Router(pipeline, RouteTable(settings.routes_path), store))
+    routing.init_app(app, Router(pipeline, RouteTable(settings.routes_path, pool.has), store))
     blueprints = (
         health.bp,
         openapi.bp,

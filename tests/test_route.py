@@ -306,6 +306,9 @@ def test_double_low_gets_the_referral(
     assert route["answered_by"] == "referral" and route["outcome"] == "referral"
     assert len(route["tried"]) == 2 and not any(t["confident"] for t in route["tried"])
     assert body["choices"][0]["message"]["content"] == REFERRAL
+    # What the referral cost: both models ran.
+    assert body["usage"]["completion_tokens"] == sum(t["completion_tokens"] for t in route["tried"])
+    assert body["usage"]["completion_tokens"] > 0
     (outcome,) = [
         r
         for r in audit(state)
@@ -366,6 +369,12 @@ def test_eval_scores_equal_a_hand_grading(
         default_model.name,
     )
     assert [m["model"] for m in report["models"]] == ["defects", default_model.name]
+    # A specialist's hash is what answers: its base, adapters, prompt and sampling, the
+    # hash its answers carry in the audit log.
+    defects_sha = report["models"][0]["sha256"]
+    assert defects_sha and defects_sha != report["models"][1]["sha256"]
+    answered = [r for r in audit(state) if r.get("kind") == "request" and r["model"] == "defects"]
+    assert answered and {r["model_sha256"] for r in answered} == {defects_sha}
     expected = {c["id"]: c for c in suite_lines()[1:]}
     for entry in report["models"]:
         passed = [hand_grade(r["answer"], expected[r["id"]]["expected"]) for r in entry["results"]]
@@ -543,3 +552,23 @@ def test_a_tensor_suite_is_scored_as_by_hand(
     shift_a = right[::2]
     assert entry["tags"]["shift"]["a"]["score"] == pytest.approx(shift_a.mean())
     assert entry["metric"] == "accuracy" and entry["latency_ms"]["p50"] > 0
+
+
+def test_an_edited_route_must_be_calibrated_again(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any]
+) -> None:
+    server, state, _ = desk
+    config = state / "routes" / f"{ROUTE}.toml"
+    original = config.read_text()
+    config.write_text(original.replace("The maintenance desk", "The line's maintenance desk"))
+    try:
+        resp = server.http.post(
+            "/v1/chat/completions",
+            json={"model": ROUTE, "messages": [{"role": "user", "content": IN_DOMAIN}]},
+        )
+        assert resp.status_code == 503
+        assert "changed since it was calibrated" in resp.json()["error"]["message"]
+    finally:
+        config.write_text(original)
+    body, _ = ask(server, OFF_DOMAIN)  # the config it was measured for: served again
+    assert body["appliance_route"]["route"] == ROUTE

@@ -305,7 +305,7 @@ def test_a_bad_route_is_refused_naming_file_and_problem(
     assert problem in str(caught.value)
 
 
-def calibration(similarity: float = 0.65) -> Calibration:
+def calibration(similarity: float = 0.65, config_sha256: str = "") -> Calibration:
     return Calibration(
         similarity=similarity,
         specialist_confidence=0.8,
@@ -315,15 +315,16 @@ def calibration(similarity: float = 0.65) -> Calibration:
         target_error=0.1,
         calibrated_at="2024-01-01T00:00:00+00:00",
         measured={"cases": 6, "refers_everything": False},
+        config_sha256=config_sha256,
     )
 
 
 def test_a_calibration_round_trips_beside_its_route(tmp_path: Path) -> None:
     route = read_route(write_route(tmp_path, "desk", route_toml()))
     assert calibration_path(route.path) == tmp_path / "desk.calibration.json"
-    written = write_calibration(route, calibration())
+    written = write_calibration(route, calibration(config_sha256=route.sha256))
     assert written == tmp_path / "desk.calibration.json"
-    assert read_route(route.path).calibration == calibration()
+    assert read_route(route.path).calibration == calibration(config_sha256=route.sha256)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["desk.calibration.json", "desk.toml"]
 
 
@@ -344,10 +345,22 @@ def test_route_table_reads_again_when_a_file_changes(tmp_path: Path) -> None:
     path.write_text(route_toml(generalist="gemma-3-270m"))
     second = table.get("desk")
     assert second is not None and second.generalist == "gemma-3-270m"
-    write_calibration(second, calibration(0.42))
+    write_calibration(second, calibration(0.42, second.sha256))
     third = table.get("desk")
     assert third is not None and third.calibration is not None
     assert third.calibration.similarity == 0.42
+    # Edited after its calibration: the thresholds were measured for another config.
+    path.write_text(route_toml(generalist="smollm2-135m-instruct"))
+    fourth = table.get("desk")
+    assert fourth is not None and fourth.calibration is None and fourth.stale_calibration
+
+
+def test_a_route_may_not_take_a_models_name(tmp_path: Path) -> None:
+    write_route(tmp_path, "desk", route_toml())
+    write_route(tmp_path, "gen", route_toml(generalist="other"))
+    table = RouteTable(tmp_path, taken=lambda name: name == "gen")
+    assert sorted(table.routes()) == ["desk"]
+    assert "is a model's name" in table.problems["gen"]
 
 
 def test_route_table_reports_a_broken_route_and_serves_the_rest(tmp_path: Path) -> None:
@@ -608,7 +621,7 @@ def test_latest_picks_the_newest_run_with_the_same_hashes(tmp_path: Path) -> Non
 
 def test_route_files_are_written_atomically(tmp_path: Path) -> None:
     route = read_route(write_route(tmp_path, "desk", route_toml()))
-    write_calibration(route, calibration())
-    write_calibration(route, calibration(0.5))
+    write_calibration(route, calibration(config_sha256=route.sha256))
+    write_calibration(route, calibration(0.5, route.sha256))
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
-    assert read_route(route.path).calibration == calibration(0.5)
+    assert read_route(route.path).calibration == calibration(0.5, route.sha256)

@@ -43,10 +43,12 @@ def completion(
     """``offset``: where in the answer's text the first token starts (a stream's later
     chunks go on from the earlier ones)."""
     texts = [token_text(t.token) for t in tokens]
-    offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
+    # Characters of the answer before each token: a token that splits a UTF-8
+    # character adds nothing until the token that completes it.
+    offsets, so_far = [], b""
+    for t in tokens:
+        offsets.append(offset + len(so_far.decode("utf-8", errors="ignore")))
+        so_far += t.token
     return CompletionLogprobs(
         tokens=texts,
         token_logprobs=[t.logprob for t in tokens],

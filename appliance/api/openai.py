@@ -37,7 +37,7 @@ from appliance.api.streams import PutText, sse, start_stream, stream_after_load,
 from appliance.context import RequestContext
 from appliance.engines.base import TokenLogprob
 from appliance.inference import get_pipeline
-from appliance.inference.pipeline import ChatAsk, EmbedAsk
+from appliance.inference.pipeline import ChatAsk, EmbedAsk, served_by
 from appliance.problems import Forbidden
 from appliance.routing import get_router
 from appliance.serving import get_aliases, get_pool
@@ -401,6 +401,11 @@ def _card(row: dict[str, Any]) -> ModelCard:
     public = manifest.public()
     if row.get("adapters") is not None:  # with each adapter's hash, as served
         public["adapters"] = row["adapters"]
+    parts = pool.parts(manifest.name)
+    if manifest.specialist is not None and parts is not None:
+        # What answers, as one hash: its base and adapters by file, its system prompt
+        # and sampling (the audit records' model_sha256 for its answers).
+        public["sha256"] = served_by(parts, manifest.specialist)["sha256"]
     return ModelCard(
         id=manifest.name,
         created=int(path.stat().st_mtime) if path.exists() else 0,

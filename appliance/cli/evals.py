@@ -185,18 +185,24 @@ def models_promote(
     from appliance.evals import gate
     from appliance.evals.client import ApiFailure, connect
     from appliance.registry import ManifestError, load_manifests
-    from appliance.serving.aliases import AliasError, AliasTable
+    from appliance.routing.spec import RouteTable
+    from appliance.serving.aliases import NAME, AliasError, AliasTable
 
+    if not NAME.match(name):
+        raise click.ClickException(f"a served name must match {NAME.pattern}: {name!r}")
     suite = _load(suite_path)
     try:
-        if name in load_manifests(settings):
-            raise click.ClickException(
-                f"{name!r} is a model's own name; a served name must be another"
-            )
+        manifests = load_manifests(settings)
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
-    from appliance.routing.spec import RouteTable
-
+    if name in manifests:
+        raise click.ClickException(f"{name!r} is a model's own name; a served name must be another")
+    target = manifests.get(candidate)
+    if target is None or target.kind not in ("chat", "specialist"):
+        what = "not a model" if target is None else f"a model of kind {target.kind}"
+        raise click.ClickException(
+            f"{candidate!r} is {what}: a served name points to a chat model or a specialist"
+        )
     if RouteTable(settings.routes_path).get(name) is not None:
         raise click.ClickException(f"{name!r} is a route's name; a served name must be another")
     aliases = AliasTable(settings.aliases_path)

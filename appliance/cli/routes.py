@@ -97,6 +97,10 @@ def route_calibrate(
         suite = load_suite(suite_path)
     except SuiteError as exc:
         raise click.ClickException(str(exc)) from None
+    if suite.kind != "text" or not suite.cases:
+        raise click.ClickException(
+            f"{suite_path}: a route is calibrated on questions (a text suite with cases)"
+        )
     limit = max_tokens or suite.settings.max_tokens
     with audit_store(settings) as store:
         try:
@@ -105,6 +109,11 @@ def route_calibrate(
         except ApiFailure as exc:
             raise click.ClickException(str(exc)) from None
         calibration = cal.calibrate(observations, spec, suite, target_error)
+        now = RouteTable(settings.routes_path).get(route)
+        if now is None or now.sha256 != spec.sha256:
+            raise click.ClickException(
+                f"{spec.path} changed while it was calibrated; calibrate it again"
+            )
         record_action(
             store,
             "route.calibrate",

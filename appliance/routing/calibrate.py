@@ -175,4 +175,5 @@ def calibrate(
         target_error=target_error,
         calibrated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         measured=measured,
+        config_sha256=route.sha256,
     )

@@ -94,6 +94,7 @@ class Attempt:
             "completion_tokens": self.completion_tokens,
             "seconds": round(self.seconds, 3),
             "finish_reason": self.finish_reason,
+            "served_by": self.served_by,
         }
 
 
@@ -155,6 +156,13 @@ class Router:
             )
 
     def ready(self, route: Route) -> None:
+        if route.stale_calibration:
+            raise Unavailable(
+                f"route {route.name!r} changed since it was calibrated: its thresholds were "
+                f"measured for another config (appliance route calibrate {route.name} "
+                "--suite SUITE)",
+                code="route_uncalibrated",
+            )
         if route.calibration is None:
             raise Unavailable(
                 f"route {route.name!r} is not calibrated: its thresholds come from an eval "
@@ -181,6 +189,14 @@ class Router:
         finally:
             lease.release()
 
+    def usable(self, ctx: RequestContext, model: str) -> bool:
+        """Whether the caller's role may use this model (a specialist may be for some)."""
+        try:
+            self.pipeline.authorize(ctx, model)
+        except Forbidden:
+            return False
+        return True
+
     def similarities(self, route: Route, question: str) -> dict[str, float]:
         """Each specialist's similarity to the question: the best cosine over its
         domain's description and examples."""
@@ -202,8 +218,10 @@ class Router:
         calibration = route.calibration
         assert calibration is not None and ask.messages is not None
         sims = self.similarities(route, question_of(ask.messages))
-        best = max(sims, key=lambda m: sims[m])
-        domain = best if sims[best] >= calibration.similarity else None
+        # A specialist the caller's role may not use is not a candidate: the generalist.
+        allowed = [m for m in sims if self.usable(ctx, m)]
+        best = max(allowed, key=lambda m: sims[m], default=None)
+        domain = best if best is not None and sims[best] >= calibration.similarity else None
         decision = Decision(
             route=route.name,
             config_sha256=route.sha256,
@@ -297,27 +315,22 @@ class Router:
         ctx.served_by = answered.served_by if answered else None
         with self.lock:
             self.counts[(route.name, decision.answered_by, decision.outcome)] += 1
-        return ChatRun(ctx, _replay(answered, route.referral), self.store)
+        return ChatRun(ctx, _replay(answered, decision.attempts, route.referral), self.store)
 
 
-def _replay(answered: Attempt | None, referral: str) -> Job:
-    """The decided answer as a finished job's events, for ChatRun to hand out."""
+def _replay(answered: Attempt | None, attempts: list[Attempt], referral: str) -> Job:
+    """The decided answer as a finished job's events, for ChatRun to hand out. Its
+    usage counts every model the route ran (what the answer cost)."""
     job = Job(Generation([], SamplingParams(max_tokens=1)))
     events: queue.SimpleQueue[Any] = job.events
+    prompt = sum(a.prompt_tokens for a in attempts)
+    completion = sum(a.completion_tokens for a in attempts)
+    seconds = sum(a.seconds for a in attempts)
     if answered is None:
         events.put(TextDelta(referral))
-        events.put(Finished("stop", 0, 0))
+        events.put(Finished("stop", prompt, completion, 0, seconds))
         return job
     if answered.answer:
         events.put(TextDelta(answered.answer, answered.tokens))
-    events.put(
-        Finished(
-            answered.finish_reason,
-            answered.prompt_tokens,
-            answered.completion_tokens,
-            0,
-            answered.seconds,
-            answered.logprobs,
-        )
-    )
+    events.put(Finished(answered.finish_reason, prompt, completion, 0, seconds, answered.logprobs))
     return job

@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Calibration:
     target_error: float
     calibrated_at: str
     measured: dict[str, Any]
+    config_sha256: str = ""  # the route's config it was measured for
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +79,8 @@ class Route:
     referral: str
     specialists: tuple[Domain, ...]
     roles: tuple[str, ...] | None
-    calibration: Calibration | None
+    calibration: Calibration | None  # None also when it was measured for another config
+    stale_calibration: bool = False  # the config changed since its calibration
 
     def models(self) -> list[str]:
         return [d.model for d in self.specialists] + [self.generalist]
@@ -92,6 +95,7 @@ class Route:
             "roles": list(self.roles) if self.roles is not None else None,
             "config_sha256": self.sha256,
             "calibration": self.calibration.public() if self.calibration else None,
+            "stale_calibration": self.stale_calibration,
         }
 
 
@@ -150,6 +154,8 @@ def read_route(path: Path) -> Route:
     if generalist in models:
         raise RouteError(f"{where}: the generalist {generalist!r} is also a specialist")
     config_sha = hashlib.sha256(raw).hexdigest()
+    calibration = _read_calibration(calibration_path(path))
+    stale = calibration is not None and calibration.config_sha256 != config_sha
     return Route(
         name=name,
         path=path,
@@ -160,7 +166,8 @@ def read_route(path: Path) -> Route:
         referral=_text(data, "referral", where),
         specialists=tuple(domains),
         roles=tuple(roles) if roles is not None else None,
-        calibration=_read_calibration(calibration_path(path)),
+        calibration=None if stale else calibration,
+        stale_calibration=stale,
     )
 
 
@@ -186,8 +193,10 @@ class RouteTable:
     """The routes in a directory, read again when a file there changes (a calibration
     or an edit takes effect on the next request, without a restart)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, taken: Callable[[str], bool] = lambda name: False) -> None:
+        """``taken``: whether a name is a model's (a route may not shadow a model)."""
         self.directory = directory
+        self.taken = taken
         self._lock = threading.Lock()
         self._seen: tuple[tuple[str, int, int], ...] | None = None
         self._routes: dict[str, Route] = {}
@@ -201,7 +210,10 @@ class RouteTable:
         stamp = []
         for entry in entries:
             if entry.name.endswith((".toml", ".calibration.json")):
-                st = entry.stat()
+                try:
+                    st = entry.stat()
+                except OSError:  # removed meanwhile
+                    continue
                 stamp.append((entry.name, st.st_mtime_ns, st.st_size))
         return tuple(stamp)
 
@@ -215,6 +227,11 @@ class RouteTable:
                     if not name.endswith(".toml"):
                         continue
                     path = self.directory / name
+                    if self.taken(path.stem):
+                        self.problems[path.stem] = (
+                            f"{path}: {path.stem!r} is a model's name; a route needs its own"
+                        )
+                        continue
                     try:
                         self._routes[path.stem] = read_route(path)
                     except RouteError as exc:

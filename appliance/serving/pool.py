@@ -312,7 +312,7 @@ class ModelPool:
         """Whether a request for ``name`` of this kind would wait for a load now (not
         when it would be refused at once: unknown, wrong kind, refused)."""
         with self._lock:
-            entry = self._entries.get(self.aliases(name))
+            entry = self._lookup(name)
             return (
                 entry is not None
                 and _served_as(entry.manifest.kind) == kind
@@ -323,8 +323,23 @@ class ModelPool:
         with self._lock:
             return self._entry(name).manifest
 
+    def _lookup(self, name: str) -> _Entry | None:
+        """A model by its name, or a served name's champion (a model's own name wins)."""
+        return self._entries.get(name) or self._entries.get(self.aliases(name))
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a model's own name (installed or not)."""
+        with self._lock:
+            return name in self._entries
+
+    def parts(self, name: str) -> Parts | None:
+        """A specialist's base and adapters (composed at open, loaded or not)."""
+        with self._lock:
+            entry = self._lookup(name)
+            return entry.parts if entry is not None else None
+
     def _entry(self, name: str) -> _Entry:
-        entry = self._entries.get(self.aliases(name))
+        entry = self._lookup(name)
         if entry is None:
             raise UnknownModel(name, self._listed())
         return entry
@@ -388,7 +403,7 @@ class ModelPool:
         """Raise NoRoom now if model ``name`` could not be loaded now (a stream that
         would wait for a load learns it as a 503, not as an error inside the stream)."""
         with self._lock:
-            entry = self._entries.get(self.aliases(name))
+            entry = self._lookup(name)
             if entry is not None and entry.state == "unloaded":
                 self._victims_for(entry)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections import Counter
 
 from flask import (
     Blueprint,
@@ -153,8 +154,11 @@ def status() -> Response:
         answers = dict(router.counts)
     routes = []
     for name, route in sorted(router.table.routes().items()):
-        counts = {o: n for (r, _, o), n in answers.items() if r == name}
-        routes.append({**route.public(), "answers": counts})
+        counts: Counter[str] = Counter()
+        for (r, _, outcome), n in answers.items():
+            if r == name:
+                counts[outcome] += n
+        routes.append({**route.public(), "answers": dict(counts)})
     html = render_template(
         "status.html",
         models=pool.state(),
