@@ -13,6 +13,7 @@ from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
 from appliance.auth import guard
 from appliance.auth.store import AuthStore
 from appliance.config import Settings
+from appliance.docs.grounding import LIBRARY, Library, grounding_stage
 from appliance.inference.pipeline import Pipeline
 from appliance.routing.router import Router
 from appliance.routing.spec import RouteTable
@@ -42,7 +43,10 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     pool.listeners.append(lambda event: _audit_pool_event(store, event))
     pool.open()  # verify every manifest, load the pinned models
     pool.start_reaper()
-    pipeline = inference.init_app(app, Pipeline(settings, pool, store))
+    library = Library(settings, pool)  # the site's documents, for grounded answers
+    app.extensions[LIBRARY] = library
+    stages = [grounding_stage(library, settings)]
+    pipeline = inference.init_app(app, Pipeline(settings, pool, store, stages))
     routing.init_app(app, Router(pipeline, RouteTable(settings.routes_path, pool.has), store))
     blueprints = (
         health.bp,

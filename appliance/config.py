@@ -230,6 +230,16 @@ class Settings:
     rate_limit_per_minute: int = _setting(
         600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
     )
+    retrieval_min_similarity: int = _setting(
+        30,
+        "Grounded answers: the least cosine similarity (in hundredths) of a passage to the "
+        "question for it to be a source; below it, the answer says no source was found. A "
+        "collection calibrated with `appliance docs calibrate` uses its own.",
+        minimum=0,
+    )
+    retrieval_top_k: int = _setting(
+        3, "Grounded answers: passages given to the model as sources (at most).", minimum=1
+    )
     data_key_max_uses: int = _setting(
         1 << 30,
         "Encryptions under one data key before it is rotated (AES-GCM's limit is 2^32).",
@@ -239,6 +249,10 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return self.model_dir if self.model_dir is not None else self.state_dir / "models"
+
+    @property
+    def docs_db_path(self) -> Path:
+        return self.state_dir / "docs" / "docs.db"
 
     @property
     def routes_path(self) -> Path:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # types only: the context sits below the layers that fill it 
     from appliance.audit.records import Entry
     from appliance.audit.store import Ticket
     from appliance.auth.store import Principal
+    from appliance.docs.grounding import Grounding
     from appliance.serving.pool import Lease
 
 
@@ -69,6 +70,8 @@ class RequestContext:
     served_by: dict[str, Any] | None = None
     # A routed request: the route's decision (similarities, each model tried, why).
     routing: dict[str, Any] | None = None
+    # A grounded request: the sources it was given, what its answer cited.
+    grounding: Grounding | None = None
     lease: Lease | None = None
     usage: Usage = field(default_factory=Usage)
     client_disconnected: bool = False

@@ -115,6 +115,8 @@ class SpecialistSpec:
     top_p: float | None = None
     max_tokens: int | None = None
     roles: tuple[str, ...] | None = None
+    # Grounded: every answer from these document collections, with citations.
+    collections: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,11 @@ def _specialist_spec(data: dict[str, Any], where: str) -> SpecialistSpec:
         not isinstance(roles, list) or not all(isinstance(r, str) for r in roles)
     ):
         raise ManifestError(f"{where}: roles must be a list of role names")
+    bound = data.get("collections")
+    if bound is not None and (
+        not isinstance(bound, list) or not bound or not all(isinstance(c, str) for c in bound)
+    ):
+        raise ManifestError(f"{where}: collections must be a list of collection names")
     return SpecialistSpec(
         base=_require(data, "base", str, where),
         adapters=tuple(adapters),
@@ -358,6 +365,7 @@ def _specialist_spec(data: dict[str, Any], where: str) -> SpecialistSpec:
         top_p=_number(sampling, "top_p", where + " [sampling]", 0.0, 1.0),
         max_tokens=max_tokens,
         roles=tuple(roles) if roles is not None else None,
+        collections=tuple(bound) if bound is not None else None,
     )
 
 

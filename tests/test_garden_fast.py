@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -436,15 +437,19 @@ def test_a_stream_holds_its_model_until_it_ends(fake_app: tuple[Flask, FakeLoade
 def test_a_stage_plugs_in_between_resolve_and_prepare(
     fake_app: tuple[Flask, FakeLoader],
 ) -> None:
-    """Routing and grounding will be stages: they see the resolved model and the ask,
-    and can refuse, without a blueprint knowing."""
+    """Grounding is a stage: it sees the resolved model and the ask, gives the ask on
+    (changed), and can refuse, without a blueprint knowing."""
     app, _ = fake_app
     seen: list[tuple[str | None, str]] = []
 
-    def stage(ctx: RequestContext, ask: ChatAsk, lease: Lease) -> None:
+    def stage(ctx: RequestContext, ask: ChatAsk, lease: Lease) -> ChatAsk:
         seen.append((ctx.model, lease.manifest.kind))
-        if ask.messages and ask.messages[0]["content"] == "refuse":
+        assert ask.messages is not None
+        if ask.messages[0]["content"] == "refuse":
             raise Unavailable("the stage refused", code="stage_refused")
+        # What it gives on is what the model reads (grounding adds its sources so).
+        added = {"role": "system", "content": "one two three"}
+        return replace(ask, messages=[added, *ask.messages])
 
     get_pipeline(app).stages.append(stage)
     client = client_of(app)
@@ -453,6 +458,7 @@ def test_a_stage_plugs_in_between_resolve_and_prepare(
         json={"model": "talk", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
     )
     assert ok.status_code == 200 and seen == [("talk", "chat")]
+    assert ok.get_json()["usage"]["prompt_tokens"] == 4  # "one two three" and "a"
     refused = client.post(
         "/v1/chat/completions",
         json={"model": "talk", "messages": [{"role": "user", "content": "refuse"}]},

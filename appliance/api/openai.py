@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import time
 from typing import Any
 
@@ -27,16 +28,20 @@ from appliance.api.schemas import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    Grounded,
     Kernels,
     ModelCard,
     ModelList,
+    RetrieveRequest,
     RouteCard,
     RouteDecision,
 )
 from appliance.api.streams import PutText, sse, start_stream, stream_after_load, usage
+from appliance.api.trail import get_store
 from appliance.context import RequestContext
+from appliance.docs.grounding import get_library
 from appliance.engines.base import TokenLogprob
-from appliance.inference import get_pipeline
+from appliance.inference import audit_pair, get_pipeline
 from appliance.inference.pipeline import ChatAsk, EmbedAsk, served_by
 from appliance.problems import Forbidden
 from appliance.routing import get_router
@@ -124,6 +129,11 @@ def chat_completions() -> Response:
         json_schema=fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
         stream=req.stream,
         logprobs=top,
+        grounding=(
+            (req.appliance_grounding.collections, req.appliance_grounding.top_k)
+            if req.appliance_grounding is not None
+            else None
+        ),
         **_sampling(req),
     )
     ctx = context.current()
@@ -179,13 +189,19 @@ def chat_completions() -> Response:
             )
         ],
     )
-    if ctx.routing is None:
-        body_out = answer.model_dump_json(exclude={"appliance_route"})
-        return Response(body_out, mimetype="application/json")
-    # Extension: which model answered the route, and why.
-    answer.appliance_route = RouteDecision.model_validate(ctx.routing)
-    resp = Response(answer.model_dump_json(), mimetype="application/json")
-    resp.headers["X-Appliance-Route"] = route_header(ctx.routing)
+    # Extensions: which model answered a route and why; a grounded answer's sources.
+    exclude = set()
+    if ctx.routing is not None:
+        answer.appliance_route = RouteDecision.model_validate(ctx.routing)
+    else:
+        exclude.add("appliance_route")
+    if ctx.grounding is not None:
+        answer.appliance_grounding = Grounded.model_validate(ctx.grounding.public())
+    else:
+        exclude.add("appliance_grounding")
+    resp = Response(answer.model_dump_json(exclude=exclude), mimetype="application/json")
+    if ctx.routing is not None:
+        resp.headers["X-Appliance-Route"] = route_header(ctx.routing)
     return resp
 
 
@@ -492,3 +508,60 @@ def get_model(name: str) -> Response:
     if real != name:
         card = card.model_copy(update={"id": name, "champion": real})
     return Response(card.model_dump_json(), mimetype="application/json")
+
+
+@bp.post("/retrieve")
+def retrieve() -> Response:
+    """Extension: the passages a grounded answer would be given, ranked, with scores;
+    only from collections the caller may read."""
+    body = read_json_object()
+    req = parse_body(RetrieveRequest, body)
+    ctx = context.current()
+    library = get_library(current_app)
+    chosen, hits = library.retrieve(ctx, req.query, req.collections, req.top_k)
+    threshold = library.threshold(chosen) if chosen else None
+    data = [
+        {
+            "rank": i,
+            **hit.public(),
+            "relevant": threshold is not None and hit.similarity >= threshold,
+        }
+        for i, hit in enumerate(hits, 1)
+    ]
+    ctx.notes["passages"] = len(hits)
+    # Passages are the documents' text: the request and what it returned are recorded.
+    audit_pair.open_pair(get_store(current_app), ctx, body, with_outcome=True)
+    ctx.audit.output.append(
+        json.dumps(
+            {
+                "collections": chosen,
+                "passages": [
+                    {
+                        "passage_id": h.passage.id,
+                        "document_sha256": h.passage.document_sha256,
+                        "version": h.passage.version,
+                    }
+                    for h in hits
+                ],
+            }
+        )
+    )
+    out = {"object": "list", "collections": chosen, "min_similarity": threshold, "data": data}
+    return Response(json.dumps(out), mimetype="application/json")
+
+
+@bp.get("/collections")
+def list_collections() -> Response:
+    """Extension: the document collections the caller may read (for grounding)."""
+    library = get_library(current_app)
+    readable = library.readable(context.current().actor.role or "")
+    data = [
+        {
+            "id": name,
+            "object": "collection",
+            "documents": c["documents"],
+            "min_similarity": c["min_similarity"],
+        }
+        for name, c in sorted(readable.items())
+    ]
+    return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")

@@ -47,6 +47,35 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+class GroundingRequest(_Strict):
+    collections: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="The collections to search (default: every one the caller may read).",
+    )
+    top_k: int = Field(default=3, ge=1, le=20, description="Passages given as sources.")
+
+
+class RetrieveRequest(_Strict):
+    query: str = Field(min_length=1, max_length=4096)
+    collections: list[str] | None = Field(default=None, min_length=1)
+    top_k: int = Field(default=5, ge=1, le=20)
+
+
+class Grounded(BaseModel):
+    """Extension, on a grounded answer (and a grounded stream's last chunk)."""
+
+    collections: list[str]
+    no_source: bool = Field(description="Nothing relevant was found; the answer says so.")
+    threshold: float
+    best_similarity: float | None
+    sources: list[dict[str, Any]] = Field(description="The passages the model was given, numbered.")
+    citations: list[dict[str, Any]] = Field(
+        description="The sources the answer cites, with their text."
+    )
+    removed_citations: int = Field(description="Citations of sources it was not given, removed.")
+
+
 class _Sampling(_Strict):
     model: str = Field(min_length=1, max_length=128)
     temperature: float | None = Temperature
@@ -74,6 +103,11 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = MaxTokens
     max_completion_tokens: int | None = MaxTokens
     response_format: ResponseFormat | None = None
+    appliance_grounding: GroundingRequest | None = Field(
+        default=None,
+        description="Extension: answer from the site's documents, with numbered sources "
+        "and checked citations.",
+    )
     logprobs: bool | None = Field(
         default=None, description="Return each answer token's log-probability."
     )
@@ -194,6 +228,9 @@ class ChatCompletion(BaseModel):
     usage: Usage
     appliance_route: RouteDecision | None = Field(
         default=None, description="Extension: only on a route's answer."
+    )
+    appliance_grounding: Grounded | None = Field(
+        default=None, description="Extension: only on a grounded answer."
     )
 
 

@@ -63,6 +63,8 @@ def _chunks(
                 last = {**chunk, "choices": [put_text(None, reason, ())], **usage_key}
                 if run.ctx.routing is not None:  # extension: who answered the route, why
                     last["appliance_route"] = run.ctx.routing
+                if run.ctx.grounding is not None:  # extension: the sources and citations
+                    last["appliance_grounding"] = run.ctx.grounding.public()
                 yield sse(last)
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": usage(event).model_dump()})

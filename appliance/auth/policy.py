@@ -27,6 +27,8 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "openai.embeddings": INFERENCE,
     "openai.list_models": INFERENCE,
     "openai.get_model": INFERENCE,
+    "openai.retrieve": INFERENCE,
+    "openai.list_collections": INFERENCE,
     "kserve.server_metadata": TENSORS,
     "kserve.live": PUBLIC,
     "kserve.ready": PUBLIC,
@@ -48,7 +50,13 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
 # The routes that take a model's time: a caller may have max_requests_per_caller of
 # these in flight at once (running, queued or streaming).
 MODEL_WORK = frozenset(
-    {"openai.chat_completions", "openai.completions", "openai.embeddings", "kserve.infer"}
+    {
+        "openai.chat_completions",
+        "openai.completions",
+        "openai.embeddings",
+        "openai.retrieve",
+        "kserve.infer",
+    }
 )
 
 

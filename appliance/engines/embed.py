@@ -73,6 +73,17 @@ class EmbeddingEngine:
         probe = self._run([self._prefix + [0] * (max_input_tokens - specials) + self._suffix])
         self.dimensions = int(probe.shape[1])
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of texts, each cut to what the model reads (its first tokens,
+        then its end token): for search, where a long passage is still found by its
+        beginning rather than refused."""
+        limit = self.max_input_tokens
+        cut = [
+            ids[: limit - len(self._suffix)] + self._suffix if len(ids) > limit else ids
+            for ids in self.tokenize(texts)
+        ]
+        return self.embed(cut)
+
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         # One encode() per text, not encode_batch(): the batch call starts a Rust thread
         # pool that competes with onnxruntime for the cores, and that tokenizers turns off

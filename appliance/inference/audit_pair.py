@@ -105,4 +105,6 @@ def outcome_content(ctx: RequestContext) -> dict[str, Any] | None:
         content["output"] = "".join(ctx.audit.output)
     if ctx.routing is not None:
         content["route"] = ctx.routing
+    if ctx.grounding is not None:  # what the answer rested on, passage by passage
+        content["grounding"] = ctx.grounding.audit()
     return content or None

@@ -24,6 +24,7 @@ import numpy as np
 from appliance.audit.store import AuditStore
 from appliance.config import Settings
 from appliance.context import RequestContext
+from appliance.docs.grounding import CitationFilter, no_source_message
 from appliance.engines.base import (
     Event,
     Failed,
@@ -70,6 +71,8 @@ class ChatAsk:
     json_schema: dict[str, Any] | None = None
     stream: bool = False
     logprobs: int | None = None  # None: none; k: each token's, and the k likeliest
+    # Grounded on documents: (collections, None for all the caller may read; top_k).
+    grounding: tuple[list[str] | None, int] | None = None
     # When the request gives no max_tokens: at most this many (a specialist's default),
     # and never more than the window or the setting allow.
     default_max_tokens: int | None = None
@@ -94,10 +97,11 @@ class Embeddings:
     prompt_tokens: int
 
 
-# A stage sees the context, the ask and the resolved model's lease, and may refuse by
-# raising a problem. It must not reach for Flask's request or app: a stream whose model
-# had to load runs the pipeline in a thread of its own.
-Stage = Callable[[RequestContext, ChatAsk, Lease], None]
+# A stage sees the context, the ask and the resolved model's lease, and gives the ask
+# on (changed: the grounding stage adds sources), or refuses by raising a problem. It
+# must not reach for Flask's request or app: a stream whose model had to load runs the
+# pipeline in a thread of its own.
+Stage = Callable[[RequestContext, ChatAsk, Lease], ChatAsk]
 
 
 @dataclass
@@ -155,6 +159,9 @@ class Pipeline:
     def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
         model, generation = self.prepare(ctx, ask)
         audit_pair.open_pair(self.store, ctx, ask.body)
+        grounding = ctx.grounding
+        if grounding is not None and grounding.no_source:  # said, not generated
+            return ChatRun(ctx, answered(no_source_message(grounding.collections)), self.store)
         job = model.scheduler.submit(generation)
         return ChatRun(ctx, job, self.store)
 
@@ -166,7 +173,7 @@ class Pipeline:
         if lease.manifest.specialist is not None:
             ask = as_specialist(ask, lease.manifest.specialist)
         for stage in self.stages:
-            stage(ctx, ask, lease)
+            ask = stage(ctx, ask, lease)
         model = lease.model
         assert isinstance(model, ChatModel)
         grammar = self._grammar(ask, model)
@@ -331,6 +338,14 @@ class Pipeline:
         return results
 
 
+def answered(text: str) -> Job:
+    """A job whose answer is already known (said, not generated): for ChatRun."""
+    job = Job(Generation([], SamplingParams(max_tokens=1)))
+    job.events.put(TextDelta(text))
+    job.events.put(Finished("stop", 0, 0))
+    return job
+
+
 def served_by(parts: Parts, spec: SpecialistSpec | None = None) -> dict[str, Any]:
     """What answers for a specialist, file by file, and one hash over it all (its
     model_sha256 in the audit log: the same base and adapters at the same scales, the
@@ -404,6 +419,11 @@ class ChatRun:
         self.store = store
         self.settled = False  # the job's last event came
         self.tokens: list[TokenLogprob] = []  # collect(): with logprobs, the answer's
+        grounding = ctx.grounding
+        # A grounded answer: citations of sources it was not given are taken out.
+        self.citations = (
+            CitationFilter(grounding) if grounding is not None and not grounding.no_source else None
+        )
 
     def confirm(self) -> None:
         """The request record must be durable before the answer's first byte; if it
@@ -415,13 +435,22 @@ class ChatRun:
             raise
 
     def _events(self) -> Iterator[Event | None]:
-        """The job's events; None every few seconds while nothing happens (keep-alive)."""
+        """The job's events; None every few seconds while nothing happens (keep-alive).
+        A grounded answer's text comes through its citation check."""
         while True:
             try:
                 event = self.job.events.get(timeout=KEEPALIVE_SECONDS)
             except queue.Empty:
                 yield None
                 continue
+            if self.citations is not None:
+                if isinstance(event, TextDelta):
+                    text = self.citations.feed(event.text)
+                    if not text and not event.tokens:
+                        continue
+                    event = TextDelta(text, event.tokens)
+                elif isinstance(event, Finished) and (rest := self.citations.flush()):
+                    yield TextDelta(rest)
             yield event
             if isinstance(event, Finished | Failed):
                 return

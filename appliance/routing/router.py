@@ -177,14 +177,8 @@ class Router:
         try:
             model = lease.model
             assert isinstance(model, RunModel)
-            engine = model.engine
-            limit = engine.max_input_tokens
-            batch = [
-                ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids
-                for ids in engine.tokenize(texts)
-            ]
             with model.admission:
-                vectors: np.ndarray = engine.embed(batch)
+                vectors: np.ndarray = model.engine.embed_texts(texts)
             return vectors, lease.manifest.sha256
         finally:
             lease.release()
