@@ -280,3 +280,65 @@ def test_a_changed_document_is_cited_in_its_new_version_only(
         state, "docs", "add", str(work / "corpus" / "sepsis.md"), "--collection", "protocols"
     )
     assert again[0]["status"] == "unchanged"
+
+
+def test_a_collections_threshold_is_calibrated_on_questions(
+    library: tuple[Server, Path, Path, dict[str, str]], model_name: str
+) -> None:
+    server, state, work, tokens = library
+    cases = [
+        ("How long do I rub my hands with zorbex gel?", "yes", "27 seconds"),
+        ("When are gloves changed on ward 7B?", "yes", "between patients"),
+        ("How much crystalloid in the sepsis bundle?", "yes", "30 ml/kg"),
+        ("What is the capital of Peru?", "no", "-"),
+        ("Who painted the Mona Lisa?", "no", "-"),
+        ("How do I bake pancakes?", "no", "-"),
+    ]
+    suite = work / "relevance.jsonl"
+    suite.write_text(
+        "".join(
+            json.dumps({"prompt": q, "expected": e, "tags": {"answerable": a}}) + "\n"
+            for q, a, e in cases
+        )
+    )
+    done = run_cli(
+        "docs",
+        "calibrate",
+        "protocols",
+        "--suite",
+        str(suite),
+        "--port",
+        str(server.port),
+        "--json",
+        state=state,
+        timeout=300,
+        env={"APPLIANCE_TOKEN": server.token},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["accuracy"] == 1.0 and result["recall_at_k"] == 1.0
+    chosen = result["min_similarity"]
+    nurse = {"Authorization": f"Bearer {tokens['clinician']}"}
+    for question, answerable, _ in cases:
+        best = httpx.post(
+            f"{server.url}/v1/retrieve",
+            headers=nurse,
+            json={"query": question, "collections": ["protocols"]},
+        ).json()
+        assert (best["data"][0]["similarity"] >= chosen) == (answerable == "yes"), question
+        assert best["min_similarity"] == pytest.approx(chosen)
+    listed = httpx.get(f"{server.url}/v1/collections", headers=nurse).json()["data"]
+    assert listed[0]["min_similarity"] == pytest.approx(chosen)
+    (record,) = [
+        r for r in audit_rows(state) if (r.get("content") or {}).get("action") == "docs.calibrate"
+    ]
+    assert record["content"]["suite_sha256"] == hashlib.sha256(suite.read_bytes()).hexdigest()
+    body = grounded(
+        server,
+        tokens["clinician"],
+        "Who painted the Mona Lisa?",
+        model_name,
+        appliance_grounding={"collections": ["protocols"]},
+    )
+    assert body["appliance_grounding"]["no_source"] is True
+    assert body["appliance_grounding"]["threshold"] == pytest.approx(chosen, abs=1e-4)

@@ -68,6 +68,19 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.grounded = Counter(
+            "appliance_grounded_answers_total",
+            "Grounded answers: sourced (given passages) or no_source (nothing relevant).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.citations = Counter(
+            "appliance_citations_total",
+            "Citations in grounded answers: by the model, attributed (the answer cited "
+            "nothing; the source it repeats), or removed (a source it was not given).",
+            ["kind"],
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
         self.state = _StateCollector(app)
         self.registry.register(self.state)
@@ -78,6 +91,12 @@ class Metrics:
         self.latency.labels(route).observe(seconds)
         if ctx.usage.completion_tokens:
             self.tokens.labels(model).inc(ctx.usage.completion_tokens)
+        g = ctx.grounding
+        if g is not None:
+            self.grounded.labels("no_source" if g.no_source else "sourced").inc()
+            self.citations.labels("model").inc(len(g.cited) - len(g.attributed))
+            self.citations.labels("attributed").inc(len(g.attributed))
+            self.citations.labels("removed").inc(g.removed)
 
 
 class _StateCollector(Collector):

@@ -49,6 +49,7 @@ def build_document() -> dict[str, Any]:
         schemas.EmbeddingList,
         schemas.ModelCard,
         schemas.ModelList,
+        schemas.RetrieveRequest,
         schemas.ErrorResponse,
     ]
     modes = [
@@ -136,6 +137,27 @@ def build_document() -> dict[str, Any]:
                         },
                         **_errors(403, 404, 503),
                     },
+                }
+            },
+            "/v1/retrieve": {
+                "post": {
+                    "summary": "Extension: the passages a grounded answer would be given",
+                    "description": "Ranked by reciprocal rank fusion of BM25 (SQLite FTS5) "
+                    "and embedding similarity, only from collections the caller's role may "
+                    "read (default: all of them); each with its document, version, span, "
+                    "scores and whether it is relevant (its similarity at or above the "
+                    "collection's threshold). Audited: the passages returned are recorded.",
+                    "requestBody": {"required": True, **_body(schemas.RetrieveRequest)},
+                    "responses": {
+                        "200": {"description": "ranked passages"},
+                        **_errors(400, 403, 503),
+                    },
+                }
+            },
+            "/v1/collections": {
+                "get": {
+                    "summary": "Extension: the document collections the caller may read",
+                    "responses": {"200": {"description": "list"}},
                 }
             },
             "/healthz": {

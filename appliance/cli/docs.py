@@ -14,11 +14,13 @@ import psutil
 
 from appliance.cli.common import (
     PATH_SETTINGS,
+    SERVER_SETTINGS,
     audit_store,
     json_option,
     main,
     print_json,
     record_action,
+    server_options,
     settings_options,
 )
 from appliance.config import Settings
@@ -297,3 +299,66 @@ def docs_access(collection: str, roles: tuple[str, ...], settings: Settings, as_
         print_json({"collection": collection, "roles": list(roles) or None})
     else:
         click.echo(f"{collection}: read by {', '.join(roles) or 'every role that may ask'}")
+
+
+@docs_group.command("calibrate")
+@click.argument("collection")
+@click.option(
+    "--suite",
+    "suite_path",
+    required=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="Questions tagged answerable yes/no (expected: a phrase of the passage).",
+)
+@server_options
+@settings_options(SERVER_SETTINGS)
+@json_option
+def docs_calibrate(
+    collection: str,
+    suite_path: Path,
+    token: str | None,
+    url: str | None,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Measure COLLECTION's relevance threshold on a suite through the running appliance
+    (/v1/retrieve), and keep it: below it, a grounded answer says no source was found.
+    Audited."""
+    from appliance.docs import calibrate as cal
+    from appliance.docs.store import DocsError
+    from appliance.evals.client import ApiFailure, connect
+    from appliance.evals.graders import SuiteError
+    from appliance.evals.suite import load_suite
+
+    try:
+        suite = load_suite(suite_path)
+    except SuiteError as exc:
+        raise click.ClickException(str(exc)) from None
+    if suite.kind != "text" or not suite.cases:
+        raise click.ClickException(f"{suite_path}: questions are needed (a text suite)")
+    with audit_store(settings) as audit, _store(settings) as store:
+        try:
+            with connect(settings, f"docs calibrate {collection}", token, url) as client:
+                measured = cal.observe(client, suite, collection)
+        except (ApiFailure, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        chosen, accuracy = cal.threshold(measured)
+        result = {
+            "collection": collection,
+            "suite": str(suite.path),
+            "suite_sha256": suite.sha256,
+            **cal.summary(measured, chosen, accuracy),
+        }
+        record_action(audit, "docs.calibrate", result)
+        try:
+            store.set_min_similarity(collection, chosen)
+        except DocsError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        print_json(result)
+        return
+    click.echo(
+        f"{collection}: min similarity {chosen:.3f}; on {result['cases']} questions "
+        f"{accuracy:.0%} sorted right (answerable kept {result['answerable_kept']}, "
+        f"unanswerable refused {result['unanswerable_refused']}, recall@5 {result['recall_at_k']})"
+    )

@@ -152,6 +152,18 @@ class DocStore:
             )
             self._bump(conn)
 
+    def set_min_similarity(self, name: str, value: float | None) -> None:
+        """The collection's calibrated relevance threshold (None: the setting's)."""
+        with self.engine.begin() as conn:
+            if not conn.execute(
+                select(collections.c.name).where(collections.c.name == name)
+            ).first():
+                raise DocsError(f"no collection {name!r}")
+            conn.execute(
+                update(collections).where(collections.c.name == name).values(min_similarity=value)
+            )
+            self._bump(conn)
+
     def collections(self) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(collections)).mappings().all()
