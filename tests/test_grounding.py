@@ -17,6 +17,8 @@ import httpx
 import pytest
 from openai import OpenAI
 from pdfs import write_pdf
+from playwright.sync_api import Browser, Route
+from test_browser import add_user, sign_in
 
 from appliance.audit.reader import records
 from appliance.audit.store import AuditStore
@@ -91,6 +93,7 @@ def library(
         "clinician": token(state, "nurse", "clinician"),
         "line": token(state, "fitter", "line"),
     }
+    add_user(state, "nurse.eve")
     server = start_server(state)
     yield server, state, work, tokens
     server.stop()
@@ -249,6 +252,39 @@ def test_a_grounded_stream_ends_with_its_sources(
     g = events[-1]["appliance_grounding"]
     (cited,) = g["citations"]
     assert f"[{cited['source']}]" in text and "42 minutes" in cited["text"]
+
+
+def test_the_page_shows_the_sources_and_opens_their_text(
+    library: tuple[Server, Path, Path, dict[str, str]], browser: Browser
+) -> None:
+    server, _, _, _ = library
+    page = browser.new_context().new_page()
+    sent: list[dict[str, Any]] = []
+
+    def short_and_greedy(route: Route) -> None:  # the page's request, made deterministic
+        body = json.loads(route.request.post_data or "{}")
+        sent.append(body)
+        route.continue_(post_data=json.dumps({**body, "max_tokens": 40, "temperature": 0}))
+
+    page.route("**/v1/chat/completions", short_and_greedy)
+    sign_in(page, server, "nurse.eve")
+    page.locator("#sources option[value=protocols]").wait_for(state="attached")
+    assert page.locator("#sources option[value=plant]").count() == 0  # not hers to read
+    page.select_option("#sources", "protocols")
+    page.fill("#question", QUESTION)
+    page.click("#ask")
+    page.locator(".sources").wait_for(timeout=60000)
+    assert sent[-1]["appliance_grounding"] == {"collections": ["protocols"]}
+    answer = page.locator(".message.assistant .content").last.inner_text()
+    assert "[1]" in answer
+    summary = page.locator(".sources summary").first
+    assert summary.inner_text().startswith("[1] Sepsis bundle at Saint Aldric Hospital, version 1")
+    summary.click()
+    assert "42 minutes" in page.locator(".sources .passage").first.inner_text()
+    page.fill("#question", "Who painted the Mona Lisa?")
+    page.click("#ask")
+    page.locator(".no-source").wait_for(timeout=60000)
+    assert page.locator(".no-source").inner_text() == "No source found in protocols."
 
 
 def test_a_changed_document_is_cited_in_its_new_version_only(

@@ -9,6 +9,7 @@
   const idleSeconds = Number(body.dataset.idleSeconds || "900");
   const form = document.getElementById("ask-form");
   const modelSelect = document.getElementById("model");
+  const sourcesSelect = document.getElementById("sources");
   const about = document.getElementById("model-about");
   const question = document.getElementById("question");
   const askButton = document.getElementById("ask");
@@ -93,8 +94,48 @@
     item.append(note);
   }
 
-  function finishAnswer(item, requestId, text, route) {
+  // A grounded answer lists the passages it cites; each opens to the passage's text.
+  function sourcesNote(item, grounding) {
+    const box = document.createElement("div");
+    box.className = "sources";
+    if (grounding.no_source) {
+      const none = document.createElement("p");
+      none.className = "meta no-source";
+      none.textContent = "No source found in " + grounding.collections.join(", ") + ".";
+      box.append(none);
+      item.append(box);
+      return;
+    }
+    const title = document.createElement("p");
+    title.className = "meta";
+    title.textContent = grounding.citations.length ? "Sources cited:" :
+      "Sources given, none cited:";
+    box.append(title);
+    const list = document.createElement("ol");
+    const shown = grounding.citations.length ? grounding.citations : grounding.sources;
+    for (const c of shown) {
+      const entry = document.createElement("li");
+      entry.value = c.source;
+      entry.className = "source";
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = "[" + c.source + "] " + c.document + ", version " + c.version +
+        (c.heading ? " (" + c.heading + ")" : "") +
+        (c.cited_by === "attributed" ? ": attributed, not cited by the model" : "");
+      const passage = document.createElement("blockquote");
+      passage.className = "passage";
+      passage.textContent = c.text;
+      details.append(summary, passage);
+      entry.append(details);
+      list.append(entry);
+    }
+    box.append(list);
+    item.append(box);
+  }
+
+  function finishAnswer(item, requestId, text, route, grounding) {
     if (route) routeNote(item, route);
+    if (grounding) sourcesNote(item, grounding);
     const meta = document.createElement("p");
     meta.className = "meta";
     const cite = document.createElement("span");
@@ -162,13 +203,16 @@
     say(routed ? "Answering… (routed: the answer shows once it is checked)" : "Answering…", "");
     let received = "";
     let route = null;
+    let grounding = null;
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST",
         headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
         // A bounded answer, sampled a little cooler than the API's default.
-        body: JSON.stringify({model: model, messages: history, stream: true,
-                              max_tokens: 512, temperature: 0.7}),
+        body: JSON.stringify(Object.assign(
+          {model: model, messages: history, stream: true, max_tokens: 512, temperature: 0.7},
+          sourcesSelect.value ?
+            {appliance_grounding: {collections: [sourcesSelect.value]}} : {})),
         credentials: "same-origin",
         signal: controller.signal,
       });
@@ -202,6 +246,7 @@
             const parsed = JSON.parse(data);
             if (parsed.error) { throw new Error(parsed.error.message || "generation failed"); }
             if (parsed.appliance_route) route = parsed.appliance_route;
+            if (parsed.appliance_grounding) grounding = parsed.appliance_grounding;
             const delta = parsed.choices && parsed.choices[0] && parsed.choices[0].delta;
             if (delta && delta.content) {
               received += delta.content;
@@ -211,7 +256,7 @@
         }
       }
       history.push({role: "assistant", content: received});
-      finishAnswer(answer, requestId, received, route);
+      finishAnswer(answer, requestId, received, route, grounding);
       say("", "");
     } catch (error) {
       if (error.name === "AbortError") {
@@ -291,6 +336,24 @@
     }
   }
 
+  // The document collections this user may read: an answer can be grounded on one.
+  async function loadCollections() {
+    try {
+      const response = await fetch("/v1/collections", {credentials: "same-origin"});
+      if (!response.ok) return;
+      const data = await response.json();
+      for (const c of data.data) {
+        const option = document.createElement("option");
+        option.value = c.id;
+        option.textContent = "Documents: " + c.id + " (" + c.documents + ")";
+        sourcesSelect.append(option);
+      }
+    } catch (error) {
+      // the picker keeps its one choice: the model's own knowledge
+    }
+  }
+
   resetIdleTimer();
   loadModels();
+  loadCollections();
 })();
