@@ -378,3 +378,12 @@ def test_a_collections_threshold_is_calibrated_on_questions(
     )
     assert body["appliance_grounding"]["no_source"] is True
     assert body["appliance_grounding"]["threshold"] == pytest.approx(chosen, abs=1e-4)
+
+
+def test_the_status_page_lists_the_collections(
+    library: tuple[Server, Path, Path, dict[str, str]],
+) -> None:
+    server, _, _, _ = library
+    page = server.http.get("/status").text
+    assert "<tr><td>plant</td><td>1</td><td>line, admin</td>" in page
+    assert "<tr><td>protocols</td><td>2</td><td>clinician, admin</td>" in page

@@ -159,8 +159,15 @@ def status() -> Response:
             if r == name:
                 counts[outcome] += n
         routes.append({**route.public(), "answers": dict(counts)})
+    from appliance.docs.grounding import get_library
+
+    library = get_library(current_app)
+    index = library.index()
     html = render_template(
         "status.html",
+        collections=library.collections(),
+        passages=len(index) if index is not None else 0,
+        default_similarity=settings.retrieval_min_similarity / 100,
         models=pool.state(),
         routes=routes,
         route_problems=router.table.problems,
