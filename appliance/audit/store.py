@@ -37,7 +37,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
 
 from appliance.audit import crypto
@@ -55,6 +54,7 @@ from appliance.audit.records import (
 from appliance.audit.schema import checkpoints, data_keys, open_engine, records
 from appliance.clock import utc_second
 from appliance.config import Settings
+from appliance.db import upgrade
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 512
@@ -83,28 +83,9 @@ def utc_now() -> str:
 SCHEMA_HEAD = "0001"
 
 
-def schema_versions(engine: Any) -> set[str]:
-    """The versions Alembic recorded in the database (none for a new one)."""
-    with engine.connect() as conn:
-        try:
-            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-        except OperationalError:  # a new database: no table yet
-            return set()
-    return {str(row[0]) for row in rows}
-
-
 def migrate(engine: Any) -> None:
     """Bring the schema to the newest version (Alembic); an upgrade keeps every row."""
-    if schema_versions(engine) == {SCHEMA_HEAD}:
-        return
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    upgrade(engine, Path(__file__).parent / "migrations", SCHEMA_HEAD)
 
 
 COLUMNS = (*FIELDS, "hash")

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.exc import OperationalError
 
 from appliance.audit import crypto
-from appliance.db import open_engine
+from appliance.db import open_engine, upgrade
 from appliance.docs.chunk import Passage, chunk
 from appliance.docs.extract import Extracted, extract
 from appliance.docs.schema import collections, documents, keys, meta, passages
@@ -81,21 +80,7 @@ class Added:
 
 
 def migrate(engine: Engine) -> None:
-    with engine.connect() as conn:
-        try:
-            rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-        except OperationalError:
-            rows = []
-    if {str(r[0]) for r in rows} == {SCHEMA_HEAD}:
-        return
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    upgrade(engine, Path(__file__).parent / "migrations", SCHEMA_HEAD)
 
 
 class DocStore:
