@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import os
 import select
@@ -52,6 +53,27 @@ def bind_address(host: str, port: int) -> str:
     except ValueError:
         pass
     return f"{host}:{port}"
+
+
+stop_log = logging.getLogger("appliance.stop")
+
+
+def requests_in_flight(worker: Any) -> int:
+    """Connections whose request is being answered (not idle kept-alive or pending)."""
+    busy = getattr(worker, "nr_conns", 0)
+    idle = len(getattr(worker, "keepalived_conns", ())) + len(getattr(worker, "pending_conns", ()))
+    return max(0, busy - idle)
+
+
+def last_checkpoint(settings: Settings) -> dict[str, Any]:
+    """The audit log's last signed checkpoint, as the log line of its seal says it."""
+    try:
+        with settings.checkpoint_path.open("rb") as fh:
+            lines = fh.read().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {"checkpoint": None}
+    return {"records": last.get("size"), "head": last.get("head"), "signed_at": last.get("ts")}
 
 
 def base_url(settings: Settings) -> str:
@@ -278,6 +300,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         self.settings = settings
         self.app_factory = app_factory
         self._watchdog: systemd.Watchdog | None = None
+        self._stop_started: float | None = None  # when SIGTERM came
         super().__init__()
 
     def load_config(self) -> None:
@@ -327,6 +350,15 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
 
         def stopping(signum: int, frame: Any) -> None:
             systemd.notify("STOPPING=1")
+            self._stop_started = time.monotonic()
+            stop_log.info(
+                "stopping: finishing the requests in flight",
+                extra={
+                    "signal": signal.Signals(signum).name,
+                    "in_flight": requests_in_flight(worker),
+                    "grace_seconds": self.settings.shutdown_grace,
+                },
+            )
             if callable(previous):
                 previous(signum, frame)
 
@@ -346,8 +378,17 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
 
         if self._watchdog is not None:
             self._watchdog.stop()
+        if self._stop_started is not None:
+            stop_log.info(
+                "drained",
+                extra={
+                    "waited_seconds": round(time.monotonic() - self._stop_started, 3),
+                    "cut_off": requests_in_flight(worker),
+                },
+            )
         if getattr(worker, "wsgi", None) is not None:
             close_app(worker.wsgi)  # the audit log seals a last checkpoint
+            stop_log.info("audit log sealed", extra=last_checkpoint(self.settings))
 
     def load(self) -> Flask:
         setup_logging(self.settings.log_level)

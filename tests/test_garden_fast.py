@@ -24,6 +24,7 @@ from appliance.audit.reader import records
 from appliance.audit.store import AuditStore, AuditUnavailable
 from appliance.config import Settings
 from appliance.context import RequestContext
+from appliance.engines.base import Generation, SamplingParams
 from appliance.inference import get_pipeline
 from appliance.inference.pipeline import ChatAsk
 from appliance.problems import Unavailable
@@ -38,7 +39,7 @@ from appliance.serving.pool import (
 )
 from appliance.serving.scheduler import ModelScheduler, QueueFull
 
-from fakes import FakeLoader, file_sha256, garden
+from fakes import FakeChatEngine, FakeLoader, file_sha256, garden
 from helpers import admin_token
 
 CHAT = {"kind": "chat"}
@@ -615,7 +616,7 @@ def test_a_stream_refused_after_its_record_was_queued_gets_its_outcome(
     app, _ = slow_app
 
     def full(self: ModelScheduler, generation: Any) -> Any:
-        raise QueueFull(self.name, 0, 7)
+        raise QueueFull(self.name, 0, 7, 2, 7)
 
     monkeypatch.setattr(ModelScheduler, "submit", full)
     resp, chunks = stream_lines(client_of(app), "a")
@@ -852,3 +853,18 @@ def test_an_idle_specialist_and_its_base_make_room_together(tmp_path: Path) -> N
         held.release()
     finally:
         pool.close()
+
+
+def test_the_queue_full_message_names_the_setting_not_the_count() -> None:
+    """It printed the requests waiting twice, once as 'queue_depth'."""
+    engine = FakeChatEngine(on_close=lambda: None, slots=2)
+    scheduler = ModelScheduler("talk", engine, queue_depth=3)  # not started: nothing runs
+    for _ in range(5):
+        scheduler.submit(Generation([1], SamplingParams(max_tokens=1)))
+    with pytest.raises(QueueFull) as refused:
+        scheduler.submit(Generation([1], SamplingParams(max_tokens=1)))
+    message = str(refused.value)
+    assert "5 request(s) already waiting for its 2 slot(s) (queue_depth 3)" in message
+    scheduler.stop(0)
+    with pytest.raises(Unavailable, match="stopping with the appliance"):
+        scheduler.submit(Generation([1], SamplingParams(max_tokens=1)))

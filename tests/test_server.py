@@ -331,6 +331,15 @@ def test_past_the_grace_period_the_stream_is_cut_and_the_process_exits_0(
     assert server.proc.wait(30) == 0
     report = json.loads(run_cli("audit", "verify", "--json", state=state_dir).stdout)
     assert report["ok"] and not report["incomplete"], report
+    # The stop is told: what was in flight, how long it waited, the audit log's seal.
+    said = {r["msg"]: r for r in server.log_records() if r.get("logger") == "appliance.stop"}
+    assert said["stopping: finishing the requests in flight"]["in_flight"] == 1
+    assert said["stopping: finishing the requests in flight"]["grace_seconds"] == 1
+    drained = said["drained"]
+    assert 1 <= drained["waited_seconds"] < 10 and drained["cut_off"] == 1
+    sealed = said["audit log sealed"]
+    checkpoints = (state_dir / "audit" / "checkpoints.jsonl").read_text().splitlines()
+    assert sealed["records"] == json.loads(checkpoints[-1])["size"] > 0
 
 
 def test_sighup_stops_gracefully(server_factory: ServerFactory, state_dir: Path) -> None:

@@ -27,14 +27,23 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Unavailable):
-    def __init__(self, model: str, depth: int, retry_after: int) -> None:
+    def __init__(self, model: str, waiting: int, depth: int, slots: int, retry_after: int) -> None:
         super().__init__(
-            f"model {model!r} is busy: {depth} request(s) already waiting "
-            f"(queue_depth {depth}); retry in {retry_after} s",
+            f"model {model!r} is busy: {waiting} request(s) already waiting for its "
+            f"{slots} slot(s) (queue_depth {depth}); retry in {retry_after} s",
             code="queue_full",
             retry_after=retry_after,
         )
-        self.depth = depth
+        self.waiting, self.depth = waiting, depth
+
+
+class Stopping(Unavailable):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} is stopping with the appliance; retry in a few seconds",
+            code="stopping",
+            retry_after=5,
+        )
 
 
 @dataclass
@@ -88,9 +97,15 @@ class ModelScheduler:
         job = Job(generation)
         with self._cond:
             if self._stopping:
-                raise QueueFull(self.name, len(self._waiting), 5)
+                raise Stopping(self.name)
             if self._running + len(self._waiting) >= self.slots + self.queue_depth:
-                raise QueueFull(self.name, len(self._waiting), self._retry_after())
+                raise QueueFull(
+                    self.name,
+                    len(self._waiting),
+                    self.queue_depth,
+                    self.slots,
+                    self._retry_after(),
+                )
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -134,7 +149,8 @@ class ModelScheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _admit(self) -> list[Job] | None:
         """Waiting jobs for the free slots (oldest first); waits while there is nothing
@@ -213,7 +229,8 @@ class Admission:
     def __enter__(self) -> Admission:
         with self._lock:
             if self._inside >= self.slots + self.depth:
-                raise QueueFull(self.name, self.depth, 1)
+                waiting = self._inside - min(self._inside, self.slots)
+                raise QueueFull(self.name, waiting, self.depth, self.slots, 1)
             self._inside += 1
         self._running.acquire()
         return self
