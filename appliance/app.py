@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 
 from appliance import __version__, deadline, inference, reqlog, routing, serving, web
-from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, trail
+from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, tokens, trail
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
 from appliance.auth import guard
@@ -52,6 +52,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
         health.bp,
         openapi.bp,
         openai.bp,
+        tokens.bp,
         kserve.bp,
         metrics.bp,
         admin.bp,

@@ -337,3 +337,28 @@ def test_stop_strings_are_bounded(client: FlaskClient, model_name: str) -> None:
     single = chat(client, model_name, max_tokens=2, stop="y" * 300)
     assert single.status_code == 400 and single.get_json()["error"]["param"] == "stop"
     assert chat(client, model_name, max_tokens=2, stop=["z" * 256]).status_code == 200
+
+
+def test_tokenize_round_trips_and_counts_a_chat_as_usage_does(
+    client: FlaskClient, model_name: str
+) -> None:
+    text = "Give 30 ml/kg of crystalloid — in the first three hours."
+    tokens = client.post("/tokenize", json={"model": model_name, "content": text}).get_json()
+    assert tokens["count"] == len(tokens["tokens"]) > 5
+    back = client.post("/detokenize", json={"model": model_name, "tokens": tokens["tokens"]})
+    assert back.get_json()["content"].strip() == text
+    pieces = client.post("/tokenize", json={"content": text, "with_pieces": True}).get_json()
+    assert pieces["model"] == model_name  # the default model when none is named
+    assert "".join(t["piece"] for t in pieces["tokens"]).strip() == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    counted = client.post("/tokenize", json={"model": model_name, "messages": messages})
+    answer = chat(client, model_name, messages=messages, max_tokens=2).get_json()
+    assert counted.get_json()["count"] == answer["usage"]["prompt_tokens"]
+
+
+def test_tokenize_refusals_name_the_problem(client: FlaskClient, model_name: str) -> None:
+    assert_error(client.post("/tokenize", json={"model": model_name}), 400, "content", "content")
+    bad = client.post("/detokenize", json={"model": model_name, "tokens": [1, 10**7]})
+    assert_error(bad, 400, "tokens", "tokens[1] is 10000000", "token ids run from 0 to")
+    unknown = client.post("/tokenize", json={"model": "no-such", "content": "a"})
+    assert unknown.status_code == 404

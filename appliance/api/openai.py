@@ -21,6 +21,7 @@ from appliance.api.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -77,8 +78,13 @@ def _common_unsupported(
 
 
 def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    return plain_messages(req.messages)
+
+
+def plain_messages(given: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as a chat template reads them: text content, developer as system."""
     messages = []
-    for m in req.messages:
+    for m in given:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return messages

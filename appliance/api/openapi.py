@@ -50,6 +50,8 @@ def build_document() -> dict[str, Any]:
         schemas.ModelCard,
         schemas.ModelList,
         schemas.RetrieveRequest,
+        schemas.TokenizeRequest,
+        schemas.DetokenizeRequest,
         schemas.ErrorResponse,
     ]
     modes = [
@@ -158,6 +160,22 @@ def build_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Extension: the document collections the caller may read",
                     "responses": {"200": {"description": "list"}},
+                }
+            },
+            "/tokenize": {
+                "post": {
+                    "summary": "Token ids of text, or of a chat as the model's template makes it",
+                    "description": "As llama-server's: count a prompt before sending it. With "
+                    "messages, the count equals the answer's usage.prompt_tokens.",
+                    "requestBody": {"required": True, **_body(schemas.TokenizeRequest)},
+                    "responses": {"200": {"description": "tokens"}, **_errors(400, 404, 503)},
+                }
+            },
+            "/detokenize": {
+                "post": {
+                    "summary": "The text of token ids",
+                    "requestBody": {"required": True, **_body(schemas.DetokenizeRequest)},
+                    "responses": {"200": {"description": "content"}, **_errors(400, 404, 503)},
                 }
             },
             "/healthz": {

@@ -56,6 +56,20 @@ class GroundingRequest(_Strict):
     top_k: int = Field(default=3, ge=1, le=20, description="Passages given as sources.")
 
 
+class TokenizeRequest(_Strict):
+    model: str | None = Field(default=None, description="A chat model (default: the default).")
+    content: str | None = Field(default=None, max_length=1_000_000, description="Text.")
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="A chat, counted through its template."
+    )
+    with_pieces: bool = Field(default=False, description="Each token's text too.")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 class RetrieveRequest(_Strict):
     query: str = Field(min_length=1, max_length=4096)
     collections: list[str] | None = Field(default=None, min_length=1)

@@ -28,6 +28,8 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "openai.list_models": INFERENCE,
     "openai.get_model": INFERENCE,
     "openai.retrieve": INFERENCE,
+    "tokens.tokenize": INFERENCE,
+    "tokens.detokenize": INFERENCE,
     "openai.list_collections": INFERENCE,
     "kserve.server_metadata": TENSORS,
     "kserve.live": PUBLIC,

@@ -276,6 +276,26 @@ class LlamaEngine:
         )
         return tokens
 
+    def detokenize(self, tokens: list[int]) -> tuple[str, list[str]]:
+        """The text of token ids, and each token's piece (a piece that splits a UTF-8
+        character shows its bytes escaped). Reads the vocabulary only."""
+        for i, token in enumerate(tokens):
+            if not 0 <= token < self._n_vocab:
+                raise PromptError(
+                    f"tokens[{i}] is {token}; token ids run from 0 to {self._n_vocab - 1}",
+                    param="tokens",
+                )
+        buffer = ctypes.create_string_buffer(64)
+        pieces = []
+        for token in tokens:
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+            if n < 0:
+                buffer = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, True)
+            pieces.append(buffer.raw[:n])
+        text = b"".join(pieces).decode("utf-8", errors="replace")
+        return text, [p.decode("utf-8", errors="backslashreplace") for p in pieces]
+
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
         """GBNF for a JSON object, or for JSON matching ``schema``; checked to compile."""
         if schema is None:
