@@ -230,6 +230,10 @@ class Settings:
     rate_limit_per_minute: int = _setting(
         600, "Requests per minute per token or user; beyond it: 429. 0: no limit.", minimum=0
     )
+    answer_caution: str = _setting(
+        "Answers come from a language model and can be wrong: check them before you act on them.",
+        "The caution the clinicians' page shows when it opens and under every answer.",
+    )
     retrieval_min_similarity: int = _setting(
         30,
         "Grounded answers: the least cosine similarity (in hundredths) of a passage to the "

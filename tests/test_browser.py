@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route
 
 from appliance.auth.store import AuthStore
-from appliance.config import load_settings
+from appliance.config import Settings, load_settings
 
 from helpers import (
     REPO,
@@ -188,7 +189,7 @@ def test_keyboard_only(browser: Browser, web: Server) -> None:
     page.wait_for_selector(".audit-id", timeout=60000)
     labels = page.evaluate("""() => [...document.querySelectorAll('select, textarea')]
         .map(e => !!document.querySelector(`label[for="${e.id}"]`))""")
-    assert labels == [True, True]
+    assert labels == [True, True, True]  # model, sources, question: each labelled
     assert page.get_attribute("#conversation", "aria-live") == "polite"
     shot(page, "05-keyboard")
     context.close()
@@ -286,10 +287,57 @@ def test_status_page_for_it(browser: Browser, web: Server) -> None:
     rows = {r.split("\t")[0]: r for r in page.inner_text("table tbody").splitlines()}
     assert "unloaded" in rows["minilm-l6-v2"]  # nobody asked it anything
     shot(page, "09-status")
+    # The same header as the questions page: who, sign-out, and the way back.
+    assert "it.admin" in page.inner_text("#user") and page.locator("#signout").count() == 1
+    page.click("#nav-ask")
+    page.wait_for_url(f"{web.url}/")
+    page.click("#nav-status")
+    page.wait_for_url(f"{web.url}/status")
     clinician = browser.new_context().new_page()
     sign_in(clinician, web, "nurse.ana")
-    assert clinician.goto(f"{web.url}/status").status == 403
+    assert clinician.locator("#nav-status").count() == 0  # IT's page is not offered
+    refused = clinician.goto(f"{web.url}/status")
+    assert refused is not None and refused.status == 403
+    assert clinician.inner_text("h1") == "This page is for IT"
+    assert "nurse.ana: role clinician may not use /status" in clinician.inner_text("#forbidden")
+    assert "administrators" in clinician.inner_text("#forbidden")
+    assert clinician.locator("#signout").count() == 1
     context.close()
+
+
+def test_the_caution_and_the_icon(browser: Browser, web: Server) -> None:
+    """The caution shows when the page opens and under every answer; the icon is the
+    appliance's own (no 404 in the console)."""
+    page = browser.new_context().new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    sign_in(page, web, "nurse.cy")
+    wording = Settings.__dataclass_fields__["answer_caution"].default
+    assert page.inner_text("#caution-text") == wording
+    assert page.is_visible("#caution")
+    page.click("#caution-ok")
+    assert not page.is_visible("#caution")
+    page.fill("#question", "Say hello.")
+    page.click("#ask")
+    page.locator(".audit-id").wait_for(timeout=60000)
+    assert page.inner_text(".message.assistant .caution-note") == wording
+    assert problems == []
+    href = page.get_attribute("link[rel=icon]", "href")
+    assert href == "/favicon.ico"
+    icon = page.request.get(f"{web.url}{href}")  # as the browser would, with its session
+    assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert httpx.get(f"{web.url}/favicon.ico").status_code == 200  # no session needed
+
+
+def test_the_caution_is_the_sites_wording(
+    browser: Browser, server_factory: ServerFactory, tmp_path: Path, model_file: Path
+) -> None:
+    state = make_state(tmp_path / "state", model_file)
+    add_user(state, "nurse.fay")
+    server = server_factory(state, "--answer-caution", "Check with the ward pharmacist.")
+    page = browser.new_context().new_page()
+    sign_in(page, server, "nurse.fay")
+    assert page.inner_text("#caution-text") == "Check with the ward pharmacist."
 
 
 def test_busy_state_says_when_to_retry(

@@ -289,6 +289,11 @@ def init_app(app: Flask, settings: Settings, store: AuthStore, secure_cookies: b
         if endpoint is None:
             return None  # no such route: routing answers 404 to a known caller
         if not allowed(endpoint, principal.role):
+            if is_browser_route(endpoint) and request.method in SAFE_METHODS:
+                from appliance.web import forbidden_page
+
+                ctx.note_error("forbidden")
+                return forbidden_page(request.path)
             raise refusal(
                 403,
                 f"role {principal.role!r} may not use {request.method} {request.path}",

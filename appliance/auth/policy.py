@@ -17,6 +17,7 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "health.readyz": PUBLIC,
     "openapi.openapi_json": PUBLIC,
     "web.static": PUBLIC,
+    "web.favicon": PUBLIC,
     "web.login_page": PUBLIC,
     "web.login": PUBLIC,
     "web.logout": SIGNED_IN,

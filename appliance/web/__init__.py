@@ -124,18 +124,47 @@ def logout() -> BaseResponse:
 
 @bp.get("/")
 def home() -> Response:
-    ctx = context.current()
-    principal, cookie = ctx.principal, ctx.session_cookie
-    assert principal is not None  # the gate lets no one in without
+    assert context.current().principal is not None  # the gate lets no one in without
     settings = current_app.config["APPLIANCE_SETTINGS"]
     html = render_template(
         "home.html",
-        user=principal.name,
-        role=principal.role,
-        csrf=csrf_token(cookie) if cookie else "",
+        **signed_in(),
         idle_seconds=settings.session_idle_minutes * 60,
+        caution=settings.answer_caution,
     )
     return make_response(html)
+
+
+def signed_in() -> dict[str, str]:
+    """Who is signed in, for the header every page shows (name, role, sign-out)."""
+    ctx = context.current()
+    principal, cookie = ctx.principal, ctx.session_cookie
+    if principal is None:
+        return {}
+    return {
+        "user": principal.name,
+        "role": principal.role,
+        "csrf": csrf_token(cookie) if cookie else "",
+    }
+
+
+def forbidden_page(page: str) -> Response:
+    """A signed-in person who may not open a page gets a page saying so, not JSON."""
+    if page == "/status":
+        heading, who_for = "This page is for IT", "It is for the appliance's administrators."
+    else:
+        heading, who_for = "This page is not for this account", "It is for other roles."
+    html = render_template(
+        "forbidden.html", page=page, heading=heading, who_for=who_for, **signed_in()
+    )
+    return make_response(html, 403)
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    resp = bp.send_static_file("favicon.svg")
+    resp.headers["Content-Type"] = "image/svg+xml"
+    return resp
 
 
 @bp.get("/status")
@@ -165,6 +194,7 @@ def status() -> Response:
     index = library.index()
     html = render_template(
         "status.html",
+        **signed_in(),
         collections=library.collections(),
         passages=len(index) if index is not None else 0,
         default_similarity=settings.retrieval_min_similarity / 100,

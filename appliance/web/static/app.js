@@ -6,6 +6,7 @@
 (function () {
   const body = document.body;
   const csrf = body.dataset.csrf;
+  const caution = body.dataset.caution || "";
   const idleSeconds = Number(body.dataset.idleSeconds || "900");
   const form = document.getElementById("ask-form");
   const modelSelect = document.getElementById("model");
@@ -136,6 +137,10 @@
   function finishAnswer(item, requestId, text, route, grounding) {
     if (route) routeNote(item, route);
     if (grounding) sourcesNote(item, grounding);
+    const small = document.createElement("p");
+    small.className = "meta caution-note";
+    small.textContent = caution;
+    item.append(small);
     const meta = document.createElement("p");
     meta.className = "meta";
     const cite = document.createElement("span");
@@ -352,6 +357,13 @@
       // the picker keeps its one choice: the model's own knowledge
     }
   }
+
+  // The caution shows when the page opens, until it is acknowledged (this page only:
+  // nothing is stored); every answer carries it in small print.
+  document.getElementById("caution-ok").addEventListener("click", function () {
+    document.getElementById("caution").hidden = true;
+    question.focus();
+  });
 
   resetIdleTimer();
   loadModels();
