@@ -83,6 +83,21 @@ ensure_egress_tools() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace iproute2
 }
 
+# tests/test_observability.py checks deploy/prometheus's alerting rules with promtool
+# (Debian's prometheus package ships it).
+ensure_promtool() {
+    if command -v promtool >/dev/null; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+    else
+        echo "the observability test needs promtool: sudo apt-get install -y prometheus" >&2
+        exit 1
+    fi
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
