@@ -43,8 +43,8 @@ class Settings:
     port: int = _setting(8080, "TCP port to listen on.", minimum=0)
     state_dir: Path = _setting(
         _default_state_dir(),
-        "Directory for the appliance's state: models, imported manifests, hash cache "
-        "(later the audit database and keys).",
+        "Directory for the appliance's state: models, imported manifests, the audit log "
+        "and its keys, the auth and documents databases, routes, served names, evals.",
     )
     model_dir: Path | None = _setting(
         None, "Directory holding model files; default: STATE_DIR/models."

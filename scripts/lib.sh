@@ -115,10 +115,15 @@ ensure_llama_wheel() {
     wheel=$(ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$wheel" ]; then
         echo "building llama-cpp-python $LLAMA_CPP_VERSION for every x86-64 CPU (once, ~8 min on 2 cores)" >&2
+        echo "  (compiling llama.cpp's CPU kernels for each CPU generation; its progress follows)" >&2
         mkdir -p "$dir.tmp"
-        CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip wheel \
-            --quiet --disable-pip-version-check --no-cache-dir --no-deps \
-            --no-binary llama-cpp-python -w "$dir.tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        # -v: CMake's [ n%] lines show the compile going, not minutes of silence;
+        # only those lines, so that the log stays readable.
+        CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip wheel -v \
+            --disable-pip-version-check --no-cache-dir --no-deps \
+            --no-binary llama-cpp-python -w "$dir.tmp" "llama-cpp-python==$LLAMA_CPP_VERSION" 2>&1 \
+            | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
+        ls "$dir.tmp"/llama_cpp_python-*.whl >/dev/null  # the build made its wheel (or stop here)
         rm -rf "$dir" && mv "$dir.tmp" "$dir"
         wheel=$(ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
     fi
