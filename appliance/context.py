@@ -74,6 +74,7 @@ class RequestContext:
     grounding: Grounding | None = None
     lease: Lease | None = None
     usage: Usage = field(default_factory=Usage)
+    first_token_at: float | None = None  # perf_counter of the answer's first token
     client_disconnected: bool = False
     # A stream that began (with keep-alive comments) before its model had loaded: its
     # outcome, or the problem that ended it, is known only when the stream ends.

@@ -161,44 +161,55 @@ def test_alerts_fire_on_their_series(tmp_path: Path) -> None:
     # alert -> (its series when healthy, when broken; the labels it fires with)
     cases: dict[str, tuple[dict[str, str], dict[str, str], dict[str, str]]] = {
         "ApplianceDown": (
-            {_series("up", INSTANCE): "1x30"},
-            {_series("up", INSTANCE): "0x30"},
+            {_series("up", INSTANCE): "1x90"},
+            {_series("up", INSTANCE): "0x90"},
             INSTANCE,
         ),
         "ApplianceAuditLogNotWritable": (
-            {_series("appliance_audit_writable", INSTANCE): "1x30"},
-            {_series("appliance_audit_writable", INSTANCE): "0x30"},
+            {_series("appliance_audit_writable", INSTANCE): "1x90"},
+            {_series("appliance_audit_writable", INSTANCE): "0x90"},
             INSTANCE,
         ),
         "ApplianceModelRefused": (
-            {_series("appliance_model_state", MODEL | {"kind": "chat", "state": "ready"}): "1x30"},
-            {_series("appliance_model_state", refused): "1x30"},
+            {_series("appliance_model_state", MODEL | {"kind": "chat", "state": "ready"}): "1x90"},
+            {_series("appliance_model_state", refused): "1x90"},
             refused,
         ),
         "ApplianceQueueSaturated": (
-            {_series("appliance_queue_depth", MODEL): "2x30"},
-            {_series("appliance_queue_depth", MODEL): "7x30"},
+            {
+                _series("appliance_queue_depth", MODEL): "2x90",
+                _series("appliance_queue_capacity", MODEL): "8x90",
+            },
+            {
+                _series("appliance_queue_depth", MODEL): "7x90",
+                _series("appliance_queue_capacity", MODEL): "8x90",
+            },
             MODEL,
+        ),
+        "ApplianceCertificateExpiresSoon": (
+            {_series("appliance_tls_certificate_expiry_timestamp_seconds", INSTANCE): "1e9x90"},
+            {_series("appliance_tls_certificate_expiry_timestamp_seconds", INSTANCE): "86400x90"},
+            INSTANCE,
         ),
         "ApplianceMachineMemoryLow": (
             {
-                _series("appliance_system_memory_available_bytes", INSTANCE): "8e9x30",
-                _series("appliance_system_memory_total_bytes", INSTANCE): "16e9x30",
+                _series("appliance_system_memory_available_bytes", INSTANCE): "8e9x90",
+                _series("appliance_system_memory_total_bytes", INSTANCE): "16e9x90",
             },
             {
-                _series("appliance_system_memory_available_bytes", INSTANCE): "1e9x30",
-                _series("appliance_system_memory_total_bytes", INSTANCE): "16e9x30",
+                _series("appliance_system_memory_available_bytes", INSTANCE): "1e9x90",
+                _series("appliance_system_memory_total_bytes", INSTANCE): "16e9x90",
             },
             INSTANCE,
         ),
         "ApplianceModelsBudgetFull": (
             {
-                _series("appliance_models_budget_used_bytes", INSTANCE): "4e9x30",
-                _series("appliance_models_budget_bytes", INSTANCE): "8e9x30",
+                _series("appliance_models_budget_used_bytes", INSTANCE): "4e9x90",
+                _series("appliance_models_budget_bytes", INSTANCE): "8e9x90",
             },
             {
-                _series("appliance_models_budget_used_bytes", INSTANCE): "7.9e9x30",
-                _series("appliance_models_budget_bytes", INSTANCE): "8e9x30",
+                _series("appliance_models_budget_used_bytes", INSTANCE): "7.9e9x90",
+                _series("appliance_models_budget_bytes", INSTANCE): "8e9x90",
             },
             INSTANCE,
         ),
@@ -253,7 +264,9 @@ def test_dashboard_and_alerts_name_only_exported_metrics(scrape: str) -> None:
 
     dashboard, rules = load_dashboard(), load_rules()
     used = dashboard_exprs(dashboard) | alert_exprs(rules)
-    assert unknown_metrics(used, exported) == {}
+    # Exported only when the appliance speaks TLS (tests/test_tls.py scrapes it there).
+    tls_only = {"appliance_tls_certificate_expiry_timestamp_seconds"}
+    assert unknown_metrics(used, exported | tls_only) == {}
     # Each expression names at least one of the appliance's metrics (the parse found it),
     # but the bare `up` that Prometheus makes itself.
     assert all(metric_names(e) for w, e in used.items() if w != "ApplianceDown")
@@ -264,20 +277,20 @@ def test_dashboard_and_alerts_name_only_exported_metrics(scrape: str) -> None:
     target = bad["panels"][-1]["targets"][0]
     target["expr"] = (
         "histogram_quantile(0.5, sum by (le) (rate("
-        'appliance_time_to_first_token_seconds_bucket{instance=~"$instance"}[5m])))'
+        'appliance_made_up_seconds_bucket{instance=~"$instance"}[5m])))'
         " + appliance_request_seconds + rate(appliance_tokens_generated[5m])"
     )
     found = unknown_metrics(dashboard_exprs(bad), exported)
     assert found == {
         f"{bad['panels'][-1]['title']} / {target['refId']}": {
-            "appliance_time_to_first_token_seconds_bucket",
+            "appliance_made_up_seconds_bucket",
             "appliance_request_seconds",
             "appliance_tokens_generated",
         }
     }
     bad_rules = copy.deepcopy(rules)
     bad_rules["groups"][0]["rules"][0]["expr"] = "appliance_certificate_expiry_seconds < 86400"
-    assert unknown_metrics(alert_exprs(bad_rules), exported) == {
+    assert unknown_metrics(alert_exprs(bad_rules), exported | tls_only) == {
         bad_rules["groups"][0]["rules"][0]["alert"]: {"appliance_certificate_expiry_seconds"}
     }
 
@@ -344,3 +357,21 @@ def test_dashboard_shape() -> None:
         "Grounded answers and citations",
         "Model state",
     } <= titles
+
+
+def test_first_token_audit_wait_and_queue_capacity_are_measured(
+    scrape: str, model_name: str
+) -> None:
+    """What IT watches beside the request counts: time to first token per model, the
+    time requests wait on the audit log, and each model's configured queue."""
+
+    def value(series: str) -> float:
+        for line in scrape.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{series} not in the scrape")
+
+    assert value(f'appliance_time_to_first_token_seconds_count{{model="{model_name}"}}') >= 1
+    assert value(f'appliance_time_to_first_token_seconds_sum{{model="{model_name}"}}') > 0
+    assert value("appliance_audit_wait_seconds_count") >= 1
+    assert value(f'appliance_queue_capacity{{model="{model_name}"}}') == 4  # --queue-depth 4

@@ -56,6 +56,14 @@ def test_tls_init_and_real_clients_verify_against_the_ca(
         model=model_name, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
     )
     assert answer.choices[0].message.content is not None
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+        metrics = client.get(f"{server.url}/metrics").text
+    expiry = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("appliance_tls_certificate_expiry_timestamp_seconds ")
+    )
+    assert expiry == cert.not_valid_after_utc.timestamp()  # for the alert on expiry
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{server.url}/healthz")  # without the site's CA: refused
     with pytest.raises(httpx.RemoteProtocolError):

@@ -68,6 +68,19 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.first_token = Histogram(
+            "appliance_time_to_first_token_seconds",
+            "From a language-model request's arrival to its first answer token.",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.audit_wait = Histogram(
+            "appliance_audit_wait_seconds",
+            "Time a request waited on the audit log (its records made durable).",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
         self.grounded = Counter(
             "appliance_grounded_answers_total",
             "Grounded answers: sourced (given passages) or no_source (nothing relevant).",
@@ -91,12 +104,44 @@ class Metrics:
         self.latency.labels(route).observe(seconds)
         if ctx.usage.completion_tokens:
             self.tokens.labels(model).inc(ctx.usage.completion_tokens)
+        if ctx.first_token_at is not None:
+            self.first_token.labels(model).observe(ctx.first_token_at - ctx.started)
+        if ctx.audit_ms:
+            self.audit_wait.observe(ctx.audit_ms / 1000)
         g = ctx.grounding
         if g is not None:
             self.grounded.labels("no_source" if g.no_source else "sourced").inc()
             self.citations.labels("model").inc(len(g.cited) - len(g.attributed))
             self.citations.labels("attributed").inc(len(g.attributed))
             self.citations.labels("removed").inc(g.removed)
+
+
+_EXPIRY: dict[str, tuple[float, float | None]] = {}  # cert path -> (mtime, expiry)
+
+
+def certificate_expiry(app: Flask) -> float | None:
+    """The TLS certificate's not-after time, read again only when the file changes."""
+    from appliance.tls import tls_enabled
+
+    settings = app.config["APPLIANCE_SETTINGS"]
+    if not tls_enabled(settings):
+        return None
+    path = settings.tls_cert_path
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    cached = _EXPIRY.get(str(path))
+    if cached is None or cached[0] != mtime:
+        from cryptography import x509
+
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            expiry: float | None = cert.not_valid_after_utc.timestamp()
+        except (OSError, ValueError):
+            expiry = None
+        cached = _EXPIRY[str(path)] = (mtime, expiry)
+    return cached[1]
 
 
 class _StateCollector(Collector):
@@ -155,6 +200,11 @@ class _StateCollector(Collector):
         slots = GaugeMetricFamily(
             "appliance_slots", "Requests a model may run at once.", labels=["model"]
         )
+        capacity = GaugeMetricFamily(
+            "appliance_queue_capacity",
+            "Requests that may wait for a model's slots (its queue_depth); past it, 503.",
+            labels=["model"],
+        )
         steps = CounterMetricFamily(
             "appliance_batch_steps",
             "Batch steps of a language model (one llama_decode each).",
@@ -193,11 +243,20 @@ class _StateCollector(Collector):
                 queued.add_metric([row["name"]], float(row["queued"]))
                 busy.add_metric([row["name"]], float(row["running"]))
                 slots.add_metric([row["name"]], float(row["slots"]))
+                capacity.add_metric([row["name"]], float(row["queue_depth"]))
             if loaded and "steps" in row:
                 steps.add_metric([row["name"]], float(row["steps"]))
                 batch_tokens.add_metric([row["name"]], float(row["batch_tokens"]))
                 batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
-        yield from (queued, busy, slots, steps, batch_tokens, batch_sequences, state, kernels)
+        yield from (queued, busy, slots, capacity, steps, batch_tokens, batch_sequences)
+        yield from (state, kernels)
+        expiry = certificate_expiry(self.app)
+        if expiry is not None:
+            yield GaugeMetricFamily(
+                "appliance_tls_certificate_expiry_timestamp_seconds",
+                "When the server's TLS certificate expires (Unix time).",
+                value=expiry,
+            )
         yield from (states, memory, loads, unloads)
         yield self._routes()
         budget = pool.budget_state()

@@ -23,6 +23,7 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "web.logout": SIGNED_IN,
     "web.home": WEB,
     "web.status": ADMIN,
+    "web.api_reference": SIGNED_IN,
     "openai.chat_completions": INFERENCE,
     "openai.completions": INFERENCE,
     "openai.embeddings": INFERENCE,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -443,6 +444,8 @@ class ChatRun:
             except queue.Empty:
                 yield None
                 continue
+            if isinstance(event, TextDelta) and self.ctx.first_token_at is None:
+                self.ctx.first_token_at = time.perf_counter()
             if self.citations is not None:
                 if isinstance(event, TextDelta):
                     text = self.citations.feed(event.text)

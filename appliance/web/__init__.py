@@ -206,3 +206,13 @@ def status() -> Response:
         audit={"writable": store.healthy, "error": store.last_error},
     )
     return make_response(html)
+
+
+@bp.get("/api")
+def api_reference() -> Response:
+    """The API reference, rendered on the server from the /openapi.json document: it
+    reads without scripts, and its assets are this blueprint's own."""
+    from appliance.api.openapi import build_document, reference
+
+    html = render_template("api.html", **signed_in(), **reference(build_document()))
+    return make_response(html)
