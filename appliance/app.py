@@ -62,6 +62,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     deadline.init_app(app, settings.client_timeout)
+    app.extensions[metrics.EXTENSION].history.start()  # everything it reads is wired
     store.append(
         Entry(
             kind="admin",
@@ -119,6 +120,7 @@ def health_problem(app: Flask) -> str | None:
 
 def close_app(app: Flask) -> None:
     """Stop the models, then seal and close the audit log."""
+    app.extensions[metrics.EXTENSION].history.stop()
     serving.get_pool(app).close()
     guard.get_gate(app).store.close()
     trail.get_store(app).close()

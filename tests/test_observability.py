@@ -375,3 +375,32 @@ def test_first_token_audit_wait_and_queue_capacity_are_measured(
     assert value(f'appliance_time_to_first_token_seconds_sum{{model="{model_name}"}}') > 0
     assert value("appliance_audit_wait_seconds_count") >= 1
     assert value(f'appliance_queue_capacity{{model="{model_name}"}}') == 4  # --queue-depth 4
+
+
+def test_status_draws_the_last_hour(app: Any, app_token: str) -> None:
+    """The history samples the registry's sums; two samples around a request make a
+    point per chart, and /status draws them (inline SVG, no script)."""
+    from appliance.api.metrics import EXTENSION
+
+    history = app.extensions[EXTENSION].history
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {app_token}"}
+    history.sample()
+    before = len(history.samples)
+    for _ in range(3):
+        client.get("/v1/models", headers=headers)
+    history.sample()
+    assert len(history.samples) == before + 1
+    figures = history.samples[-1].figures
+    assert figures["requests_per_minute"] > 0 and figures["memory_mib"] > 10
+    page = client.get("/status", headers=headers).get_data(as_text=True)
+    charts = re.findall(r'<figure class="chart" id="chart-([a-z_]+)">', page)
+    assert charts == [
+        "requests_per_minute",
+        "tokens_per_second",
+        "first_token_ms",
+        "audit_wait_ms",
+        "queued",
+        "memory_mib",
+    ]
+    assert page.count("<polyline points=") == 6 and "<script" not in page.split("<main>")[1]

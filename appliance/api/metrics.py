@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from appliance import context
+from appliance.api.history import History
 from appliance.api.trail import get_store
 from appliance.context import RequestContext
 from appliance.routing import get_router
@@ -30,6 +31,8 @@ EXTENSION = "appliance.metrics"
 
 
 class Metrics:
+    history: History
+
     def __init__(self, app: Flask) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -307,6 +310,8 @@ class _StateCollector(Collector):
 def init_app(app: Flask) -> Metrics:
     metrics = Metrics(app)
     app.extensions[EXTENSION] = metrics
+    # The last hour of the key figures, for /status's charts (started with the app).
+    metrics.history = History(metrics.registry)
     collector = metrics.state
 
     @app.after_request

@@ -20,6 +20,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from appliance import context
 from appliance.actors import Actor
+from appliance.api.history import HEIGHT, WIDTH
 from appliance.auth.guard import SESSION_COOKIE, get_gate
 from appliance.auth.store import csrf_token
 
@@ -192,9 +193,14 @@ def status() -> Response:
 
     library = get_library(current_app)
     index = library.index()
+    from appliance.api.metrics import EXTENSION as METRICS
+
+    history = current_app.extensions[METRICS].history
     html = render_template(
         "status.html",
         **signed_in(),
+        charts=history.charts(),
+        chart_size=(WIDTH, HEIGHT),
         collections=library.collections(),
         passages=len(index) if index is not None else 0,
         default_similarity=settings.retrieval_min_similarity / 100,
