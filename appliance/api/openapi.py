@@ -19,8 +19,9 @@ from appliance.api.trail import UNAUDITED
 from appliance.audit.reader import EXPORT_FIELDS
 from appliance.audit.records import KINDS
 from appliance.auth.guard import CSRF_HEADER, SESSION_COOKIE
-from appliance.auth.policy import PUBLIC, ROUTE_ROLES
+from appliance.auth.policy import PUBLIC, ROUTE_ROLES, SIGNED_IN
 from appliance.engines.onnx import NUMPY_BY_DATATYPE
+from appliance.web import LOGIN_CSRF_COOKIE
 
 bp = Blueprint("openapi", __name__)
 
@@ -338,14 +339,14 @@ def _secure(path: str, method: str, operation: dict[str, Any]) -> None:
         operation["security"] = [{"bearer": []}, {"session": []}]
         operation["x-roles"] = allowed
         sentence = f"Roles: {', '.join(allowed)} (a bearer token or a signed-in session)."
-        if web:
+        if web:  # a browser is sent to sign in; a page it may not open says so
             _merge(responses, 303, openapi_paths.redirect("/login", "not signed in"))
-        if web and method == "get":
-            _merge(responses, 403, openapi_paths.page("a role that may not open this page"))
         else:
-            _merge(responses, 403, error("the caller's role may not use this route"))
-        if not web:
             _merge(responses, 401, error("no valid token or session", "WWW-Authenticate"))
+        if roles != SIGNED_IN:  # some role is refused: a page says so to a browser
+            refused = "the caller's role may not use this route"
+            page = web and method == "get"
+            _merge(responses, 403, openapi_paths.page(refused) if page else error(refused))
         if method != "get":
             _merge(responses, 403, error(f"with the session cookie: no or a wrong {CSRF_HEADER}"))
         _merge(
@@ -358,13 +359,12 @@ def _secure(path: str, method: str, operation: dict[str, Any]) -> None:
         _merge(responses, 413, error("the body is over max_body_bytes"))
     if path not in UNAUDITED:
         _merge(responses, 503, error("the audit log cannot be written"))
+    operation["responses"] = dict(sorted(responses.items()))
     description = operation.get("description", "")
     operation["description"] = f"{description} {sentence}".strip()
 
 
 def build_document() -> dict[str, Any]:
-    from appliance.web import LOGIN_CSRF_COOKIE  # the web package imports the gate
-
     paths: dict[str, Any] = {
         **openapi_paths.v1_paths(),
         **openapi_paths.token_paths(),
@@ -451,21 +451,28 @@ def _limits(node: dict[str, Any]) -> str:
     return "; ".join(found)
 
 
-def fields(schema: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:
-    """An object schema's properties (through a $ref): name, type, required, description."""
+def fields(
+    schema: dict[str, Any], components: dict[str, Any], prefix: str = ""
+) -> list[dict[str, Any]]:
+    """An object schema's properties (through a $ref): name, type, required, description;
+    an object written in place (not a named schema) has its own listed after it."""
     while "$ref" in schema:
         schema = components[schema["$ref"].rsplit("/", 1)[-1]]
     required = set(schema.get("required", []))
-    return [
-        {
-            "name": name,
-            "type": type_parts(prop),
-            "required": name in required,
-            "description": prop.get("description", ""),
-            "limits": _limits(prop),
-        }
-        for name, prop in schema.get("properties", {}).items()
-    ]
+    rows = []
+    for name, prop in schema.get("properties", {}).items():
+        rows.append(
+            {
+                "name": prefix + name,
+                "type": type_parts(prop),
+                "required": name in required,
+                "description": prop.get("description", ""),
+                "limits": _limits(prop),
+            }
+        )
+        if "properties" in prop:
+            rows += fields(prop, components, f"{prefix}{name}.")
+    return rows
 
 
 def _operation(

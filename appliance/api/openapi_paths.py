@@ -34,11 +34,8 @@ def ref(name: str) -> dict[str, str]:
     return {"$ref": REF.format(model=name)}
 
 
-def json_body(name: str, description: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {"content": {"application/json": {"schema": ref(name)}}}
-    if description:
-        out["description"] = description
-    return out
+def json_body(name: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": ref(name)}}}
 
 
 def answer(name: str, description: str) -> dict[str, Any]:
