@@ -353,6 +353,11 @@ def test_a_collections_threshold_is_calibrated_on_questions(
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["accuracy"] == 1.0 and result["recall_at_k"] == 1.0
+    recalls = result["recall_at_k_by_weight"]
+    assert set(recalls) == {"0.0", "0.1", "0.2", "0.3", "0.5", "0.7", "1.0"}
+    # The largest weight among those that find the most passages.
+    best = max(recalls.values())
+    assert result["vector_weight"] == max(float(w) for w, r in recalls.items() if r == best)
     chosen = result["min_similarity"]
     nurse = {"Authorization": f"Bearer {tokens['clinician']}"}
     for question, answerable, _ in cases:
@@ -365,6 +370,7 @@ def test_a_collections_threshold_is_calibrated_on_questions(
         assert best["min_similarity"] == pytest.approx(chosen)
     listed = httpx.get(f"{server.url}/v1/collections", headers=nurse).json()["data"]
     assert listed[0]["min_similarity"] == pytest.approx(chosen)
+    assert listed[0]["vector_weight"] == result["vector_weight"]
     (record,) = [
         r for r in audit_rows(state) if (r.get("content") or {}).get("action") == "docs.calibrate"
     ]

@@ -68,7 +68,9 @@ def test_an_answer_that_cites_nothing_is_attributed_to_the_source_it_repeats() -
 
 
 def test_a_user_question_cannot_inject_fts_syntax() -> None:
-    assert fts_query('torque" OR text:* NEAR(') == '"near" OR "or" OR "text" OR "torque"'
+    assert fts_query('torque" OR text:* NEAR(') == '"near" OR "text" OR "torque"'
+    assert fts_query("What is the torque?") == '"torque"'  # common words left out
+    assert fts_query("What is it?") == '"is" OR "it" OR "what"'  # unless that is all
     assert fts_query("?! a") is None
 
 
@@ -86,6 +88,11 @@ def test_fusion_ranks_by_both_lists_and_never_leaves_the_collections() -> None:
     assert top.text_rank == 1 and top.vector_rank == 1
     assert top.score == pytest.approx(2 / 61)  # 1/(60+1) from each list
     assert index.search("flange", vector, [], 5) == []
+    # A passage left out of one list counts as just past its end there, and the
+    # embeddings' weight scales their share: at 0, the words' order alone.
+    words_only = index.search("gaskets flange", vector, ["plant"], 5, vector_weight=0.0)
+    assert [h.passage.id for h in words_only] == [2, 1]
+    assert words_only[0].score == pytest.approx(1 / 61)
 
 
 def test_documents_are_sealed_on_disk_and_versioned(tmp_path: Path) -> None:

@@ -524,7 +524,7 @@ def retrieve() -> Response:
     req = parse_body(RetrieveRequest, body)
     ctx = context.current()
     library = get_library(current_app)
-    chosen, hits = library.retrieve(ctx, req.query, req.collections, req.top_k)
+    chosen, hits = library.retrieve(ctx, req.query, req.collections, req.top_k, req.vector_weight)
     threshold = library.threshold(chosen) if chosen else None
     data = [
         {
@@ -552,7 +552,14 @@ def retrieve() -> Response:
             }
         )
     )
-    out = {"object": "list", "collections": chosen, "min_similarity": threshold, "data": data}
+    weight = req.vector_weight if req.vector_weight is not None else library.vector_weight(chosen)
+    out = {
+        "object": "list",
+        "collections": chosen,
+        "min_similarity": threshold,
+        "vector_weight": weight,
+        "data": data,
+    }
     return Response(json.dumps(out), mimetype="application/json")
 
 
@@ -567,6 +574,7 @@ def list_collections() -> Response:
             "object": "collection",
             "documents": c["documents"],
             "min_similarity": c["min_similarity"],
+            "vector_weight": c["vector_weight"],
         }
         for name, c in sorted(readable.items())
     ]

@@ -74,6 +74,13 @@ class RetrieveRequest(_Strict):
     query: str = Field(min_length=1, max_length=4096)
     collections: list[str] | None = Field(default=None, min_length=1)
     top_k: int = Field(default=5, ge=1, le=20)
+    vector_weight: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="The embedding list's weight in the fusion, to check retrieval with "
+        "another (default: the collections' calibrated weight, else 1).",
+    )
 
 
 class Grounded(BaseModel):

@@ -321,9 +321,10 @@ def docs_calibrate(
     settings: Settings,
     as_json: bool,
 ) -> None:
-    """Measure COLLECTION's relevance threshold on a suite through the running appliance
-    (/v1/retrieve), and keep it: below it, a grounded answer says no source was found.
-    Audited."""
+    """Measure COLLECTION's retrieval on a suite through the running appliance
+    (/v1/retrieve): the fusion weight of the embeddings that finds the most answerable
+    questions' passages, and the relevance threshold below which a grounded answer says
+    no source was found. Both kept for the collection; audited."""
     from appliance.docs import calibrate as cal
     from appliance.docs.store import DocsError
     from appliance.evals.client import ApiFailure, connect
@@ -339,7 +340,9 @@ def docs_calibrate(
     with audit_store(settings) as audit, _store(settings) as store:
         try:
             with connect(settings, f"docs calibrate {collection}", token, url) as client:
-                measured = cal.observe(client, suite, collection)
+                recalls = {w: cal.recall(client, suite, collection, w) for w in cal.WEIGHTS}
+                weight = cal.best_weight(recalls)
+                measured = cal.observe(client, suite, collection, weight=weight)
         except (ApiFailure, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         chosen, accuracy = cal.threshold(measured)
@@ -347,18 +350,21 @@ def docs_calibrate(
             "collection": collection,
             "suite": str(suite.path),
             "suite_sha256": suite.sha256,
+            "vector_weight": weight,
+            "recall_at_k_by_weight": {str(w): round(r, 4) for w, r in recalls.items()},
             **cal.summary(measured, chosen, accuracy),
         }
         record_action(audit, "docs.calibrate", result)
         try:
-            store.set_min_similarity(collection, chosen)
+            store.set_calibration(collection, chosen, weight)
         except DocsError as exc:
             raise click.ClickException(str(exc)) from None
     if as_json:
         print_json(result)
         return
     click.echo(
-        f"{collection}: min similarity {chosen:.3f}; on {result['cases']} questions "
+        f"{collection}: min similarity {chosen:.3f}, vector weight {weight}; on "
+        f"{result['cases']} questions "
         f"{accuracy:.0%} sorted right (answerable kept {result['answerable_kept']}, "
         f"unanswerable refused {result['unanswerable_refused']}, recall@5 {result['recall_at_k']})"
     )

@@ -1,10 +1,16 @@
-"""A collection's relevance threshold, measured on questions rather than set by hand.
+"""A collection's retrieval, measured on questions rather than set by hand.
 
 The suite's cases are questions tagged ``answerable`` (``yes``: the collection holds
 the answer, and ``expected`` is a phrase of the passage that does; ``no``: it does
-not). Each goes through ``/v1/retrieve``; the threshold is the similarity that best
-separates the answerable questions' best passages from the others' (the middle of the
-best range when several tie). Below it, a grounded answer says no source was found.
+not). Each goes through ``/v1/retrieve``:
+
+- the fusion weight: the embedding list's weight (of WEIGHTS) under which the most
+  answerable questions find their passage in the top k (the larger among equals: a
+  corpus of codes and part numbers wants the words' list first, one of paraphrase
+  the meanings');
+- the relevance threshold: the similarity that best separates the answerable
+  questions' best passages from the others' (the middle of the best range when
+  several tie). Below it, a grounded answer says no source was found.
 """
 
 from __future__ import annotations
@@ -25,7 +31,34 @@ class Measured:
     found: bool  # answerable: the expected phrase is in one of the top passages
 
 
-def observe(client: Client, suite: Suite, collection: str, k: int = 5) -> list[Measured]:
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def recall(client: Client, suite: Suite, collection: str, weight: float, k: int = 5) -> float:
+    """Share of the answerable questions whose passage is in the top ``k``."""
+    found = total = 0
+    for case in suite.cases:
+        if case.tags.get("answerable") != "yes":
+            continue
+        question = next(m["content"] for m in reversed(case.messages) if m["role"] == "user")
+        body = {"query": question, "collections": [collection], "top_k": k, "vector_weight": weight}
+        resp = client.http.post("/v1/retrieve", json=body)
+        if resp.status_code != 200:
+            raise ApiFailure(f"/v1/retrieve answered {resp.status_code}: {resp.text[:200]}")
+        phrase = str(case.expected).lower()
+        total += 1
+        found += any(phrase in d["text"].lower() for d in resp.json()["data"])
+    return found / total if total else 0.0
+
+
+def best_weight(recalls: dict[float, float]) -> float:
+    top = max(recalls.values())
+    return max(w for w, r in recalls.items() if r == top)
+
+
+def observe(
+    client: Client, suite: Suite, collection: str, k: int = 5, weight: float = 1.0
+) -> list[Measured]:
     out = []
     for case in suite.cases:
         tag = case.tags.get("answerable")
@@ -33,7 +66,13 @@ def observe(client: Client, suite: Suite, collection: str, k: int = 5) -> list[M
             raise ValueError(f"case {case.id}: tag answerable must be yes or no, not {tag!r}")
         question = next(m["content"] for m in reversed(case.messages) if m["role"] == "user")
         resp = client.http.post(
-            "/v1/retrieve", json={"query": question, "collections": [collection], "top_k": k}
+            "/v1/retrieve",
+            json={
+                "query": question,
+                "collections": [collection],
+                "top_k": k,
+                "vector_weight": weight,
+            },
         )
         if resp.status_code != 200:
             raise ApiFailure(f"/v1/retrieve answered {resp.status_code}: {resp.text[:200]}")

@@ -280,8 +280,22 @@ class Library:
         ]
         return min(values) if values else self.settings.retrieval_min_similarity / 100
 
+    def vector_weight(self, collections: list[str]) -> float:
+        known = self.collections()
+        values = [
+            known[c]["vector_weight"]
+            for c in collections
+            if known.get(c, {}).get("vector_weight") is not None
+        ]
+        return min(values) if values else 1.0
+
     def retrieve(
-        self, ctx: RequestContext, question: str, names: list[str] | None, k: int
+        self,
+        ctx: RequestContext,
+        question: str,
+        names: list[str] | None,
+        k: int,
+        vector_weight: float | None = None,
     ) -> tuple[list[str], list[Hit]]:
         if not 1 <= k <= MAX_TOP_K:
             raise Invalid(
@@ -292,7 +306,8 @@ class Library:
         if index is None or not chosen:
             return chosen, []
         vector = self.embed_question(question)
-        return chosen, index.search(question, vector, chosen, k)
+        weight = self.vector_weight(chosen) if vector_weight is None else vector_weight
+        return chosen, index.search(question, vector, chosen, k, weight)
 
     def ground(
         self, ctx: RequestContext, messages: list[dict[str, str]], names: list[str] | None, k: int

@@ -32,6 +32,7 @@ collections = Table(
     Column("name", String, primary_key=True),
     Column("roles", Text, nullable=True),  # JSON list; NULL: every role that may ask
     Column("min_similarity", Float, nullable=True),  # calibrated; NULL: the setting
+    Column("vector_weight", Float, nullable=True),  # calibrated; NULL: 1 (plain RRF)
     Column("created", String, nullable=False),
 )
 

@@ -29,7 +29,7 @@ from appliance.docs.chunk import Passage, chunk
 from appliance.docs.extract import Extracted, extract
 from appliance.docs.schema import collections, documents, keys, meta, passages
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -137,15 +137,19 @@ class DocStore:
             )
             self._bump(conn)
 
-    def set_min_similarity(self, name: str, value: float | None) -> None:
-        """The collection's calibrated relevance threshold (None: the setting's)."""
+    def set_calibration(
+        self, name: str, min_similarity: float | None, vector_weight: float | None
+    ) -> None:
+        """The collection's calibrated relevance threshold and fusion weight (None: the
+        defaults)."""
         with self.engine.begin() as conn:
-            if not conn.execute(
-                select(collections.c.name).where(collections.c.name == name)
-            ).first():
+            found = conn.execute(select(collections.c.name).where(collections.c.name == name))
+            if not found.first():
                 raise DocsError(f"no collection {name!r}")
             conn.execute(
-                update(collections).where(collections.c.name == name).values(min_similarity=value)
+                update(collections)
+                .where(collections.c.name == name)
+                .values(min_similarity=min_similarity, vector_weight=vector_weight)
             )
             self._bump(conn)
 
@@ -163,6 +167,7 @@ class DocStore:
             r["name"]: {
                 "roles": json.loads(r["roles"]) if r["roles"] else None,
                 "min_similarity": r["min_similarity"],
+                "vector_weight": r["vector_weight"],
                 "documents": counts.get(r["name"], 0),
                 "created": r["created"],
             }
