@@ -205,7 +205,7 @@ def test_no_network_use_but_loopback(tmp_path: Path, model_file: Path, model_nam
     to any address off the machine (model fetches are the only network use, and only
     when IT runs them)."""
     if os.geteuid() != 0:
-        pytest.skip("a network namespace of its own needs root (CI runs as root)")
+        pytest.skip("needs root: a network namespace of its own (CI runs as root)")
     for tool in ("unshare", "ip", "strace"):
         assert shutil.which(tool), f"{tool} is missing (scripts/test installs it)"
     state = make_state(tmp_path / "state", model_file)

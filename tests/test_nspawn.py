@@ -34,7 +34,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.server,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(os.geteuid() != 0, reason="boots a container with systemd-nspawn: root"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: boots a container with systemd-nspawn"
+    ),
 ]
 
 SUITE = "bookworm"  # Debian 12: its python3 is 3.11, as the bundle's cp311 wheels need
