@@ -26,7 +26,6 @@ from appliance.context import RequestContext
 from appliance.docs.index import Hit, Index
 from appliance.docs.store import DocStore
 from appliance.problems import Forbidden, Invalid, Unavailable
-from appliance.serving.models import RunModel
 from appliance.serving.pool import Lease, ModelPool
 
 if TYPE_CHECKING:  # the pipeline imports this module for its citation filter
@@ -220,18 +219,17 @@ class Library:
             store = self._open()
         return store.collections() if store is not None else {}
 
-    def readable(self, role: str) -> dict[str, dict[str, Any]]:
-        return {
-            name: c
-            for name, c in self.collections().items()
-            if c["roles"] is None or role in c["roles"]
-        }
+    def readable(
+        self, role: str, known: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        known = self.collections() if known is None else known
+        return {name: c for name, c in known.items() if c["roles"] is None or role in c["roles"]}
 
     def choose(self, ctx: RequestContext, names: list[str] | None) -> list[str]:
         """The collections a request searches: those it names (each must exist and be
         readable by the caller), or every one it may read."""
         known = self.collections()
-        readable = self.readable(ctx.actor.role or "")
+        readable = self.readable(ctx.actor.role or "", known)
         if names is None:
             return sorted(readable)
         for name in names:
@@ -255,39 +253,30 @@ class Library:
         if embedding is None:
             raise Unavailable("no documents have been added", code="no_documents")
         name, sha = embedding
-        lease = self.pool.acquire(name, "embedding")
-        try:
-            if lease.manifest.sha256 != sha:
-                raise Unavailable(
-                    f"the passages were embedded with another {name} ({sha[:12]}): run "
-                    "`appliance docs reindex`",
-                    code="reindex_needed",
-                )
-            model = lease.model
-            assert isinstance(model, RunModel)
-            with model.admission:
-                vector: np.ndarray = model.engine.embed_texts([question])[0]
-            return vector
-        finally:
-            lease.release()
+        vectors, served = self.pool.embed(name, [question])
+        if served != sha:
+            raise Unavailable(
+                f"the passages were embedded with another {name} ({sha[:12]}): run "
+                "`appliance docs reindex`",
+                code="reindex_needed",
+            )
+        vector: np.ndarray = vectors[0]
+        return vector
+
+    def _calibrated(self, collections: list[str], key: str, default: float) -> float:
+        """The strictest of the collections' calibrated values (the least), or the
+        default when none is calibrated."""
+        known = self.collections()
+        values = [known[c][key] for c in collections if known.get(c, {}).get(key) is not None]
+        return min(values) if values else default
 
     def threshold(self, collections: list[str]) -> float:
-        known = self.collections()
-        values = [
-            known[c]["min_similarity"]
-            for c in collections
-            if known.get(c, {}).get("min_similarity") is not None
-        ]
-        return min(values) if values else self.settings.retrieval_min_similarity / 100
+        return self._calibrated(
+            collections, "min_similarity", self.settings.retrieval_min_similarity / 100
+        )
 
     def vector_weight(self, collections: list[str]) -> float:
-        known = self.collections()
-        values = [
-            known[c]["vector_weight"]
-            for c in collections
-            if known.get(c, {}).get("vector_weight") is not None
-        ]
-        return min(values) if values else 1.0
+        return self._calibrated(collections, "vector_weight", 1.0)
 
     def retrieve(
         self,

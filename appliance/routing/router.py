@@ -37,7 +37,6 @@ from appliance.inference.pipeline import ChatAsk, ChatRun, Pipeline
 from appliance.problems import Failed as GenerationFailed
 from appliance.problems import Forbidden, Invalid, Unavailable
 from appliance.routing.spec import Route, RouteTable
-from appliance.serving.models import RunModel
 from appliance.serving.scheduler import Job
 
 REFERRAL = "referral"
@@ -170,19 +169,6 @@ class Router:
                 code="route_uncalibrated",
             )
 
-    def embed(self, name: str, texts: list[str]) -> tuple[np.ndarray, str]:
-        """Unit vectors for ``texts`` (each cut to what the model reads) and the
-        embedding model's hash."""
-        lease = self.pipeline.pool.acquire(name, "embedding")
-        try:
-            model = lease.model
-            assert isinstance(model, RunModel)
-            with model.admission:
-                vectors: np.ndarray = model.engine.embed_texts(texts)
-            return vectors, lease.manifest.sha256
-        finally:
-            lease.release()
-
     def usable(self, ctx: RequestContext, model: str) -> bool:
         """Whether the caller's role may use this model (a specialist may be for some)."""
         try:
@@ -194,12 +180,15 @@ class Router:
     def similarities(self, route: Route, question: str) -> dict[str, float]:
         """Each specialist's similarity to the question: the best cosine over its
         domain's description and examples."""
-        (vector,), sha = self.embed(route.embedding, [question])
+        pool = self.pipeline.pool
+        (vector,), sha = pool.embed(route.embedding, [question])
         key = (route.sha256, sha)
         with self.lock:
             domains = self._domains.get(key)
         if domains is None:
-            domains = [self.embed(route.embedding, d.texts())[0] for d in route.specialists]
+            domains = [
+                self.pipeline.pool.embed(route.embedding, d.texts())[0] for d in route.specialists
+            ]
             with self.lock:
                 self._domains[key] = domains
         return {

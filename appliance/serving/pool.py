@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import psutil
 
 from appliance.config import Settings
@@ -398,6 +399,20 @@ class ModelPool:
                     f"(load_timeout {self.settings.load_timeout} s)",
                     retry_after=5,
                 )
+
+    def embed(self, name: str, texts: list[str]) -> tuple[np.ndarray, str]:
+        """Unit vectors of ``texts`` from embedding model ``name`` (each text cut to what
+        the model reads), outside any request's audit pair (routing and retrieval embed
+        a question on the way to their answer), and the model's hash."""
+        lease = self.acquire(name, "embedding")
+        try:
+            model = lease.model
+            assert isinstance(model, RunModel)
+            with model.admission:
+                vectors: np.ndarray = model.engine.embed_texts(texts)
+            return vectors, lease.manifest.sha256
+        finally:
+            lease.release()
 
     def check_room(self, name: str) -> None:
         """Raise NoRoom now if model ``name`` could not be loaded now (a stream that
