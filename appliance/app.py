@@ -8,6 +8,7 @@ from flask import Flask
 
 from appliance import __version__, deadline, inference, reqlog, routing, serving, web
 from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, tokens, trail
+from appliance.audit import siem, witness
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
 from appliance.auth import guard
@@ -39,6 +40,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     trail.init_app(app, store)
     guard.init_app(app, settings, AuthStore(settings), secure_cookies=tls_enabled(settings))
     errors.register(app)
+    health.init_app(app)  # draining: /readyz 404, connections close after each answer
     pool = serving.init_app(app, settings, loader)
     pool.listeners.append(lambda event: _audit_pool_event(store, event))
     pool.open()  # verify every manifest, load the pinned models
@@ -78,6 +80,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
             },
         )
     )
+    witness.init_app(app, settings, store)  # cosigning on its own thread, if configured
+    siem.init_app(app, settings, store)  # the SIEM feed on its own thread, if configured
     return app
 
 
@@ -104,15 +108,14 @@ def _audit_pool_event(store: AuditStore, event: PoolEvent) -> None:
         log.error("model event not audited", extra={"model": event.model, "error": str(exc)})
 
 
-STALL_SECONDS = 60.0
-
-
 def health_problem(app: Flask) -> str | None:
-    """What keeps the watchdog from pinging: a wedged engine or a dead audit writer."""
+    """What keeps the watchdog from pinging: a dead audit writer, or a language model
+    whose engine has not stepped for stall_seconds while it had work."""
     if not trail.get_store(app).alive:
         return "the audit writer has stopped"
+    limit = app.config["APPLIANCE_SETTINGS"].stall_seconds
     for model in serving.get_pool(app).loaded().values():
-        problem = model.stalled(STALL_SECONDS)
+        problem = model.stalled(limit)
         if problem:
             return problem
     return None
@@ -123,4 +126,6 @@ def close_app(app: Flask) -> None:
     app.extensions[metrics.EXTENSION].history.stop()
     serving.get_pool(app).close()
     guard.get_gate(app).store.close()
+    witness.close_app(app)  # what the last interval added, witnessed if it can be
+    siem.close_app(app)  # what is written by now (model unloads) goes, if it can
     trail.get_store(app).close()

@@ -121,6 +121,20 @@ class Settings:
     shutdown_grace: int = _setting(
         30, "Seconds in-flight requests get to finish on SIGTERM.", minimum=0
     )
+    stall_seconds: int = _setting(
+        60,
+        "Seconds a language model may run a request without finishing an engine step, "
+        "or the HTTP loop go without turning (it turns every second), before the "
+        "appliance calls itself wedged and stops its systemd watchdog pings.",
+        minimum=2,
+    )
+    drain_seconds: int = _setting(
+        0,
+        "Seconds between SIGTERM and the stop of accepting: /readyz answers 404 (drain) "
+        "and new requests are still served meanwhile, so a balancer checking /readyz "
+        "moves new work elsewhere first. Behind a balancer: more than its check interval.",
+        minimum=0,
+    )
     log_level: str = _setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
     audit_db: Path | None = _setting(
         None, "Audit database (SQLite); default: STATE_DIR/audit/audit.db."
@@ -160,6 +174,48 @@ class Settings:
     )
     audit_write_timeout: int = _setting(
         5, "Seconds a request waits for its audit record to be durable; then 503.", minimum=1
+    )
+    witness_url: str = _setting(
+        "",
+        "The site's C2SP tlog-witness (URL prefix; checkpoints go to URL/add-checkpoint); "
+        "it cosigns the audit log's checkpoints (origin, size, Merkle root: no record "
+        "leaves the box). Empty: no witness.",
+    )
+    witness_key: str = _setting(
+        "",
+        "The witness's public key as a vkey (name+keyid+base64); its cosignatures are "
+        "kept, and `audit verify` checks them when it is set.",
+    )
+    witness_interval: int = _setting(
+        60,
+        "Seconds between cosignings while records are added: the longest a record stays "
+        "unwitnessed (rewritable by whoever holds the signing key) while the witness "
+        "answers. Purges, key rotations and promotions are cosigned at once.",
+        minimum=1,
+    )
+    siem_url: str = _setting(
+        "",
+        "The site's SIEM collector, tls://HOST[:PORT] (port 6514 if left out): every audit "
+        "record's metadata (never its content) goes to it as RFC 5424 syslog over TLS "
+        "(RFC 5425), in order; while it is away the records wait in the audit log. Empty: "
+        "no feed.",
+    )
+    siem_ca: Path | None = _setting(
+        None,
+        "CA certificate(s) (PEM) that sign the SIEM collector's certificate; default: the "
+        "system's CAs. Its name must match siem_url's host either way.",
+    )
+    siem_client_cert: Path | None = _setting(
+        None,
+        "Client certificate (PEM) the appliance shows the SIEM collector, for a collector "
+        "that asks for one (mutual TLS); with siem_client_key.",
+    )
+    siem_client_key: Path | None = _setting(
+        None, "Private key (PEM, mode 0600) of siem_client_cert."
+    )
+    siem_app_name: str = _setting(
+        "appliance",
+        "APP-NAME of the SIEM feed's syslog messages (1 to 48 printable ASCII characters).",
     )
     onnx_threads: int = _setting(1, "onnxruntime intra-op threads per tensor model run.", minimum=0)
     memory_reserve_mb: int = _setting(

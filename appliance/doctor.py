@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from appliance.audit import chain, crypto
-from appliance.config import Settings
+from appliance.config import Settings, SettingsError
 from appliance.engines.kernels import AMX_FLAGS, cpu_flags
 from appliance.registry import (
     HashCache,
@@ -224,6 +224,23 @@ def _audit(settings: Settings, quick: bool) -> Check:
     )
 
 
+def _siem(settings: Settings, quick: bool) -> list[Check]:
+    """The SIEM feed, when a collector is configured: what the running feed last saw
+    (its state file) and, from the CLI, a TLS handshake with the collector now."""
+    if not settings.siem_url:
+        return []
+    from appliance.audit import siem
+
+    well, said = siem.state_summary(settings)
+    checks = [Check("siem feed", "ok" if well else "warn", said)]
+    if not quick:
+        try:
+            checks.append(Check("siem collector", "ok", siem.probe(settings)))
+        except (OSError, SettingsError) as exc:
+            checks.append(Check("siem collector", "fail", f"{settings.siem_url}: {exc}"))
+    return checks
+
+
 def examine(settings: Settings, selftest: bool = False, quick: bool = False) -> list[Check]:
     """Every check; ``selftest`` also decodes with each language model in a child process
     (the CLI does; the status page shows what the server's own self-test saw). ``quick``
@@ -237,6 +254,7 @@ def examine(settings: Settings, selftest: bool = False, quick: bool = False) -> 
         *_keys(settings),
         _certificate(settings),
         _audit(settings, quick),
+        *_siem(settings, quick),
     ]
 
 

@@ -22,6 +22,15 @@ def check_private(path: Path) -> None:
         )
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a new name in ``path`` durable (a file's own fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Create a key file with mode 0600 from the first byte (never a wider window)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -30,3 +39,4 @@ def write_private(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    fsync_dir(path.parent)

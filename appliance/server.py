@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -39,8 +40,10 @@ from gunicorn.workers import gthread
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from appliance import deadline, systemd
+from appliance.api.health import get_drain
 from appliance.auth.guard import client_address, count_down, parse_networks
 from appliance.config import Settings
+from appliance.loading import LoadingResponder
 from appliance.reqlog import JsonFormatter, setup_logging
 from appliance.serving import get_pool
 from appliance.tls import tls_enabled
@@ -74,6 +77,16 @@ def last_checkpoint(settings: Settings) -> dict[str, Any]:
     except (OSError, ValueError):
         return {"checkpoint": None}
     return {"records": last.get("size"), "head": last.get("head"), "signed_at": last.get("ts")}
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context for the answers given while loading (None: plain HTTP)."""
+    if not tls_enabled(settings):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert_path, settings.tls_key_path)
+    return context
 
 
 def base_url(settings: Settings) -> str:
@@ -301,6 +314,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         self.app_factory = app_factory
         self._watchdog: systemd.Watchdog | None = None
         self._stop_started: float | None = None  # when SIGTERM came
+        self.loading: LoadingResponder | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -333,23 +347,34 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def _announce(self, worker: Any) -> None:
-        from appliance.app import STALL_SECONDS, health_problem
+        from appliance.api import trail
+        from appliance.app import health_problem
 
         app = worker.wsgi
+        if self.loading is not None:
+            self.loading.stop()  # the app answers from here on
         trim_heap()
         print(ready_message(self.settings, app), flush=True)
+
+        def status() -> str:
+            return f"serving {', '.join(get_pool(app).loaded())}"
+
         # Models verified and loaded, audit log open: now systemd may call it ready.
-        systemd.notify(f"READY=1\nSTATUS=serving {', '.join(get_pool(app).loaded())}")
+        systemd.notify(f"READY=1\nSTATUS={status()}")
         interval = systemd.watchdog_interval()
         if interval:
+            limit = self.settings.stall_seconds
             self._watchdog = systemd.Watchdog(
-                lambda: health_problem(app) or worker.stalled(STALL_SECONDS), interval
+                lambda: health_problem(app) or worker.stalled(limit), interval, status
             )
             self._watchdog.start()
+        systemd.arm_fault(lambda: trail.get_store(app).submit(None))  # tests only
         previous = signal.getsignal(signal.SIGTERM)
 
-        def stopping(signum: int, frame: Any) -> None:
-            systemd.notify("STOPPING=1")
+        drain = get_drain(app)
+        drain_wait: list[threading.Timer] = []
+
+        def stop_accepting(signum: int, frame: Any) -> None:
             self._stop_started = time.monotonic()
             stop_log.info(
                 "stopping: finishing the requests in flight",
@@ -361,6 +386,29 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
             )
             if callable(previous):
                 previous(signum, frame)
+
+        def stopping(signum: int, frame: Any) -> None:
+            # Readiness flips first (/readyz 404: a balancer sends no new work), then,
+            # drain_seconds later, the socket stops accepting and what runs finishes.
+            # A second signal during the wait stops accepting at once.
+            if drain_wait:
+                drain_wait[0].cancel()
+                stop_accepting(signum, frame)
+                return
+            systemd.notify("STOPPING=1")
+            drain.begin(f"stopping ({signal.Signals(signum).name})")
+            wait = self.settings.drain_seconds
+            stop_log.info(
+                "draining: /readyz answers 404",
+                extra={"signal": signal.Signals(signum).name, "drain_seconds": wait},
+            )
+            timer = threading.Timer(wait, stop_accepting, args=(signum, frame))
+            timer.daemon = True
+            drain_wait.append(timer)
+            if wait > 0:
+                timer.start()
+            else:
+                stop_accepting(signum, frame)
 
         # SIGHUP (a closed terminal) stops gracefully too, as SIGTERM does; the signals
         # gunicorn's arbiter would have taken do nothing here.
@@ -408,6 +456,11 @@ def serve(settings: Settings) -> None:
     sockets = create_sockets(cfg, log)
     for listener in sockets:
         log.info("Listening at: %s (%s)", listener, os.getpid())
+    # Until the app takes over (post_worker_init), probes get "alive, loading".
+    server.loading = LoadingResponder(
+        [listener.sock for listener in sockets], tls_context(settings)
+    )
+    server.loading.start()
     worker = LingeringWorker(1, os.getppid(), sockets, server, cfg.timeout, cfg, log)
     worker.pid = os.getpid()
     code = 0
@@ -424,6 +477,7 @@ def serve(settings: Settings) -> None:
         )
         code = 3
     finally:
+        server.loading.stop()
         try:
             server.close(worker)
         finally:

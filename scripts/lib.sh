@@ -143,3 +143,17 @@ PY
         .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel"
     fi
 }
+
+# tests/test_fleet.py runs three appliances behind two HAProxy balancers that share a
+# floating address with keepalived, each in a network namespace of its own (root).
+ensure_fleet_tools() {
+    if [ "$(id -u)" != 0 ] || { command -v haproxy >/dev/null && command -v keepalived >/dev/null; }; then
+        return  # not root: the test skips itself, saying so
+    fi
+    if command -v apt-get >/dev/null; then
+        apt-get update -qq
+        # Installing starts neither on a machine without systemd; the test runs its own.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            haproxy keepalived iproute2
+    fi
+}

@@ -4,10 +4,14 @@ as a subprocess on a free port."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -207,6 +211,78 @@ def browser() -> Iterator[Browser]:
         )
         yield browser
         browser.close()
+
+
+# -- no network but loopback -----------------------------------------------------------
+# Nothing the appliance does leaves the site, and neither does a test: a test that
+# connects (or sends, or looks up a name) anywhere but loopback or a unix socket fails,
+# whatever the code under test made of the refusal. The one exception is marked
+# `network`: the test of the real fetch path. Subprocesses (pip) get no package index;
+# the server's own traffic is traced in a namespace by tests/test_campaign.py. Session
+# fixtures that fill .test-cache (model downloads, once per checkout) run before this.
+class NetworkUse(OSError):
+    """A test reached for the network."""
+
+
+_network_guard: dict[str, Any] = {"on": False, "seen": [], "netns": None}
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", socket.gethostname()}
+
+
+def _is_local(host: object) -> bool:
+    if host is None:
+        return True
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    text = text.split("%", 1)[0]  # an IPv6 zone
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text in _LOCAL_NAMES  # a name: a DNS query unless it is one of ours
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    inside = _network_guard["netns"]  # a subnet that lives in the test's own namespaces
+    if inside is not None and address in inside:
+        return True
+    return address.is_loopback or address.is_unspecified
+
+
+def _network_audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _network_guard["on"] or not event.startswith("socket."):
+        return
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        sock, address = args[0], args[1]
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+            return  # a unix socket (the notify socket, Playwright's pipe) or none
+        host = address[0]
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname"):
+        host = args[0]
+    else:
+        return
+    if not _is_local(host):
+        what = f"{event} {host!r}"
+        _network_guard["seen"].append(what)
+        raise NetworkUse(f"a test reached for the network ({what}); only loopback is allowed")
+
+
+sys.addaudithook(_network_audit)  # for good: an audit hook cannot be removed
+
+
+@pytest.fixture(autouse=True)
+def no_network(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.node.get_closest_marker("network") is not None:
+        yield
+        return
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    netns = request.node.get_closest_marker("netns")
+    _network_guard["netns"] = ipaddress.ip_network(netns.args[0]) if netns else None
+    _network_guard["seen"] = []
+    _network_guard["on"] = True
+    try:
+        yield
+    finally:
+        _network_guard["on"] = False
+        _network_guard["netns"] = None
+    if _network_guard["seen"]:
+        pytest.fail(f"network use off loopback: {_network_guard['seen']}")
 
 
 # -- skips are loud, and only the reviewed ones pass ---------------------------------

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,3 +249,41 @@ def open_stream(server: Server, client: httpx.Client, body: dict[str, Any]) -> A
 def model_state(url: str, name: str) -> dict[str, object]:
     body = httpx.get(f"{url}/readyz").json()
     return next(m for m in body["models"] if m["name"] == name)
+
+
+def server_state(server: Server) -> Path:
+    """The state directory a server was started with (its --state-dir)."""
+    args = [str(a) for a in server.proc.args]  # type: ignore[union-attr]
+    return Path(args[args.index("--state-dir") + 1])
+
+
+def audit_pairs(
+    state: Path, request_ids: Iterable[str], **overrides: object
+) -> dict[str, list[dict[str, Any]]]:
+    """Each answered request's audit records, read through the product's reader (the
+    keys in ``state``): asserts that every one of ``request_ids`` has exactly its
+    request record then its outcome record (the outcome after it, the same model),
+    not merely that the log holds so many rows. Returns the records by request id.
+    Opening the log seals a checkpoint on closing, as `appliance audit export` does."""
+    from appliance.audit.reader import records
+    from appliance.audit.store import AuditStore
+    from appliance.config import load_settings
+
+    wanted = list(request_ids)
+    assert wanted, "no request ids to look for"
+    assert len(set(wanted)) == len(wanted), "a request id given twice"
+    settings = load_settings(env={}, overrides={"state_dir": state, **overrides})
+    store = AuditStore(settings, create_keys=False)
+    try:
+        found: dict[str, list[dict[str, Any]]] = {rid: [] for rid in wanted}
+        for row in records(store):
+            if row["request_id"] in found:
+                found[row["request_id"]].append(row)
+    finally:
+        store.close()
+    for rid, rows in found.items():
+        assert [r["kind"] for r in rows] == ["request", "outcome"], (rid, rows)
+        request, outcome = rows
+        assert request["seq"] < outcome["seq"] and request["model"] == outcome["model"], rows
+        assert outcome["status"] is not None, rows
+    return found

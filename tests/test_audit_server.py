@@ -7,7 +7,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Server, ServerFactory, run_cli, wait_for
+from helpers import Server, ServerFactory, audit_pairs, run_cli, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -316,26 +315,46 @@ def test_audit_cli_round_trip(
     purged = run_cli("audit", "purge", "--before", later["ts"], "--json", state=state_dir)
     assert json.loads(purged.stdout)["purged_through"] == later["seq"] - 1
     assert verified(state_dir)["ok"]
-    backup_check = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
+
+    def verify_backup() -> subprocess.CompletedProcess[str]:
+        """`audit verify` of the backup file itself (its --audit-db), not the live log;
+        without the external checkpoints, which run past the copy's head."""
+        return run_cli(
             "audit",
             "verify",
-            "--state-dir",
-            str(state_dir),
+            "--audit-db",
+            str(backup),
             "--checkpoints",
             str(tmp_path / "none.jsonl"),
             "--without-external",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+            "--json",
+            state=state_dir,
+        )
+
+    backup_check = verify_backup()
+    assert backup_check.returncode == 0, backup_check.stdout + backup_check.stderr
+    copied = json.loads(backup_check.stdout)
+    assert copied["ok"] and any("cannot be caught without it" in n for n in copied["notes"])
+    # The copy ends where the log stood when it was taken (with the backup's own admin
+    # record), not where the live log, purged and extended since, stands now; and both
+    # answered requests' pairs are in it, readable with the keys.
+    with sqlite3.connect(backup) as conn:
+        [(head,)] = conn.execute("SELECT MAX(seq) FROM audit_records")
+    assert copied["head_seq"] == head and copied["first_seq"] == 1
+    assert copied["head_seq"] != verified(state_dir)["head_seq"]
+    pairs = audit_pairs(
+        state_dir,
+        [first.headers["X-Request-Id"], second.headers["X-Request-Id"]],
+        audit_db=backup,
+        checkpoint_file=tmp_path / "scratch.jsonl",  # opening it seals one: not in the live file
     )
-    assert backup_check.returncode == 0, backup_check.stdout
-    assert "cannot be caught without it" in backup_check.stdout  # said, as a note
-    assert sqlite3.connect(backup).execute("SELECT COUNT(*) FROM audit_records").fetchone()[0]
+    assert pairs[second.headers["X-Request-Id"]][0]["key_id"] == new_key
+    # A change to the copy is caught in the copy.
+    with sqlite3.connect(backup) as conn:
+        conn.execute("UPDATE audit_records SET status = 299 WHERE seq = 2")
+    tampered = verify_backup()
+    assert tampered.returncode == 1 and json.loads(tampered.stdout)["problem"]["seq"] == 2
+    assert verified(state_dir)["ok"]  # the live log is untouched by all that
 
     with sqlite3.connect(state_dir / "audit" / "audit.db") as conn:
         conn.execute("UPDATE audit_records SET status = 201 WHERE seq = ?", (later["seq"],))

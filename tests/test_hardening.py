@@ -20,10 +20,12 @@ from helpers import (
     Server,
     ServerFactory,
     admin_token,
+    audit_pairs,
     make_state,
     model_state,
     open_stream,
     run_cli,
+    server_state,
     wait_for,
 )
 
@@ -39,6 +41,7 @@ def test_lone_surrogates_fail_no_one_else(shared_server: Server, model_name: str
     answer, the service stays ready, the bad ones get a client error and every one is
     in an audit log that still verifies."""
     good: list[int] = []
+    answered: list[str] = []
     bad: list[tuple[int, str]] = []
     body = (SURROGATE % model_name).encode()
 
@@ -55,6 +58,7 @@ def test_lone_surrogates_fail_no_one_else(shared_server: Server, model_name: str
                     },
                 )
                 good.append(answer.status_code)
+                answered.append(answer.headers["X-Request-Id"])
 
     def hostile() -> None:
         headers = {"Content-Type": "application/json"}
@@ -80,6 +84,7 @@ def test_lone_surrogates_fail_no_one_else(shared_server: Server, model_name: str
     assert ready.status_code == 200, ready.text
     report = shared_server.http.get("/audit/verify").json()
     assert report["ok"] is True, report
+    audit_pairs(server_state(shared_server), answered)  # each answer, its own pair
 
 
 def test_message_content_cannot_open_a_turn(app: Flask, model_name: str) -> None:
@@ -259,6 +264,31 @@ def _connect(port: int, source: str, receive_buffer: int | None = None) -> socke
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
     return sock
+
+
+@pytest.mark.server
+def test_allowed_clients_admits_its_subnet_and_no_other(
+    state_dir: Path, server_factory: ServerFactory
+) -> None:
+    """allowed_clients on the real server: a client inside the subnet is served (a
+    list that refused everyone would pass a refusal-only test); one outside it, and
+    the test's own 127.0.0.1, are closed on before a byte is read."""
+    server = server_factory(state_dir, "--allowed-clients", "127.0.0.8/29")
+
+    def from_address(source: str) -> httpx.Client:
+        transport = httpx.HTTPTransport(local_address=source)
+        return httpx.Client(
+            base_url=server.url, headers=server.auth, transport=transport, timeout=30
+        )
+
+    with from_address("127.0.0.9") as inside:
+        assert inside.get("/v1/models").status_code == 200
+        assert inside.get("/readyz").status_code == 200
+    for outside in ("127.0.0.16", "127.0.0.1"):
+        with from_address(outside) as client, pytest.raises(httpx.TransportError):
+            client.get("/v1/models")
+    with from_address("127.0.0.15") as inside:  # the subnet's last address: still in
+        assert inside.get("/healthz").status_code == 200
 
 
 @pytest.mark.server

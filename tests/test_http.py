@@ -10,7 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
-from helpers import ServerFactory, run_cli, wait_for
+from helpers import ServerFactory, audit_pairs, wait_for
 
 INFER = "/v2/models/line-anomaly/infer"
 
@@ -34,7 +34,8 @@ def reading(request_id: str) -> dict[str, object]:
 
 
 def read_answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
-    """`count` whole answers (status 200 checked), in the order they came."""
+    """`count` whole answers (status 200 checked), in the order they came, each with
+    its X-Request-Id header under "x-request-id"."""
     answers, buffer = [], b""
     while len(answers) < count:
         while (end := buffer.find(b"\r\n\r\n")) < 0:
@@ -46,7 +47,12 @@ def read_answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
         length = next(int(h.split(":")[1]) for h in head if h.lower().startswith("content-length"))
         while len(buffer) < end + 4 + length:
             buffer += sock.recv(65536)
-        answers.append(json.loads(buffer[end + 4 : end + 4 + length]))
+        answer = json.loads(buffer[end + 4 : end + 4 + length])
+        # The audit's id for it, beside the body (the v2 body's own "id" is the client's).
+        answer["x-request-id"] = next(
+            h.split(":", 1)[1].strip() for h in head if h.lower().startswith("x-request-id:")
+        )
+        answers.append(answer)
         buffer = buffer[end + 4 + length :]
     return answers
 
@@ -55,21 +61,29 @@ def test_pipelined_and_back_to_back_requests_are_answered_in_order(
     state_dir: Path, server_factory: ServerFactory
 ) -> None:
     server = server_factory(state_dir, "--http-threads", "2", "--rate-limit-per-minute", "0")
+    answered: list[str] = []
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         # Three requests in one write: the second and third are read ahead.
         sock.sendall(
             b"".join(request(server.port, server.token, reading(f"p{i}")) for i in range(3))
         )
-        assert [a["id"] for a in read_answers(sock, 3)] == ["p0", "p1", "p2"]
+        pipelined = read_answers(sock, 3)
+        assert [a["id"] for a in pipelined] == ["p0", "p1", "p2"]
+        answered += [str(a["x-request-id"]) for a in pipelined]
         # Then one at a time, each sent as soon as the last answer is in.
         for i in range(20):
             sock.sendall(request(server.port, server.token, reading(f"b{i}")))
-            assert read_answers(sock, 1)[0]["id"] == f"b{i}"
+            [answer] = read_answers(sock, 1)
+            assert answer["id"] == f"b{i}"
+            answered.append(str(answer["x-request-id"]))
     server.stop()
-    records = run_cli("audit", "export", "--format", "jsonl", state=state_dir)
-    assert records.returncode == 0, records.stderr
-    ids = [json.loads(line).get("request_id") for line in records.stdout.splitlines()]
-    assert len([i for i in ids if i]) >= 2 * 23  # a request and an outcome for each
+    # Each of the 23 answers has its own request and outcome records, the client's id
+    # in the request's content: no answer shares or lacks its pair.
+    pairs = audit_pairs(state_dir, answered)
+    assert [pairs[rid][0]["content"]["input"]["id"] for rid in answered] == [
+        *(f"p{i}" for i in range(3)),
+        *(f"b{i}" for i in range(20)),
+    ]
 
 
 def test_a_lingering_thread_keeps_no_other_connection_waiting(

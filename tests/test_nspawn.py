@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_watchdog import PTRACE_DETACH, WALL, Frozen, in_engine, ptrace, thread_named
 
 from helpers import CACHE, REPO, wait_for
 
@@ -576,34 +578,86 @@ def test_answers_with_the_token_the_installer_printed(appliance: Appliance) -> N
     assert chat(Appliance(box, "apl_nobody_x", appliance.public_key)).status == 401
 
 
+def host_pid(box: Container, pid: int) -> int:
+    """The host's number for the container's process `pid`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(entry / "ns/pid") != box.pidns:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
+                    return int(entry.name)
+    raise AssertionError(f"no process {pid} in the container")
+
+
 def test_the_watchdog_restarts_a_hung_worker(appliance: Appliance) -> None:
+    """One part of the service hangs, the rest runs on: its engine loop, held in a ptrace
+    stop in the middle of a step. Only the health check can stop the pings (a frozen
+    process would stop them whatever the check said), and it says why in the journal."""
     box = appliance.box
-    # For this test only: a shorter watchdog (pings every 2 s), so a hang shows in 4 s.
+    # For this test only: a shorter watchdog (pings every 2 s) and stall bound, so that a
+    # hang shows in seconds.
     drop_in = box.root / "etc/systemd/system/appliance.service.d/test-watchdog.conf"
     drop_in.parent.mkdir(parents=True, exist_ok=True)
-    drop_in.write_text("[Service]\nWatchdogSec=4\n")
+    drop_in.write_text("[Service]\nWatchdogSec=4\nEnvironment=APPLIANCE_STALL_SECONDS=2\n")
+    engine = 0
     try:
         box.run("systemctl", "daemon-reload", check=True)
         box.run("systemctl", "restart", "appliance", timeout=300, check=True)
         before = box.show("WatchdogUSec", "MainPID", "NRestarts")
         assert before["WatchdogUSec"] == "4s"
-        main = before["MainPID"]
-        # The service is one process, which sends WATCHDOG=1: freeze it.
+        main = host_pid(box, int(before["MainPID"]))
+        engine = thread_named(main, "model-")  # the language model's loop
         cursor = box.cursor()
-        box.run("sh", "-c", f"kill -STOP {main}", check=True)
+        body = {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Count from 1 to 400, one number a line."}],
+            "max_tokens": 400,
+            "temperature": 0,
+        }
+        request = json.dumps(["POST", URL + "/v1/chat/completions", appliance.token, body])
+
+        def ask() -> None:  # cut off by the restart; or, if none comes, by its own timeout
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                box.run("python3", "-c", CLIENT, request, timeout=150)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        Frozen(main, engine, in_engine(main))  # held once it is computing a step
+
+        def reaped() -> bool:
+            """The held thread, once systemd's SIGABRT has ended it, is reaped here (its
+            tracer): until then the process it belonged to is not gone."""
+            with contextlib.suppress(ChildProcessError):
+                return os.waitpid(engine, WALL | os.WNOHANG)[0] == engine
+            return True
 
         def restarted() -> bool:
             return int(box.show("NRestarts")["NRestarts"]) > int(before["NRestarts"])
 
         # Within WatchdogSec, SIGABRT, RestartSec=5 (and TimeoutStopSec=45 at worst).
-        assert wait_for(restarted, 120, interval=0.5), box.show("ActiveState", "Result")
+        assert wait_for(lambda: reaped() and restarted(), 120, interval=0.5), box.show(
+            "ActiveState", "Result"
+        )
+        engine = 0
         assert wait_for(box.serving, 60, interval=0.5)
-        said = messages(box.journal(cursor))
+        entries = box.journal(cursor)
+        said = messages(entries)
+        withheld = [r for r in app_logs(entries) if r["msg"] == "watchdog withheld"]
+        assert withheld, said[-20:]  # the check ran: the process was not frozen whole
+        assert f"model {LLM!r} has made no progress" in str(withheld[0]["reason"])
         assert any("Watchdog timeout" in m for m in said), said[-20:]
         assert any("Failed with result 'watchdog'" in m for m in said), said[-20:]
-        assert box.show("MainPID")["MainPID"] != main
+        assert box.show("MainPID")["MainPID"] != before["MainPID"]
         assert chat(appliance).status == 200  # answering again
     finally:
+        if engine:  # not restarted: let the thread go on (or reap it)
+            with contextlib.suppress(OSError):
+                ptrace(PTRACE_DETACH, engine)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(engine, WALL | os.WNOHANG)
         drop_in.unlink(missing_ok=True)
         box.run("systemctl", "daemon-reload")
 

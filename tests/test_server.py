@@ -385,8 +385,15 @@ def test_outlives_the_shell_that_started_it(state_dir: Path) -> None:
         assert wait_for(up, 60)  # serving, its parent the shell
         shell.stdin.close()  # the shell ends: the server is re-parented
         shell.wait(10)  # (read, at end of input, fails: exit 1)
-        time.sleep(3)  # gthread looks at its parent every second
-        assert up()
+
+        def parent() -> int:
+            status = Path(f"/proc/{pid}/status").read_text()
+            return int(next(ln for ln in status.splitlines() if ln.startswith("PPid:")).split()[1])
+
+        assert wait_for(lambda: parent() != shell.pid, 10)  # re-parented now
+        # gthread looks at its parent every second: through three such looks it must
+        # keep serving (a check each tenth of a second, failing at the first refusal).
+        assert not wait_for(lambda: not up(), 3, interval=0.1)
     finally:
         os.kill(pid, signal.SIGTERM)
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30)

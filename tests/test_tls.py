@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from openai import OpenAI
 
 from appliance.config import Settings, load_settings
@@ -36,10 +38,24 @@ def test_tls_init_and_real_clients_verify_against_the_ca(
     )
     assert made.returncode == 0, made.stderr
     info = json.loads(made.stdout)
-    assert {"localhost", "127.0.0.1", "appliance.ward.local", "10.1.2.3"} <= set(info["names"])
     assert oct(Path(info["key"]).stat().st_mode & 0o777) == "0o600"
     cert = x509.load_pem_x509_certificate(Path(info["cert"]).read_bytes())
-    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    # The names as the certificate carries them (not as the command says it made them),
+    # each of the right type: a host name as a DNS name, an address as an IP address.
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = set(alt.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in alt.get_values_for_type(x509.IPAddress)}
+    assert {"localhost", "appliance.ward.local"} <= dns
+    assert {"127.0.0.1", "::1", "10.1.2.3"} <= ips
+    assert not {"127.0.0.1", "10.1.2.3"} & dns  # an address as a DNS name: no client matches
+    assert set(info["names"]) == dns | ips  # what the command said is what it made
+    # For a server, and only that: a client certificate made of it would be refused.
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    ca_cert = x509.load_pem_x509_certificate(Path(info["ca"]).read_bytes())
+    assert cert.issuer == ca_cert.subject
 
     ca = Path(info["ca"])
     server = server_factory(state_dir, "--tls", "on", ca=ca)
@@ -64,6 +80,19 @@ def test_tls_init_and_real_clients_verify_against_the_ca(
         if line.startswith("appliance_tls_certificate_expiry_timestamp_seconds ")
     )
     assert expiry == cert.not_valid_after_utc.timestamp()  # for the alert on expiry
+    # A client checks the name it asked for against the certificate's names.
+    context = ssl.create_default_context(cafile=str(ca))
+    for name in ("appliance.ward.local", "localhost", "10.1.2.3"):
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            assert tls.version() is not None
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError, match=r"other\.ward\.local"),
+    ):
+        context.wrap_socket(raw, server_hostname="other.ward.local")
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{server.url}/healthz")  # without the site's CA: refused
     with pytest.raises(httpx.RemoteProtocolError):

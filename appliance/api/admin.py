@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, request
 from pydantic import Field
 
 from appliance.api.errors import ApiError, parse_body, read_json_object
+from appliance.api.health import get_drain
 from appliance.api.schemas import _Strict
 from appliance.api.trail import get_store
 from appliance.audit import chain, crypto
@@ -36,6 +37,11 @@ class NewUser(_Strict):
 
 class NewPassword(_Strict):
     password: str = Field(min_length=1, max_length=1024)
+
+
+class DrainRequest(_Strict):
+    draining: bool = Field(description="true: take no new work (/readyz 404); false: take work")
+    reason: str = Field(default="asked by an admin", min_length=1, max_length=200)
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -87,6 +93,16 @@ def disable_user(name: str) -> Response:
 def reset_password(name: str) -> Response:
     req = parse_body(NewPassword, read_json_object())
     return _do(lambda: get_gate(current_app).store.reset_password(name, req.password))
+
+
+@bp.post("/drain")
+def drain() -> Response:
+    """Drain this box (a balancer moves new work elsewhere; what runs finishes), or end
+    a drain. The request and its answer are in the audit log like every admin call."""
+    req = parse_body(DrainRequest, read_json_object())
+    state = get_drain(current_app)
+    changed = state.begin(req.reason) if req.draining else state.end()
+    return _json({**state.state(), "changed": changed})
 
 
 @audit_bp.get("/verify")

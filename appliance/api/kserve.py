@@ -202,7 +202,14 @@ def _decode_input(
             )
         blob = binary[offset : offset + size]
         if datatype == "BYTES":
-            array = np.array(_bytes_elements(blob, count, name), dtype=object)
+            # onnxruntime takes a string tensor's elements as str (bytes it would feed
+            # the model as their repr, "b'...'"): text, so UTF-8.
+            try:
+                texts = [b.decode("utf-8") for b in _bytes_elements(blob, count, name)]
+            except UnicodeDecodeError as exc:
+                message = f"input {name!r}: a BYTES element is not UTF-8: {exc}"
+                raise ApiError(400, message) from None
+            array = np.array(texts, dtype=object)
         else:
             expected = count * np.dtype(dtype).itemsize
             if size != expected:
@@ -224,7 +231,7 @@ def _decode_input(
         if datatype == "BYTES":
             if not all(isinstance(v, str) for v in flat):
                 raise TypeError("BYTES data must be strings")
-            array = np.array([v.encode() for v in flat], dtype=object)
+            array = np.array(flat, dtype=object)  # str, as onnxruntime takes them
         elif datatype == "BOOL":
             if not all(isinstance(v, bool) for v in flat):
                 raise TypeError("BOOL data must be true or false")
@@ -232,6 +239,9 @@ def _decode_input(
         else:
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
                 raise TypeError(f"{datatype} data must be numbers")
+            if np.dtype(dtype).kind in "iu" and not all(isinstance(v, int) for v in flat):
+                # numpy would cut 1.5 to 1: a changed reading, not a refusal
+                raise TypeError(f"{datatype} data must be whole numbers")
             array = np.array(flat, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ApiError(400, f"input {name!r}: {exc}") from None

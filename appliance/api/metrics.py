@@ -20,8 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from appliance import context
+from appliance.api.health import get_drain
 from appliance.api.history import History
 from appliance.api.trail import get_store
+from appliance.audit import siem
+from appliance.audit.witness import EXTENSION as WITNESS
 from appliance.context import RequestContext
 from appliance.routing import get_router
 from appliance.serving import get_pool
@@ -71,6 +74,19 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "appliance_prompt_tokens_total",
+            "Prompt tokens of language-model requests.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.cached_tokens = Counter(
+            "appliance_prompt_tokens_cached_total",
+            "Prompt tokens found in the KV cache (not computed again); over "
+            "appliance_prompt_tokens_total: the prefix-cache hit rate.",
+            ["model"],
+            registry=self.registry,
+        )
         self.first_token = Histogram(
             "appliance_time_to_first_token_seconds",
             "From a language-model request's arrival to its first answer token.",
@@ -107,6 +123,9 @@ class Metrics:
         self.latency.labels(route).observe(seconds)
         if ctx.usage.completion_tokens:
             self.tokens.labels(model).inc(ctx.usage.completion_tokens)
+        if ctx.usage.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(ctx.usage.prompt_tokens)
+            self.cached_tokens.labels(model).inc(ctx.usage.cached_tokens or 0)
         if ctx.first_token_at is not None:
             self.first_token.labels(model).observe(ctx.first_token_at - ctx.started)
         if ctx.audit_ms:
@@ -200,6 +219,12 @@ class _StateCollector(Collector):
             "Times a model was unloaded (keep-alive, to make room, or stopping).",
             labels=["model"],
         )
+        kv_cache = GaugeMetricFamily(
+            "appliance_kv_cache_usage_ratio",
+            "Share of a language model's KV-cache cells held by running requests, 0 to 1 "
+            "(the Gateway API Inference Extension's KV-cache utilization).",
+            labels=["model"],
+        )
         slots = GaugeMetricFamily(
             "appliance_slots", "Requests a model may run at once.", labels=["model"]
         )
@@ -247,11 +272,18 @@ class _StateCollector(Collector):
                 busy.add_metric([row["name"]], float(row["running"]))
                 slots.add_metric([row["name"]], float(row["slots"]))
                 capacity.add_metric([row["name"]], float(row["queue_depth"]))
+            if loaded and "kv_cache_usage" in row:
+                kv_cache.add_metric([row["name"]], float(row["kv_cache_usage"]))
             if loaded and "steps" in row:
                 steps.add_metric([row["name"]], float(row["steps"]))
                 batch_tokens.add_metric([row["name"]], float(row["batch_tokens"]))
                 batch_sequences.add_metric([row["name"]], float(row["batch_sequences"]))
-        yield from (queued, busy, slots, capacity, steps, batch_tokens, batch_sequences)
+        yield from (queued, busy, slots, capacity, kv_cache, steps, batch_tokens, batch_sequences)
+        yield GaugeMetricFamily(
+            "appliance_draining",
+            "1 while this box is draining (/readyz 404: a balancer sends it no new work).",
+            value=1.0 if get_drain(self.app).draining else 0.0,
+        )
         yield from (state, kernels)
         expiry = certificate_expiry(self.app)
         if expiry is not None:
@@ -297,6 +329,8 @@ class _StateCollector(Collector):
             "1 while the audit log takes records.",
             value=1.0 if store.healthy else 0.0,
         )
+        yield from _witness_gauges(self.app)
+        yield from siem.gauges(self.app)
         temps = GaugeMetricFamily(
             "appliance_temperature_celsius", "Temperatures the hardware reports.", labels=["sensor"]
         )
@@ -305,6 +339,32 @@ class _StateCollector(Collector):
             for i, entry in enumerate(entries):
                 temps.add_metric([f"{chip}/{entry.label or i}"], float(entry.current))
         yield temps
+
+
+def _witness_gauges(app: Flask) -> Iterator[Metric]:
+    """How much of the audit log the witness has not cosigned yet (with a witness)."""
+    client = app.extensions.get(WITNESS)
+    if client is None:
+        return
+    try:
+        records, seconds = client.backlog()
+    except Exception:  # a scrape must not fail on a read; the gauges are left out
+        return
+    yield GaugeMetricFamily(
+        "appliance_audit_unwitnessed_records",
+        "Audit records the witness has not cosigned yet.",
+        value=records,
+    )
+    yield GaugeMetricFamily(
+        "appliance_audit_unwitnessed_seconds",
+        "Age of the oldest audit record the witness has not cosigned yet (0: none).",
+        value=seconds,
+    )
+    yield GaugeMetricFamily(
+        "appliance_audit_witness_ok",
+        "1 while the last exchange with the witness gave a cosignature.",
+        value=0.0 if client.last_error else 1.0,
+    )
 
 
 def init_app(app: Flask) -> Metrics:

@@ -14,7 +14,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app
 
 from appliance import context
-from appliance.api import logprobs
+from appliance.api import conversation, logprobs
 from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import (
     AssistantMessage,
@@ -51,6 +51,7 @@ from appliance.serving.loader import ServeSettings
 from appliance.serving.pool import ModelUnavailable, WrongKind
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+conversation.init_app(bp)  # X-Conversation-Id on every text answer
 OPENAI_KINDS = ("chat", "specialist", "embedding")  # /v1's; tensor models are on /v2
 
 
@@ -112,6 +113,16 @@ def chat_completions() -> Response:
             f"top_logprobs is {req.top_logprobs}; it needs logprobs set to true",
             param="top_logprobs",
             code="invalid_value",
+        )
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        # As OpenAI answers it: max_completion_tokens is max_tokens' new name, not a second limit.
+        raise ApiError(
+            400,
+            f"max_tokens is {req.max_tokens} and max_completion_tokens is "
+            f"{req.max_completion_tokens}; setting both at the same time is not supported "
+            "(max_completion_tokens replaces max_tokens)",
+            param="max_tokens",
+            code="invalid_parameter_combination",
         )
     top = (req.top_logprobs or 0) if req.logprobs else None
     fmt = req.response_format

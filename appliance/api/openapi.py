@@ -180,6 +180,27 @@ def _answer_schemas() -> dict[str, dict[str, Any]]:
             models=_list(model_state),
             memory=_obj(capacity_bytes=INT, used_bytes=INT),
             audit=_obj(writable=BOOL, error=when, checkpoint_copy_error=when),
+            drain=ref("DrainState"),
+        ),
+        "DrainState": _obj(
+            draining=BOOL,
+            reason=_about("Why: stopping (SIGTERM) or what the admin said.", when),
+            since=_about("When the drain began (Unix time).", _maybe("number")),
+        ),
+        "DrainChange": _obj(
+            draining=BOOL,
+            reason=when,
+            since=_maybe("number"),
+            changed=_about("False when the box already was in the state asked for.", BOOL),
+        ),
+        "Loading": _obj(ready={"const": False}, loading={"const": True}, reasons=_list(STR)),
+        "Liveness": _obj(
+            live=BOOL,
+            problem=_about(
+                "What keeps the watchdog from pinging (a wedged model, a "
+                "stopped audit writer), or null.",
+                when,
+            ),
         ),
         "Collection": _obj(
             id=STR, object={"const": "collection"}, documents=INT, min_similarity=_maybe("number")
@@ -263,6 +284,7 @@ def _components() -> dict[str, Any]:
         admin.NewToken,
         admin.NewUser,
         admin.NewPassword,
+        admin.DrainRequest,
     ]
     requests = {schemas.ChatCompletionRequest, schemas.CompletionRequest}
     requests |= {m for m in models if m.__name__.startswith("New")}

@@ -257,15 +257,39 @@ def health_paths() -> dict[str, Any]:
         "/healthz": {
             "get": op("health.healthz", HEALTH, "Liveness", {"200": answer("Alive", "alive")})
         },
+        "/livez": {
+            "get": op(
+                "health.livez",
+                HEALTH,
+                "Liveness: the process answers and no model or audit writer is wedged (what "
+                "systemd's watchdog checks); a probe that fails here should restart it",
+                {
+                    "200": answer("Liveness", "alive"),
+                    "503": answer("Liveness", "wedged: the problem says what"),
+                },
+            )
+        },
         "/readyz": {
             "get": op(
                 "health.readyz",
                 HEALTH,
-                "Readiness: every pinned model loaded, the audit log writable; every "
-                "model's state and memory",
+                "Readiness: every pinned model loaded, the audit log writable, not "
+                "draining; every model's state and memory",
                 {
                     "200": answer("Readiness", "ready"),
-                    "503": answer("Readiness", "not ready, with reasons"),
+                    "404": answer(
+                        "Readiness",
+                        "draining (SIGTERM or POST /admin/drain): send no new work "
+                        "(HAProxy's http-check disable-on-404)",
+                    ),
+                    "503": {
+                        "description": "not ready, with reasons; while the models load: Loading",
+                        "content": {
+                            "application/json": {
+                                "schema": {"anyOf": [ref("Readiness"), ref("Loading")]}
+                            }
+                        },
+                    },
                 },
             )
         },
@@ -351,6 +375,17 @@ def admin_paths() -> dict[str, Any]:
                 "Disable a user and end their sessions",
                 {"200": answer("UserDisabled", "disabled")} | oai_errors({404: "no such user"}),
                 params=[user],
+            )
+        },
+        "/admin/drain": {
+            "post": op(
+                "admin.drain",
+                ADMIN,
+                "Drain this box (/readyz 404: a balancer sends no new work; what runs "
+                "finishes; each answer closes its connection), or end a drain",
+                {"200": answer("DrainChange", "the drain state now")}
+                | oai_errors({400: "draining missing or not a boolean"}),
+                body=json_body("DrainRequest"),
             )
         },
         "/admin/users/{name}/password": {

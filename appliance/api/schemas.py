@@ -11,7 +11,6 @@ Temperature = Field(default=None, ge=0.0, le=2.0, description="0 is greedy decod
 TopP = Field(default=None, gt=0.0, le=1.0)
 Penalty = Field(default=None, ge=-2.0, le=2.0)
 Seed = Field(default=None, ge=-(2**63), lt=2**64)
-MaxTokens = Field(default=None, ge=1)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limits
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -121,8 +120,14 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = MaxTokens
-    max_completion_tokens: int | None = MaxTokens
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="The older name of max_completion_tokens."
+    )
+    max_completion_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="The most tokens the answer may have; give it or max_tokens, not both.",
+    )
     response_format: ResponseFormat | None = None
     appliance_grounding: GroundingRequest | None = Field(
         default=None,

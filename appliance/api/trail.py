@@ -26,7 +26,9 @@ from appliance.inference.audit_pair import AuditDown
 log = logging.getLogger(__name__)
 EXTENSION = "appliance.audit"
 # Probes carry no data and arrive every few seconds; auditing them would drown the log.
-UNAUDITED = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
+UNAUDITED = frozenset(
+    {"/healthz", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"}
+)
 
 
 def get_store(app: Flask) -> AuditStore:

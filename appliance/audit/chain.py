@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from appliance.audit import crypto
+from appliance.audit import crypto, merkle, witness
 from appliance.audit.records import FIELDS, GENESIS, record_hash
 
 CHECKPOINT_FORMAT = b"appliance-audit-checkpoint-v1\n"
@@ -116,6 +117,7 @@ class Report:
     external_checkpoints: int = 0
     incomplete: list[str] = field(default_factory=list)
     purged: dict[str, Any] | None = None  # through (seq), at (time), by (who): a purge
+    witnessed: dict[str, Any] | None = None  # witness, cosignatures, size, at: see below
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -362,17 +364,148 @@ def _check_purge(
     report.purged = {"through": cp.size, "at": cp.ts, "by": cp.purged_by}
 
 
+def _roots_at(
+    db: sqlite3.Connection, meta: dict[str, str], sizes: set[int]
+) -> tuple[dict[int, bytes], set[int]]:
+    """The Merkle root of the records at each of ``sizes``, in one pass over them (and
+    the sizes before a purge's cut whose roots the kept subtree hashes cannot give)."""
+    first = int(meta.get("anchor_seq", "0"))
+    known = witness.kept_nodes(meta)
+    roots: dict[int, bytes] = {}
+    unknown: set[int] = set()
+    tree = merkle.Tree(witness.leaf_reader(db.execute), first, known)
+    for size in sorted(s for s in sizes if s < first):
+        try:
+            roots[size] = tree.root(size)
+        except merkle.MissingNodes:
+            unknown.add(size)
+    later = sorted(s for s in sizes if s >= first)
+    if not later:
+        return roots, unknown
+    try:
+        frontier = merkle.Frontier.from_nodes(first, known)
+    except merkle.MissingNodes:
+        return roots, unknown | set(later)
+    wanted = iter(later)
+    size = next(wanted)
+    cursor = db.execute("SELECT hash FROM audit_records ORDER BY seq")
+    while True:
+        while size == frontier.size:
+            roots[size] = frontier.root()
+            size = next(wanted, -1)
+        rows = cursor.fetchmany(WALK_BATCH) if size > 0 else []
+        if not rows:
+            break
+        for (digest,) in rows:
+            frontier.append(merkle.record_leaf(str(digest)))
+            if frontier.size == size:
+                roots[size] = frontier.root()
+                size = next(wanted, -1)
+    return roots, unknown
+
+
+def check_witnessed(
+    db: sqlite3.Connection,
+    report: Report,
+    key: Ed25519PublicKey,
+    meta: dict[str, str],
+    cosigned_file: Path,
+    witness_key: str,
+) -> None:
+    """The cosignatures kept: each by the trusted witness on a checkpoint the trusted
+    key signed, none beyond the records (rolled back), and each root the Merkle root of
+    the records now (else they were rewritten after the witness saw them: a fork)."""
+    try:
+        trusted = witness.Verifier.parse(witness_key)
+    except ValueError as exc:
+        report.fail(None, "bad witness key", str(exc))
+        return
+    origin = witness.log_origin(meta.get("origin", ""))
+    entries, bad_lines = witness.read_cosigned(cosigned_file)
+    if bad_lines:
+        report.notes.append(f"unreadable cosignature lines: {', '.join(bad_lines)}")
+    mine = [e for e in entries if e.origin == origin]
+    if not mine:
+        if report.records or report.checkpoints:
+            report.fail(
+                None,
+                "not witnessed",
+                f"{cosigned_file} holds no checkpoint of this log cosigned by "
+                f"{trusted.name}: never witnessed, or the cosignatures were removed",
+            )
+        return
+    times: dict[int, int] = {}
+    for entry in mine:
+        if not entry.note.signed_by(origin, key):
+            report.fail(
+                entry.size,
+                "bad signature",
+                f"the witnessed checkpoint at size {entry.size} is not signed by the "
+                "trusted key for this log",
+            )
+            return
+        stamp = entry.note.cosigned_at(trusted)
+        if stamp is None:
+            report.fail(
+                entry.size,
+                "bad cosignature",
+                f"the checkpoint at size {entry.size} carries no valid cosignature of "
+                f"{trusted.name}",
+            )
+            return
+        times[entry.size] = max(stamp, times.get(entry.size, 0))
+    latest = max(mine, key=lambda e: (e.size, times[e.size]))
+    when = datetime.fromtimestamp(times[latest.size], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if latest.size > report.head_seq:
+        report.fail(
+            report.head_seq + 1,
+            "rolled back",
+            f"{trusted.name} cosigned {latest.size} records of this log at {when}; the "
+            f"log ends at {report.head_seq}: cut short, or an older copy",
+        )
+        return
+    roots, unknown = _roots_at(db, meta, {e.size for e in mine})
+    for entry in sorted(mine, key=lambda e: e.size):
+        if entry.size in unknown:
+            continue
+        if roots.get(entry.size) != entry.root:
+            at = datetime.fromtimestamp(times[entry.size], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            report.fail(
+                entry.size,
+                "forked",
+                f"records 1..{entry.size} are not those {trusted.name} cosigned at {at}: "
+                "rewritten after the witness saw them (re-signed by whoever holds the key)",
+            )
+            return
+    if unknown:
+        report.notes.append(
+            f"{len(unknown)} cosigned checkpoint(s) before the purge cut checked by "
+            "signature only: the purge kept no Merkle nodes for them"
+        )
+    if latest.size < report.head_seq:
+        report.notes.append(f"records {latest.size + 1}..{report.head_seq} are not witnessed yet")
+    report.witnessed = {
+        "witness": trusted.name,
+        "cosignatures": len(mine),
+        "size": latest.size,
+        "at": when,
+    }
+
+
 def verify(
     db_path: Path,
     public_key: Ed25519PublicKey | None,
     checkpoint_file: Path | None,
     trust_database_key: bool = False,
     without_external: bool = False,
+    witness_key: str = "",
+    cosigned_file: Path | None = None,
 ) -> Report:
     """Verify the log against a trusted public key and the external checkpoint file.
     Without the key (the database's own would let a forger re-sign) or without the file
     (holding this log's checkpoints: else a rollback cannot be caught) it fails, unless
-    ``trust_database_key`` or ``without_external`` says to go on, in the notes."""
+    ``trust_database_key`` or ``without_external`` says to go on, in the notes. With a
+    ``witness_key``, the cosignatures kept in ``cosigned_file`` are checked too."""
     report = Report()
     if not db_path.is_file():
         return report.fail(None, "missing", f"audit database {db_path} does not exist")
@@ -439,6 +572,8 @@ def verify(
                 report.notes.append(message)
             else:
                 report.fail(None, "no external checkpoints", message + " (--without-external)")
+        if report.ok and witness_key and cosigned_file is not None:
+            check_witnessed(db, report, public_key, meta, cosigned_file, witness_key)
     except Exception as exc:  # a damaged file must give a failed report, never a crash
         report.fail(None, "unreadable", f"the database cannot be read as an audit log: {exc}")
     finally:

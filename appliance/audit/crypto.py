@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from appliance.keyfiles import KeyFileError, check_private, write_private
+from appliance.keyfiles import KeyFileError, check_private, fsync_dir, write_private
 
 MASTER_CREDENTIAL = "audit-master-key"
 SIGNING_CREDENTIAL = "audit-signing-key"
@@ -119,7 +119,15 @@ def write_public_key(path: Path, key: Ed25519PublicKey) -> None:
     pem = key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    path.write_bytes(pem)
+    # Whole or not at all, and durable: a power cut on first start must not leave an
+    # empty key file that verification then trips on.
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import getpass
 import hmac
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -39,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select
 from sqlalchemy.pool import PoolProxiedConnection
 
-from appliance.audit import crypto
+from appliance.audit import crypto, witness
 from appliance.audit.chain import Checkpoint, append_to_file
 from appliance.audit.records import (
     FIELDS,
@@ -66,10 +67,21 @@ SEAL_WITHIN_SECONDS = 2.0
 # Checkpoint the WAL (off the commit path) after about this many pages were written to
 # it: ~1 MiB, which then stays allocated and is overwritten, never grown, by commits.
 WAL_CHECKPOINT_PAGES = 256
+# After a failed write the writer tries again (an empty checkpoint) this often, idle or
+# not, so that the log is found writable again, and /readyz ready, once the fault clears.
+RETRY_SECONDS = 1.0
+# How long a request whose records the writer has taken into a commit waits for that
+# commit past audit_write_timeout: the lock is held by then, only the fsync is left.
+CLAIMED_GRACE_SECONDS = 30.0
 
 
 class AuditUnavailable(Exception):
     """The audit log cannot take a record now; the request must not be served."""
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def utc_now() -> str:
@@ -139,12 +151,16 @@ class _Done:
     """Set once by the writer; waited on by the request threads. A bare lock, held
     until set: the cheapest hand-off between two threads Python has."""
 
-    __slots__ = ("_lock", "_set")
+    __slots__ = ("_lock", "_set", "abandoned", "claimed")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._set = False
+        # Under AuditStore._claims: the waiter gave up (its request was refused), or the
+        # writer took the records into a commit first (the waiter waits for its end).
+        self.abandoned = False
+        self.claimed = False
 
     def set(self) -> None:
         if not self._set:
@@ -183,6 +199,10 @@ class AuditStore:
         self.engine = open_engine(self.path)
         self.reader = open_engine(self.path, immediate=False)  # reads never hold the lock
         migrate(self.engine)
+        # The file the connections hold open. SQLite goes on writing to it when it is
+        # moved or deleted (its directory too), where nobody reads it: each write checks
+        # that the path still names it.
+        self._file = _file_id(self.path)
         self._data_keys: dict[str, bytes] = {}
         self._aead: dict[str, AESGCM] = {}  # the writer's cipher per data key
         self.master: bytes | None = None
@@ -198,6 +218,7 @@ class AuditStore:
         self._wal_pages = 0  # written to the WAL since the writer last checkpointed it
         # Who writes holds this: the writer thread, or a request thread writing its own.
         self._lock = threading.Lock()
+        self._claims = threading.Lock()  # a record is abandoned or committed, never both
         self._closed = False
         self._wal_asked = False  # a request thread asked the writer to copy the WAL back
         self._unflushed_uses: dict[str, int] = {}
@@ -243,7 +264,7 @@ class AuditStore:
             if self.master is not None and n_keys == 0:
                 self._new_data_key(_sa(conn))
         pub_path = self.settings.signing_public_key_path
-        if not pub_path.exists():
+        if not pub_path.exists() or pub_path.stat().st_size == 0:  # (empty: cut short)
             crypto.write_public_key(pub_path, public)
 
     def _digest_key(self) -> bytes:
@@ -322,11 +343,28 @@ class AuditStore:
     def wait(self, ticket: Ticket, timeout: float | None = None) -> int:
         """Block until the record is durable; its sequence number (0 for a checkpoint)."""
         limit = self.settings.audit_write_timeout if timeout is None else timeout
-        if not ticket.done.wait(limit):
+        # Late: refused, unless the writer already holds the record in a commit (then
+        # its end decides): a record written after its request was refused would say
+        # that it was served.
+        if not ticket.done.wait(limit) and (
+            self._abandon(ticket.done) or not ticket.done.wait(CLAIMED_GRACE_SECONDS)
+        ):
             raise AuditUnavailable(f"the audit record was not durable within {limit} s")
         if ticket.error is not None:
             raise AuditUnavailable(ticket.error)
         return ticket.seq or 0
+
+    def _abandon(self, done: _Done) -> bool:
+        """Give up on records the writer has not taken yet; False if it has."""
+        with self._claims:
+            done.abandoned = not done.claimed
+            return done.abandoned
+
+    def _claim(self, done: _Done) -> bool:
+        """Take records into the commit under way, unless their request was refused."""
+        with self._claims:
+            done.claimed = not done.abandoned
+            return done.claimed
 
     @property
     def alive(self) -> bool:
@@ -398,6 +436,22 @@ class AuditStore:
             self._db = db
         return self._db
 
+    def _check_in_place(self) -> None:
+        """Raise unless the audit database's path still names the file the writer holds
+        open: moved or deleted, SQLite would write on to a file nobody reads."""
+        try:
+            found = _file_id(self.path)
+        except OSError as exc:
+            raise AuditUnavailable(
+                f"the audit database {self.path} is not there (moved or removed while "
+                f"open): {exc.strerror}"
+            ) from None
+        if found != self._file:
+            raise AuditUnavailable(
+                f"the audit database {self.path} was replaced while open: restart the "
+                "service to open it"
+            )
+
     def _after_failure(self) -> None:
         """Roll back and keep the connection: closing what may be the last one would
         checkpoint and delete the WAL, and on a full disk the space that frees would
@@ -440,6 +494,9 @@ class AuditStore:
                     state.uses = 0
                 for p in entries:
                     assert p.entry is not None
+                    if not self._claim(p.done):  # its request was refused meanwhile
+                        p.error = "the request stopped waiting for its audit record"
+                        continue
                     last_ts = max(utc_now(), last_ts)
                     try:
                         row = self._seal_entry(db, p.entry, seq + 1, last_ts, head, key_id)
@@ -466,25 +523,34 @@ class AuditStore:
                     for used_key, count in unflushed.items():
                         db.execute(COUNT_USES, (count, used_key))
                     unflushed = {}
+                self._check_in_place()  # moved away: nothing goes into it
                 db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd here
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")  # what it wrote is not committed: not durable
                 raise
+            self._check_in_place()  # moved during the commit: its requests are refused
             state.seq, state.head, state.ts = seq, head, last_ts
             state.key_id, state.uses = key_id, state.uses + sealed_count
             self._since_checkpoint += len(rows)
             self._unflushed_uses = unflushed
-        except Exception as exc:  # disk full, read-only, locked: fail these requests
+        except Exception as exc:  # disk full, read-only, locked, moved: fail these requests
             self._cached = None
             self._after_failure()
-            self.healthy = False
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("audit write failed", extra={"error": self.last_error})
+            error = f"{type(exc).__name__}: {exc}"
+            if self.healthy or error != self.last_error:  # not once a second while it lasts
+                log.error("audit write failed", extra={"error": error})
+            self.healthy, self.last_error = False, error
             for p in batch:
                 p.seq, p.error = None, f"the audit log cannot be written: {self.last_error}"
                 p.done.set()
+            # Try again soon, idle or not: the fault may clear with no request to notice.
+            self._next_seal = time.monotonic() + RETRY_SECONDS
+            if threading.current_thread() is not self._thread:
+                self._queue.put([])  # the writer waits for the new time, not the old one
             return
+        if not self.healthy:
+            log.warning("audit log writable again", extra={"error": self.last_error})
         self.healthy, self.last_error = True, None
         for p in batch:  # durable: the requests may answer now
             if p.entry is not None:
@@ -636,11 +702,14 @@ class AuditStore:
                 self.origin, seq, head, utc_now(), self.key_fingerprint, purged_by=by
             ).signed(self.signing_key)
             append_to_file(self.settings.checkpoint_path, cut)
+            # What the Merkle tree keeps of the purged records: a few subtree hashes.
+            kept = witness.purge_nodes(self.settings, _sa(conn), seq)
             conn.execute(records.delete().where(records.c.seq <= seq))
             for name, value in (
                 ("anchor_seq", str(seq)),
                 ("anchor_head", head),
                 ("anchor_checkpoint", cut.line()),
+                ("merkle_nodes", kept),
             ):
                 conn.exec_driver_sql(DELETE_META, (name,))
                 conn.exec_driver_sql(INSERT_META, (name, value))
@@ -670,8 +739,9 @@ def local_actor() -> Actor:
 
 
 def record_admin(store: AuditStore, action: str, details: dict[str, Any]) -> int:
-    """An administrative action, done from the CLI, as an audit record."""
-    return store.append(
+    """An administrative action, done from the CLI, as an audit record; a high-value
+    one (purge, key rotation, promotion) is witnessed at once."""
+    seq = store.append(
         Entry(
             kind="admin",
             route=action,
@@ -681,3 +751,5 @@ def record_admin(store: AuditStore, action: str, details: dict[str, Any]) -> int
             actor=local_actor(),
         )
     )
+    witness.after_admin(store, action)
+    return seq

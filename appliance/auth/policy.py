@@ -15,6 +15,7 @@ WEB = frozenset({"admin", "clinician"})
 ROUTE_ROLES: dict[str, frozenset[str]] = {
     "health.healthz": PUBLIC,
     "health.readyz": PUBLIC,
+    "health.livez": PUBLIC,
     "openapi.openapi_json": PUBLIC,
     "web.static": PUBLIC,
     "web.favicon": PUBLIC,
@@ -47,6 +48,7 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
     "admin.add_user": ADMIN,
     "admin.disable_user": ADMIN,
     "admin.reset_password": ADMIN,
+    "admin.drain": ADMIN,
     "audit_api.verify": AUDIT,
     "audit_api.export": AUDIT,
 }

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,7 +18,7 @@ from appliance.cli.common import (
     record_action,
     settings_options,
 )
-from appliance.config import Settings
+from appliance.config import Settings, SettingsError
 
 
 @main.group()
@@ -61,8 +62,9 @@ def audit_verify(
 ) -> None:
     """Check every record, link and signature, and the database against the external
     checkpoints. Needs no decryption key, but a trusted public key and the external
-    checkpoint file (each can be waived, weakening the check). Exit 0 only when all
-    holds."""
+    checkpoint file (each can be waived, weakening the check). With witness_key set,
+    the witness's cosignatures too: each genuine, and each cosigned Merkle root that of
+    the records now. Exit 0 only when all holds."""
     from appliance.audit import chain, crypto
 
     key_path = public_key or settings.trusted_public_key_path
@@ -72,12 +74,16 @@ def audit_verify(
             trusted = crypto.load_public_key(key_path)
         except crypto.AuditKeyError as exc:
             raise click.ClickException(str(exc)) from None
+    from appliance.audit.witness import cosigned_path
+
     report = chain.verify(
         settings.audit_db_path,
         trusted,
         checkpoints or settings.checkpoint_path,
         trust_database_key=trust_database_key,
         without_external=without_external,
+        witness_key=settings.witness_key,
+        cosigned_file=cosigned_path(settings),
     )
     if as_json:
         print_json(report.as_dict())
@@ -88,6 +94,12 @@ def audit_verify(
                 f"{report.checkpoints} checkpoints, {report.external_checkpoints} "
                 "external checkpoints verified"
             )
+            if report.witnessed:
+                seen = report.witnessed
+                click.echo(
+                    f"witnessed: {seen['cosignatures']} cosignatures of {seen['witness']} "
+                    f"verified, the latest on {seen['size']} records at {seen['at']}"
+                )
         else:
             assert report.problem is not None
             where = f"at {report.problem.seq}" if report.problem.seq is not None else ""
@@ -221,6 +233,8 @@ def audit_purge(before: str, dry_run: bool, settings: Settings, as_json: bool) -
                     f"{preview['unknown_refusals']} refusals of unknown callers"
                 )
             return
+        if settings.witness_url:  # the witness sees every record before they go
+            _cosign(settings, store)
         last = store.purge_before(cutoff, local_actor().id or "local")
         record_action(store, "audit purge", {"before": cutoff, "purged_through": last})
     if as_json:
@@ -247,3 +261,59 @@ def audit_backup(dest: Path, settings: Settings, as_json: bool) -> None:
         print_json({"dest": str(dest), "pages": pages})
     else:
         click.echo(f"backed up to {dest} ({pages} pages)")
+
+
+def _cosign(settings: Settings, store: Any) -> bool:
+    """Cosign the log now; say why not on stderr."""
+    from appliance.audit.merkle import MissingNodes
+    from appliance.audit.witness import WitnessClient, WitnessError
+
+    try:
+        WitnessClient(settings, store).cosign()
+    except (WitnessError, MissingNodes) as exc:
+        click.echo(f"not witnessed: {exc}", err=True)
+        return False
+    return True
+
+
+@audit.command("log-key")
+@settings_options()
+@json_option
+def audit_log_key(settings: Settings, as_json: bool) -> None:
+    """This box's log as a witness knows it: its origin and its verifier key (vkey)."""
+    from appliance.audit.witness import log_origin, log_vkey
+
+    with audit_store(settings) as store:
+        origin = log_origin(store.origin)
+        vkey = log_vkey(origin, store.signing_key.public_key())
+    if as_json:
+        print_json({"origin": origin, "vkey": vkey})
+    else:
+        click.echo(f"origin {origin}\nvkey   {vkey}")
+
+
+@audit.command("cosign")
+@settings_options()
+@json_option
+def audit_cosign(settings: Settings, as_json: bool) -> None:
+    """Send the log's checkpoint to the witness now and keep its cosignature; exit 1
+    when the witness is away or refuses it (a rewritten or rolled-back log)."""
+    from appliance.audit.merkle import MissingNodes
+    from appliance.audit.witness import WitnessClient, WitnessError, WitnessRefused
+
+    if not settings.witness_url:
+        raise click.ClickException("no witness: set witness_url and witness_key")
+    with audit_store(settings) as store:
+        try:
+            cosigned = WitnessClient(settings, store).cosign()
+        except (WitnessError, MissingNodes, SettingsError) as exc:
+            refused = isinstance(exc, WitnessRefused)
+            if as_json:
+                print_json({"cosigned": False, "refused": refused, "error": str(exc)})
+            else:
+                click.echo(f"{'REFUSED' if refused else 'not witnessed'}: {exc}", err=True)
+            sys.exit(1)
+    if as_json:
+        print_json({"cosigned": True, "size": cosigned.size, "root": cosigned.root.hex()})
+    else:
+        click.echo(f"cosigned: {cosigned.size} records, root {cosigned.root.hex()}")

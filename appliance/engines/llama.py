@@ -18,7 +18,9 @@ the logits, and now and then a greedy choice) would depend on the neighbours.
 A slot keeps its tokens after its request ends; the next request with the same
 beginning (a conversation's next turn, a common system prompt) reuses them. A long
 beginning held by another slot is copied into a free one (that beats reading the
-tokens again from COPY_MIN_TOKENS on).
+tokens again from COPY_MIN_TOKENS on). A request takes the slot that costs least: what
+the slot reuses against the other conversation's cache it would destroy, so several
+conversations keep their caches side by side (one per slot) between turns.
 
 The model and its context are used by exactly one thread, the scheduler's; request
 threads only tokenize (which reads the vocabulary and nothing else).
@@ -63,7 +65,6 @@ llama_log.set_verbose(False)
 # llama.cpp's defaults for the parts of sampling the OpenAI API does not expose.
 TOP_K = 40
 MIN_P = 0.05
-PENALTY_LAST_N = 64
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 BATCH_TOKENS = 512  # most tokens one llama_decode takes
 # Prompt tokens one step may read while other streams wait for their next token: on a
@@ -327,14 +328,23 @@ class LlamaEngine:
     def busy_slots(self) -> int:
         return len(self._slots) - self.free_slots()
 
+    def kv_cells(self) -> tuple[int, int]:
+        """KV-cache cells held by running requests, and all cells (each slot has a
+        stream of context_size); what finished requests left is reusable, not held."""
+        held = sum(len(s.tokens) + len(s.run.pending) for s in self._slots if s.run is not None)
+        return held, len(self._slots) * self.info.n_ctx
+
     def _sampler(self, generation: Generation) -> internals.LlamaSampler:
         p = generation.params
         sampler = internals.LlamaSampler()
         if p.ignore_eos:
             sampler.add_logit_bias(self._n_vocab, {t: float("-inf") for t in self._eog})
         if p.presence_penalty or p.frequency_penalty:
+            # OpenAI's penalties count every token the answer has so far: the window is
+            # the whole answer (llama.cpp's default, the last 64, forgets older ones).
+            window = min(p.max_tokens, self.info.n_ctx)
             sampler.add_penalties(
-                self._n_vocab, PENALTY_LAST_N, 1.0, p.frequency_penalty, p.presence_penalty
+                self._n_vocab, window, 1.0, p.frequency_penalty, p.presence_penalty
             )
         if p.grammar is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(
@@ -348,8 +358,14 @@ class LlamaEngine:
             sampler.add_top_p(p.top_p, 1)
             sampler.add_min_p(MIN_P, 1)
             sampler.add_temp(p.temperature)
-            sampler.add_dist(RANDOM_SEED if p.seed is None else p.seed & 0xFFFFFFFF)
+            sampler.add_dist(RANDOM_SEED if p.seed is None else self._seed(p.seed))
         return sampler
+
+    @staticmethod
+    def _seed(seed: int) -> int:
+        """A request's seed (any 64-bit integer, negative too) as llama.cpp's 32-bit one,
+        never RANDOM_SEED: every seed, 2**32 - 1 and -1 included, is repeatable."""
+        return seed % RANDOM_SEED
 
     def _copy(self, source: int, target: int) -> bool:
         """Copy sequence `source`'s cells into `target`'s (emptied) stream, at the same
@@ -397,7 +413,16 @@ class LlamaEngine:
             raise RuntimeError("no free slot")
         busy = {s.seq for s in self._slots if s.run is not None}
         held = [common_prefix(s.tokens, prompt) for s in self._slots]  # by seq
-        slot = min(free, key=lambda s: (runs(busy | {s.seq}), -held[s.seq], s.seq))
+
+        # The slot that costs least: what it reuses (held) against what taking it
+        # destroys (its cache past the shared beginning: another conversation's, kept
+        # for its next turn). A conversation's next turn goes back to its own slot; a new
+        # one to an empty slot, else the one with least to lose, least recently used.
+        def cost(s: _Slot) -> tuple[int, int, int, int]:
+            lost = len(s.tokens) - held[s.seq]
+            return (runs(busy | {s.seq}), lost - held[s.seq], self._order.get(s.seq, 0), s.seq)
+
+        slot = min(free, key=cost)
         cached = held[slot.seq]
         donor = max(self._slots, key=lambda s: held[s.seq])
         shared = min(held[donor.seq], len(prompt) - 1)

@@ -57,6 +57,8 @@ def open_pair(
     record.content = {"input": body}
     if ctx.served_by is not None:  # a specialist: what answered, file by file
         record.content["served_by"] = ctx.served_by
+    if "conversation" in ctx.notes:  # the key a balancer hashes on (X-Conversation-Id)
+        record.content["conversation"] = ctx.notes["conversation"]
     if with_outcome:
         ctx.audit.deferred = record
         return

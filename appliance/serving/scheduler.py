@@ -11,6 +11,8 @@ request is a Job whose events the request thread reads from a queue.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import queue
@@ -24,6 +26,15 @@ from appliance.engines.base import Event, Failed, Finished, Generation, TextEngi
 from appliance.problems import Unavailable
 
 log = logging.getLogger(__name__)
+
+PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` where the OS shows threads (top -H, gdb, ps -L,
+    /proc/PID/task/TID/comm: 15 bytes). Python names its threads for itself alone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class QueueFull(Unavailable):
@@ -86,6 +97,7 @@ class ModelScheduler:
         self.completed = 0
         self.steps = 0  # engine steps, and what they carried: for the batch metrics
         self.batch_tokens = 0
+        self.kv_cells = (0, 0)  # KV cells held by running requests, and all of them
         self.batch_sequences = 0
         self._progress = time.monotonic()  # last step of the engine
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
@@ -114,7 +126,7 @@ class ModelScheduler:
         ahead = len(self._waiting) + self._running
         return max(1, min(600, math.ceil(self._avg_seconds * ahead / self.slots)))
 
-    def snapshot(self) -> dict[str, int | bool]:
+    def snapshot(self) -> dict[str, int | bool | float]:
         with self._cond:
             return {
                 "busy": self._running > 0,
@@ -127,17 +139,28 @@ class ModelScheduler:
                 "steps": self.steps,
                 "batch_tokens": self.batch_tokens,
                 "batch_sequences": self.batch_sequences,
+                **(
+                    {"kv_cache_usage": round(self.kv_cells[0] / self.kv_cells[1], 4)}
+                    if self.kv_cells[1]
+                    else {}
+                ),
             }
 
     def stalled(self, limit: float) -> str | None:
-        """Why this model looks wedged (its worker died, or a running request has made no
-        progress for `limit` seconds), or None."""
+        """Why this model looks wedged (its worker died, or it has had work and has not
+        turned its loop for `limit` seconds: a running request without an engine step, or
+        a waiting one it never took), or None. Takes no lock: the watchdog's check must
+        not wait on the loop it watches."""
         if not self._thread.is_alive():
             return f"the worker of model {self.name!r} has stopped"
-        with self._cond:
-            running = self._running
-        quiet = time.monotonic() - self._progress
-        if running and quiet > limit:
+        since = self._progress
+        if not self._running:
+            try:
+                since = max(since, self._waiting[0].submitted_at)
+            except IndexError:
+                return None  # nothing to do: idle is not wedged
+        quiet = time.monotonic() - since
+        if quiet > limit:
             return f"model {self.name!r} has made no progress for {quiet:.0f} s"
         return None
 
@@ -161,6 +184,7 @@ class ModelScheduler:
             if self._stopping:
                 return None
             taken = []
+            self._progress = time.monotonic()  # the loop turned
             while self._waiting and self._running < self.slots:
                 taken.append(self._waiting.popleft())
                 self._running += 1
@@ -182,6 +206,7 @@ class ModelScheduler:
             self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
 
     def _work(self) -> None:
+        name_os_thread(self._thread.name)
         while (taken := self._admit()) is not None:
             try:
                 for job in taken:
@@ -199,6 +224,9 @@ class ModelScheduler:
                 sequences = self.engine.busy_slots()
                 tokens = self.engine.step()
                 self._progress = time.monotonic()
+                cells = getattr(self.engine, "kv_cells", None)  # (held, all), if it says
+                if cells is not None:
+                    self.kv_cells = cells()
                 if tokens:
                     self.steps += 1
                     self.batch_tokens += tokens
@@ -241,7 +269,7 @@ class Admission:
             self._inside -= 1
             self.completed += 1
 
-    def snapshot(self) -> dict[str, int | bool]:
+    def snapshot(self) -> dict[str, int | bool | float]:
         with self._lock:
             inside = self._inside
         running = min(inside, self.slots)
