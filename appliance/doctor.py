@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 
 from appliance.audit import chain, crypto
+from appliance.audit.witness import cosigned_path
 from appliance.config import Settings, SettingsError
 from appliance.engines.kernels import AMX_FLAGS, cpu_flags
 from appliance.registry import (
@@ -209,7 +210,13 @@ def _audit(settings: Settings, quick: bool) -> Check:
         return Check("audit chain", "ok", "no audit log yet (made on first start)")
     pub = settings.trusted_public_key_path
     key = crypto.load_public_key(pub) if pub.exists() else None
-    report = chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
+    report = chain.verify(
+        settings.audit_db_path,
+        key,
+        settings.checkpoint_path,
+        witness_key=settings.witness_key,  # cosignatures too, when a witness is set
+        cosigned_file=cosigned_path(settings),
+    )
     if report.ok:
         return Check(
             "audit chain",

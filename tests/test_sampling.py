@@ -432,6 +432,13 @@ def test_max_completion_tokens_limits_the_answer(shared_server: Server, model_na
             "greater than or equal to 1",
         ),
         ({"max_completion_tokens": 2048}, "messages", "context_length_exceeded", "2048"),
+        # Over the appliance's limit: the error names the field the client sent.
+        (
+            {"max_completion_tokens": 100000},
+            "max_completion_tokens",
+            "invalid_value",
+            "max_completion_tokens is 100000",
+        ),
     ],
 )
 def test_max_completion_tokens_refusals(

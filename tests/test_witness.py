@@ -515,6 +515,8 @@ def test_the_server_cosigns_and_verify_checks_it(
         assert time.monotonic() - answered <= interval + 3
         metrics = server.http.get("/metrics").text
         assert "appliance_audit_witness_ok 1.0" in metrics
+        over_api = server.http.get("/audit/verify").json()  # what an auditor's tool sees
+        assert over_api["ok"] and over_api["witnessed"]["size"] >= head, over_api
         assert server.stop() == 0
         env_flags = ("--witness-key", w.vkey)
         checked = run_cli("audit", "verify", "--json", *env_flags, state=state_dir)

@@ -15,6 +15,7 @@ from appliance.api.schemas import _Strict
 from appliance.api.trail import get_store
 from appliance.audit import chain, crypto
 from appliance.audit.reader import ReadError, parse_time, records
+from appliance.audit.witness import cosigned_path
 from appliance.auth.guard import get_gate
 from appliance.auth.store import ROLES, AuthError
 from appliance.config import Settings
@@ -109,7 +110,13 @@ def drain() -> Response:
 def verify() -> Response:
     settings: Settings = current_app.config["APPLIANCE_SETTINGS"]
     key = crypto.load_public_key(settings.trusted_public_key_path)
-    report = chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
+    report = chain.verify(
+        settings.audit_db_path,
+        key,
+        settings.checkpoint_path,
+        witness_key=settings.witness_key,  # cosignatures too, when a witness is set
+        cosigned_file=cosigned_path(settings),
+    )
     return _json(report.as_dict(), 200)
 
 

@@ -142,6 +142,9 @@ def chat_completions() -> Response:
         body=body,
         messages=_chat_messages(req),
         max_tokens=req.max_completion_tokens or req.max_tokens,
+        max_tokens_param=(
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        ),
         json_mode=fmt is not None and fmt.type != "text",
         json_schema=fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
         stream=req.stream,

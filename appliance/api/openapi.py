@@ -255,6 +255,11 @@ def _answer_schemas() -> dict[str, dict[str, Any]]:
             external_checkpoints=INT,
             incomplete=_about("Requests with no outcome (cut off).", _list(STR)),
             purged=_maybe("object"),
+            witnessed=_about(
+                "With a witness key: the witness, the cosignatures checked, the largest "
+                "cosigned size and when; else null.",
+                _maybe("object"),
+            ),
             problem={
                 "anyOf": [_obj(seq=_maybe("integer"), kind=STR, detail=STR), {"type": "null"}]
             },

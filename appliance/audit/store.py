@@ -38,6 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 
 from appliance.audit import crypto, witness
@@ -588,7 +589,8 @@ class AuditStore:
         self._wal_pages, self._wal_asked = 0, False
         try:
             self._connect().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:  # e.g. a full disk: the records are safe in the WAL
+        except (sqlite3.Error, DBAPIError) as exc:  # a full disk, or no reconnecting:
+            # the records are safe in the WAL; the writer must live on to say so.
             log.warning("audit WAL checkpoint failed", extra={"error": str(exc)})
 
     def _seal_entry(

@@ -61,6 +61,7 @@ class ChatAsk:
     messages: list[dict[str, str]] | None = None
     prompt: str | list[int] | None = None
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # or max_completion_tokens: as the client sent it
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -150,9 +151,9 @@ class Pipeline:
         limit = self.settings.max_tokens
         if ask.max_tokens is not None and ask.max_tokens > limit:
             raise Invalid(
-                f"max_tokens is {ask.max_tokens}; this appliance allows at most {limit} "
-                "(setting max_tokens)",
-                param="max_tokens",
+                f"{ask.max_tokens_param} is {ask.max_tokens}; this appliance allows at most "
+                f"{limit} (setting max_tokens)",
+                param=ask.max_tokens_param,
                 code="invalid_value",
             )
         stops(ask.stop)
@@ -222,7 +223,8 @@ class Pipeline:
             max_tokens = min(limit, n_ctx - prompt_tokens, ask.default_max_tokens or limit)
         if prompt_tokens + max_tokens > n_ctx:
             raise Invalid(
-                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"the prompt has {prompt_tokens} tokens and {ask.max_tokens_param} is "
+                f"{max_tokens}: "
                 f"{prompt_tokens + max_tokens} tokens exceed the context window of "
                 f"{name}, {n_ctx} tokens",
                 param=where,
