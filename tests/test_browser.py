@@ -81,7 +81,16 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
     page = context.new_page()
     requests: list[str] = []
     bodies: list[dict[str, Any]] = []
+    keys: list[str | None] = []  # X-Conversation-Id each question was sent with
     page.on("request", lambda r: requests.append(r.url))
+    page.on(
+        "request",
+        lambda r: (
+            keys.append(r.headers.get("x-conversation-id"))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
     page.on(
         "request",
         lambda r: (
@@ -123,6 +132,13 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
     second = bodies[-1]["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[1]["content"] == first_answer  # the conversation goes along
+    # ... with the key its first answer carried, so a balancer keeps it on one box.
+    assert keys[0] is None and keys[1] is not None and keys[1].startswith("c-"), keys
+    page.click("#clear")
+    page.fill("#question", "Something new.")
+    page.click("#ask")
+    page.locator(".audit-id").first.wait_for(timeout=60000)
+    assert keys[2] is None  # a new conversation starts without one
 
     storage = page.evaluate("""async () => ({
         local: localStorage.length, session: sessionStorage.length,
@@ -289,7 +305,15 @@ def test_status_page_for_it(browser: Browser, web: Server) -> None:
         assert fragment in text
     rows = {r.split("\t")[0]: r for r in page.inner_text("table tbody").splitlines()}
     assert "unloaded" in rows["minilm-l6-v2"]  # nobody asked it anything
+    assert page.inner_text("#drain").startswith("Taking work")
     shot(page, "09-status")
+    try:  # a drained box says so where IT looks
+        web.http.post("/admin/drain", json={"draining": True, "reason": "kernel update"})
+        page.goto(f"{web.url}/status")
+        drain = page.inner_text("#drain")
+        assert drain.startswith("Draining since") and "kernel update" in drain, drain
+    finally:
+        web.http.post("/admin/drain", json={"draining": False})
     # The same header as the questions page: who, sign-out, and the way back.
     assert "it.admin" in page.inner_text("#user") and page.locator("#signout").count() == 1
     page.click("#nav-ask")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections import Counter
+from datetime import UTC, datetime
 
 from flask import (
     Blueprint,
@@ -210,8 +211,22 @@ def status() -> Response:
         memory=pool.budget_state(),
         checks=examine(settings, quick=True),
         audit={"writable": store.healthy, "error": store.last_error},
+        drain=_drain_view(),
     )
     return make_response(html)
+
+
+def _drain_view() -> dict[str, object]:
+    from appliance.api.health import get_drain
+
+    state = get_drain(current_app).state()
+    since = state["since"]
+    when = (
+        datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if isinstance(since, float)
+        else ""
+    )
+    return {**state, "since_text": when}
 
 
 @bp.get("/api")

@@ -20,6 +20,9 @@
   const status = document.getElementById("status");
 
   let history = []; // [{role, content}], in memory only
+  // The conversation's key, from its first answer: sent with every later turn, so that
+  // behind a balancer the conversation stays on the box that holds its beginning.
+  let conversationId = "";
   let models = {};
   let controller = null;
   let idleTimer = null;
@@ -31,6 +34,7 @@
 
   function clearConversation() {
     history = [];
+    conversationId = "";
     log.replaceChildren();
   }
 
@@ -212,7 +216,9 @@
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST",
-        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+        headers: Object.assign(
+          {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+          conversationId ? {"X-Conversation-Id": conversationId} : {}),
         // A bounded answer, sampled a little cooler than the API's default.
         body: JSON.stringify(Object.assign(
           {model: model, messages: history, stream: true, max_tokens: 512, temperature: 0.7},
@@ -232,6 +238,7 @@
       }
       const requestId = response.headers.get("X-Request-Id") || "";
       answer.dataset.requestId = requestId;
+      conversationId = response.headers.get("X-Conversation-Id") || conversationId;
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
