@@ -427,11 +427,17 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]
         if self._watchdog is not None:
             self._watchdog.stop()
         if self._stop_started is not None:
+            # The loop has stopped, but a request its bookkeeping no longer counted (one
+            # taken up in the last moment) may still be in a thread: it gets the rest of
+            # the grace period too, before the models and the audit log close under it.
+            deadline = self._stop_started + self.settings.shutdown_grace
+            while getattr(worker, "_busy", 0) > 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
             stop_log.info(
                 "drained",
                 extra={
                     "waited_seconds": round(time.monotonic() - self._stop_started, 3),
-                    "cut_off": requests_in_flight(worker),
+                    "cut_off": max(requests_in_flight(worker), getattr(worker, "_busy", 0)),
                 },
             )
         if getattr(worker, "wsgi", None) is not None:

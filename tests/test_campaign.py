@@ -57,6 +57,7 @@ FUZZ_CASES = {
     ("get", "/v2/health/ready"): 10,
     ("get", "/healthz"): 20,
     ("get", "/readyz"): 20,
+    ("get", "/livez"): 20,
     ("get", "/metrics"): 10,
     ("get", "/openapi.json"): 10,
     ("get", "/api"): 10,
@@ -65,7 +66,8 @@ FUZZ_CASES = {
     ("get", "/admin/users"): 10,
 }
 # Not fuzzed, each for its reason: what changes who may sign in or call (tokens, users,
-# sessions: covered by test_auth.py and test_admin_api), the pages a browser renders
+# sessions: covered by test_auth.py and test_admin_api), whether the box takes work (the
+# drain: test_fleet_contract.py), the pages a browser renders
 # (test_browser.py), the versioned /v2 spellings (the same views as the plain ones),
 # and the export (a stream of the whole log: test_audit_server.py).
 NOT_FUZZED = {
@@ -74,6 +76,7 @@ NOT_FUZZED = {
     ("post", "/admin/users"),
     ("post", "/admin/users/{name}/disable"),
     ("post", "/admin/users/{name}/password"),
+    ("post", "/admin/drain"),
     ("get", "/"),
     ("get", "/login"),
     ("post", "/login"),

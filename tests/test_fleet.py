@@ -62,12 +62,18 @@ def locust(rig: Fleet, seconds: int, users: int = 4) -> subprocess.Popen[bytes]:
     return proc
 
 
-def locust_totals(proc: subprocess.Popen[bytes]) -> dict[str, int]:
+def locust_totals(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     assert proc.wait(120) in (0, 1)  # 1: some requests failed (read on)
     path = Path(f"{proc.csv}_stats.csv")  # type: ignore[attr-defined]
     with path.open() as fh:
         row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
-    return {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"])}
+    with Path(f"{proc.csv}_failures.csv").open() as fh:  # type: ignore[attr-defined]
+        why = [f"{r['Occurrences']} x {r['Error']}" for r in csv.DictReader(fh)]
+    return {
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "why": why,
+    }
 
 
 def test_a_conversation_stays_on_one_box_and_finds_its_cache(rig: Fleet) -> None:
