@@ -7,6 +7,7 @@ files and real keys, no model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -141,6 +142,13 @@ def test_a_request_without_its_outcome_is_incomplete_not_tampering(tmp_path: Pat
     assert (report.records, report.incomplete) == (5, ["b"])
 
 
+def insert(conn: Any, forged: dict[str, Any]) -> None:
+    """Put a forged row in, as someone with write access to the file could."""
+    columns = ", ".join(forged)
+    marks = ", ".join("?" for _ in forged)
+    conn.execute(f"INSERT INTO audit_records ({columns}) VALUES ({marks})", tuple(forged.values()))
+
+
 def caught(report: Report, seq: int | None, kind: str, detail: str) -> None:
     assert report.ok is False  # what --json and /audit/verify say
     assert report.problem == Problem(seq, kind, detail)
@@ -190,11 +198,7 @@ def test_an_inserted_record_pushes_the_original_along(log: Settings) -> None:
         forged = row(conn, 7) | {"seq": 8, "request_id": "forged"}
         forged["prev_hash"] = row(conn, 7)["hash"]
         forged["hash"] = record_hash(forged)  # the forger knows the format
-        conn.execute(
-            f"INSERT INTO audit_records ({', '.join(forged)}) VALUES "
-            f"({', '.join('?' for _ in forged)})",
-            tuple(forged.values()),
-        )
+        insert(conn, forged)
     caught(
         verify(log),
         8,
@@ -222,11 +226,7 @@ def test_an_appended_record_that_does_not_link(log: Settings) -> None:
     with db(log) as conn:
         forged = row(conn, N) | {"seq": N + 1, "request_id": "forged", "prev_hash": "f" * 64}
         forged["hash"] = record_hash(forged)
-        conn.execute(
-            f"INSERT INTO audit_records ({', '.join(forged)}) VALUES "
-            f"({', '.join('?' for _ in forged)})",
-            tuple(forged.values()),
-        )
+        insert(conn, forged)
     caught(
         verify(log),
         N + 1,

@@ -178,6 +178,23 @@ def test_malformed_requests(client: FlaskClient) -> None:
     assert "99" in error_of(bad_length, 400)
 
 
+def serve_graph(tmp_path: Path, graph: Any, name: str) -> Iterator[tuple[Flask, dict[str, str]]]:
+    """An app with the ONNX graph imported as model ``name`` into a fresh state, and a
+    line token's header; closed after."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source = tmp_path / f"{name}.onnx"
+    source.write_bytes(model.SerializeToString())
+    settings = load_settings(env={}, overrides={"state_dir": tmp_path / "state"})
+    import_model(settings, source, name, domain="test")
+    app = create_app(settings)
+    store = AuthStore(settings)
+    token = store.create_token("t", "line")["token"]
+    store.close()
+    yield app, {"Authorization": f"Bearer {token}"}
+    close_app(app)
+
+
 @pytest.fixture
 def two_input_app(tmp_path: Path) -> Iterator[tuple[Flask, dict[str, str]]]:
     """A model with two inputs (FP32 x and y, BOOL mask) imported into a fresh state."""
@@ -197,18 +214,7 @@ def two_input_app(tmp_path: Path) -> Iterator[tuple[Flask, dict[str, str]]]:
             helper.make_tensor_value_info("flipped", TensorProto.BOOL, ["n"]),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    source = tmp_path / "pair.onnx"
-    source.write_bytes(model.SerializeToString())
-    settings = load_settings(env={}, overrides={"state_dir": tmp_path / "state"})
-    import_model(settings, source, "pair", domain="test")
-    app = create_app(settings)
-    store = AuthStore(settings)
-    token = store.create_token("t", "line")["token"]
-    store.close()
-    yield app, {"Authorization": f"Bearer {token}"}
-    close_app(app)
+    yield from serve_graph(tmp_path, graph, "pair")
 
 
 def test_missing_inputs_and_bool_data(two_input_app: tuple[Flask, dict[str, str]]) -> None:
@@ -253,18 +259,7 @@ def typed_app(tmp_path: Path) -> Iterator[tuple[Flask, dict[str, str]]]:
         [helper.make_tensor_value_info(f"in_{t}", p, ["n"]) for t, (p, _, _) in TYPED.items()],
         [helper.make_tensor_value_info(f"out_{t}", p, ["n"]) for t, (p, _, _) in TYPED.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    source = tmp_path / "typed.onnx"
-    source.write_bytes(model.SerializeToString())
-    settings = load_settings(env={}, overrides={"state_dir": tmp_path / "state"})
-    import_model(settings, source, "typed", domain="test")
-    app = create_app(settings)
-    store = AuthStore(settings)
-    token = store.create_token("t", "line")["token"]
-    store.close()
-    yield app, {"Authorization": f"Bearer {token}"}
-    close_app(app)
+    yield from serve_graph(tmp_path, graph, "typed")
 
 
 def test_every_datatype_round_trips_as_json_and_as_binary(
