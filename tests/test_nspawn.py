@@ -433,6 +433,14 @@ class Container:
         with contextlib.suppress(OSError):
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.console, ARTIFACTS / "console.log")
+        # The installer makes the checkpoint file append-only (chattr +a), which nobody,
+        # root included, can delete: lift it, or pytest cannot remove this copy and each
+        # run leaves ~3 GB behind (it filled this machine's disk once).
+        subprocess.run(
+            ["chattr", "-R", "-a", "-i", str(self.root / "var/log/appliance")],
+            capture_output=True,
+            timeout=60,
+        )
 
 
 @dataclass
