@@ -20,6 +20,7 @@ from appliance.engines.base import Event, Failed, Finished, Generation, Sampling
 from appliance.serving.scheduler import Admission, Job, ModelScheduler, QueueFull, Stopping
 
 from fakes import FakeChatEngine
+from helpers import wait_for
 
 STOPPING = "the appliance is stopping"
 
@@ -183,13 +184,22 @@ def test_a_request_the_loop_never_takes_is_a_stall(
     waiting = scheduler.submit(generation(tokens=1))
     assert scheduler.snapshot()["running"] == 0
     assert scheduler.stalled(1000) is None
-    deadline = time.monotonic() + 10
-    while (why := scheduler.stalled(0.05)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert why.startswith("model 'talk' has made no progress for ")
+    assert stall_reason(scheduler).startswith("model 'talk' has made no progress for ")
     engine.idle.set()
     assert outcome(waiting)[1] == Finished("length", 3, 1)
+
+
+def stall_reason(scheduler: ModelScheduler) -> str:
+    """What stalled() says once 0.05 s pass without progress (waited on, at most 10 s)."""
+    why: list[str | None] = [None]
+
+    def stalled() -> bool:
+        why[0] = scheduler.stalled(0.05)
+        return why[0] is not None
+
+    assert wait_for(stalled, 10)
+    assert why[0] is not None
+    return why[0]
 
 
 def test_past_slots_and_queue_a_request_is_refused_with_retry_after() -> None:
@@ -360,11 +370,7 @@ def test_stalled_names_a_dead_worker_and_a_request_without_progress(
     assert job.started.wait(10)
     assert scheduler.snapshot()["busy"]  # one request running is busy
     assert scheduler.stalled(1000) is None  # busy, within the limit
-    deadline = time.monotonic() + 10
-    while (why := scheduler.stalled(0.05)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert why.startswith("model 'talk' has made no progress for ")
+    assert stall_reason(scheduler).startswith("model 'talk' has made no progress for ")
     engine.hold.set()
     outcome(job)
     assert scheduler.stalled(1000) is None  # progress noted after the step too
