@@ -161,13 +161,27 @@ def _requantized(
 ) -> Path:
     """The wheel's file, checked against its own pin, requantized by llama.cpp; then
     the result installed only if it matches the manifest's pin."""
-    from appliance.quantize import requantize
+    from appliance import importance as importance_file
+    from appliance.quantize import QuantizeError, requantize
 
     assert fetch.requantize is not None and fetch.sha256 is not None
     source_pin = replace(manifest, file=fetch.source_file, sha256=fetch.sha256)
+    importance = None
+    if fetch.importance is not None:
+        assert fetch.importance_sha256 is not None
+        where = Path(manifest.origin).parent / fetch.importance
+        try:
+            importance = importance_file.load(where, fetch.importance_sha256)
+        except importance_file.ImportanceError as exc:
+            raise FetchError(f"{manifest.name}: {exc}; nothing installed") from None
     with tempfile.TemporaryDirectory(prefix="appliance-requantize-") as tmp:
         source = install_verified(member, described, source_pin, Path(tmp), progress)
-        result = requantize(source, Path(tmp) / manifest.file, fetch.requantize)
+        try:
+            result = requantize(
+                source, Path(tmp) / manifest.file, fetch.requantize, importance=importance
+            )
+        except QuantizeError as exc:
+            raise FetchError(f"{manifest.name}: {exc}; nothing installed") from None
         with result.open("rb") as fh:
             return install_verified(
                 fh, f"{described} requantized to {fetch.requantize}", manifest, model_dir

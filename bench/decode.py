@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from appliance.engines.llama import LlamaEngine, default_threads  # noqa: E402
 
-from helpers import CACHE  # noqa: E402
+from helpers import default_model_file  # noqa: E402
 
-MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
+MODEL = default_model_file()
 SIZES = (1, 2, 4, 8)
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from appliance.engines.kernels import cpu_model  # noqa: E402
 from tests.fleet import BOX_PORT, Fleet, fleet, served_by, wait_until  # noqa: E402
+from tests.helpers import default_model_file  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["press 4", "the paint robot", "line 2 torque", "the oven", "conveyor B", "the chiller"]
@@ -228,9 +229,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model = REPO / ".test-cache/models/SmolLM2-135M-Instruct.Q8_0.gguf"
-    if not model.exists():
-        model = REPO / ".test-cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = default_model_file()
     report: dict[str, Any] = {"cpu": cpu_model(), "model": model.name, "boxes": 3}
     for balance in ("hash", "roundrobin"):
         with (

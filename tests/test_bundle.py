@@ -80,7 +80,7 @@ def test_install_layout_rerun_and_upgrade(
         ).read_bytes()
     assert mode(state / "audit/audit.db") == 0o640
     assert {p.name for p in (state / "models").iterdir()} == {
-        "SmolLM2-135M-Instruct.Q8_0.gguf",
+        "SmolLM2-135M-Instruct.Q5_MIX.gguf",
         "line-anomaly.onnx",
     }
     verified = installed(root, "models", "verify", "--json")

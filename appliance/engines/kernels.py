@@ -150,7 +150,7 @@ def choose(setting: str, found: list[Variant], cpu_amx: bool) -> tuple[Variant, 
     )
 
 
-def _loaded(prefix: str) -> Path:
+def loaded_library(prefix: str) -> Path:
     """The file of the library libllama loaded (the wheel holds copies, not links, of
     libggml.so, .so.0 and .so.0.x: opening another copy would make a second registry)."""
     for line in Path("/proc/self/maps").read_text().splitlines():
@@ -165,7 +165,7 @@ def _ggml() -> ctypes.CDLL:
 
     _logger.set_verbose(False)  # llama.cpp's own lines; the choice is logged below
 
-    lib = ctypes.CDLL(str(_loaded("libggml.so")))
+    lib = ctypes.CDLL(str(loaded_library("libggml.so")))
     lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_load.restype = ctypes.c_void_p
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t

@@ -101,6 +101,10 @@ class _Run:
     emit: Callable[[Event], None]
     cancelled: Callable[[], bool]
     sampler: internals.LlamaSampler
+    # Plain greedy (temperature 0, no grammar, no penalties): the argmax of the logits,
+    # read in place; llama_sampler_sample would copy the whole vocabulary into a
+    # candidate array first (~0.17 ms a token, against ~0.02 for the argmax).
+    greedy: bool
     scanner: StopScanner
     pending: list[int]  # prompt tokens not yet read into the KV cache
     cached: int  # prompt tokens reused from the KV cache
@@ -362,6 +366,25 @@ class LlamaEngine:
         return sampler
 
     @staticmethod
+    def _plain_greedy(generation: Generation) -> bool:
+        """Whether the sampler chain is greedy alone (end tokens banned or not)."""
+        p = generation.params
+        penalties = p.presence_penalty or p.frequency_penalty
+        return p.temperature == 0.0 and p.grammar is None and not penalties
+
+    def _argmax(self, index: int, ignore_eos: bool) -> int:
+        """The greedy choice at batch position ``index``: the first of the highest
+        logits, as llama.cpp's greedy sampler takes it (end tokens left out when banned)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        token = int(logits.argmax())
+        if ignore_eos and token in self._eog_set:
+            masked = logits.copy()
+            masked[self._eog] = -np.inf
+            token = int(masked.argmax())
+        return token
+
+    @staticmethod
     def _seed(seed: int) -> int:
         """A request's seed (any 64-bit integer, negative too) as llama.cpp's 32-bit one,
         never RANDOM_SEED: every seed, 2**32 - 1 and -1 included, is repeatable."""
@@ -442,6 +465,7 @@ class LlamaEngine:
             emit=emit,
             cancelled=cancelled,
             sampler=self._sampler(generation),
+            greedy=self._plain_greedy(generation),
             scanner=StopScanner(generation.params.stop),
             pending=prompt[cached:],
             cached=cached,
@@ -515,7 +539,10 @@ class LlamaEngine:
         top = run.generation.params.logprobs
         # The model's own distribution, read before the sampler shapes it.
         logits = self._log_softmax(index) if top is not None else None
-        token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
+        if run.greedy:
+            token = self._argmax(index, run.generation.params.ignore_eos)
+        else:
+            token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop", flush=True)  # a partial stop string is text
             return
