@@ -60,48 +60,10 @@ QUESTIONS = [
 ]
 
 
-def perplexity(path: Path, threads: int) -> float:
-    import llama_cpp
-    import numpy as np
+def perplexity(path: Path, threads: int, text: Path = TEXT) -> float:
+    from appliance.engines.perplexity import perplexity as over
 
-    from appliance.engines import kernels
-
-    kernels.plan()
-
-    params = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    ctx_params = llama_cpp.llama_context_default_params()
-    ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = WINDOW
-    ctx_params.n_threads = ctx_params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    data = TEXT.read_bytes()
-    buf = (llama_cpp.llama_token * (len(data) + 8))()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
-    tokens = list(buf[:n])
-    batch = llama_cpp.llama_batch_init(WINDOW, 0, 1)
-    memory = llama_cpp.llama_get_memory(ctx)
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - WINDOW + 1, WINDOW):
-        window = tokens[start : start + WINDOW]
-        llama_cpp.llama_memory_clear(memory, True)
-        batch.n_tokens = len(window)
-        for i, token in enumerate(window):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), (WINDOW, n_vocab))
-        for i in range(WINDOW // 2, WINDOW - 1):
-            row = logits[i].astype(np.float64)
-            top = row.max()
-            nll += float(np.log(np.exp(row - top).sum()) + top - row[window[i + 1]])
-            count += 1
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
-    return float(np.exp(nll / count))
+    return over(path, text.read_bytes()[:12_000], threads, WINDOW)
 
 
 def run(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[str]]:
