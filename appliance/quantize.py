@@ -62,7 +62,6 @@ class Mix:
     how much each column's activations weigh), which llama.cpp's quantizers use to
     choose each block's scale; the model's manifest supplies it."""
 
-    description: str
     roles: dict[str, str]
     default: str
     file_type: str  # llama.cpp's LLAMA_FTYPE for general.file_type: the mix's main format
@@ -74,9 +73,9 @@ class Mix:
 
 _LAYERS_Q5 = ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 MIXES = {
+    # Every matrix of the layers in Q5_0 but attention's k and v, weighted by an importance
+    # matrix; attention's k and v and the embeddings in Q8_0.
     "Q5_MIX": Mix(
-        description="every matrix of the layers in Q5_0 but attention's k and v, weighted "
-        "by an importance matrix; attention's k and v and the embeddings in Q8_0",
         roles=dict.fromkeys(_LAYERS_Q5, "Q5_0"),
         default="Q8_0",
         file_type="LLAMA_FTYPE_MOSTLY_Q5_0",

@@ -5,8 +5,8 @@ file, same machine, same thread count, one run (issue #13).
 - Decode: aggregate tokens/s of 1, 4 and 8 clients streaming greedy chat completions
   (bench/llm.py's clients: a shared system prompt, distinct questions, ignore_eos,
   answers 0.5-1.5 x --max-tokens) through the appliance's API (4 parallel streams)
-  and through `llama-server -np 4`, level by level, each server measured right after
-  the other.
+  and through `llama-server -np 4`, level by level, the two servers measured in turn
+  --repeats times (A B, B A, A B: the host's drift falls on both), medians.
 - Prompt processing: `llama-bench -p 512 -n 0` against the appliance (and
   llama-server) reading a 512-token prompt (token ids through /v1/completions, new
   each time so that no prefix is reused) for one token of answer: prompt tokens / time
@@ -14,7 +14,7 @@ file, same machine, same thread count, one run (issue #13).
 
 Usage:
 
-    .venv/bin/python bench/peers.py [--model FILE] [--rounds 3] [--streams 1,4,8]
+    .venv/bin/python bench/peers.py [--model FILE] [--rounds 3] [--repeats 3] [--streams 1,4,8]
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each server a level")
     parser.add_argument("--context-size", type=int, default=2048)
     args = parser.parse_args()
     settings = load_settings(env={}, overrides={"state_dir": CACHE})
@@ -170,30 +171,39 @@ def main() -> None:
             targets = {"appliance": (ours.port, ours.token), "llama-server": (their_port, "-")}
             print(f"{'streams':>7} {'appliance tok/s':>16} {'llama-server tok/s':>19} {'ratio':>6}")
             for n in [int(x) for x in args.streams.split(",")]:
-                rates = {}
-                for label, (port, token) in targets.items():
+                measured: dict[str, list[float]] = {label: [] for label in targets}
+                for repeat in range(args.repeats):
+                    # A B, B A, A B...: the host's drift over minutes falls on both alike.
+                    order = list(targets) if repeat % 2 == 0 else list(reversed(targets))
+                    for label in order:
+                        port, token = targets[label]
 
-                    def call(
-                        i: int,
-                        k: int,
-                        port: int = port,
-                        token: str = token,
-                        label: str = label,
-                        n: int = n,
-                    ) -> dict[str, Any]:
-                        q = QUESTIONS[(i + k) % len(QUESTIONS)]
-                        return through_api(
-                            port,
-                            token,
-                            manifest.name,
-                            messages(q, f"{label}-{n}-{i}-{k}"),
-                            answer_length(args.max_tokens, i, k),
-                        )
+                        def call(
+                            i: int,
+                            k: int,
+                            port: int = port,
+                            token: str = token,
+                            label: str = label,
+                            n: int = n,
+                            repeat: int = repeat,
+                        ) -> dict[str, Any]:
+                            q = QUESTIONS[(i + k) % len(QUESTIONS)]
+                            return through_api(
+                                port,
+                                token,
+                                manifest.name,
+                                messages(q, f"{label}-{n}-{repeat}-{i}-{k}"),
+                                answer_length(args.max_tokens, i, k),
+                            )
 
-                    rates[label] = rate(clients(n, args.rounds, call))
+                        measured[label].append(rate(clients(n, args.rounds, call)))
+                rates = {label: statistics.median(v) for label, v in measured.items()}
+                spread = "  ".join(
+                    f"{label} " + "/".join(f"{x:.0f}" for x in v) for label, v in measured.items()
+                )
                 print(
                     f"{n:7d} {rates['appliance']:16.1f} {rates['llama-server']:19.1f} "
-                    f"{rates['appliance'] / rates['llama-server']:6.2f}",
+                    f"{rates['appliance'] / rates['llama-server']:6.2f}   ({spread})",
                     flush=True,
                 )
             ours_pp = statistics.median(
