@@ -162,3 +162,21 @@ def test_a_manifest_that_asks_for_an_unknown_format_is_refused() -> None:
         ManifestError, match=r"m\.toml \[fetch\]: requantize: format 'Q3_MIX' is not one"
     ):
         parse_manifest(data, "/x/m.toml")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"requantize": None}, r"importance is for requantizing; requantize is not set"),
+        ({"importance_sha256": "abc"}, r"importance needs importance_sha256 \(64 hex digits\)"),
+        ({"importance": "../keys/x.npz"}, r"file '\.\./keys/x\.npz' must be a plain file name"),
+    ],
+)
+def test_a_manifest_with_a_bad_importance_entry_is_refused(
+    change: dict[str, object], message: str
+) -> None:
+    data = tomllib.loads((builtin_manifest_dir() / "smollm2-135m-instruct.toml").read_text())
+    data["fetch"].update(change)
+    data["fetch"] = {k: v for k, v in data["fetch"].items() if v is not None}
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(data, "/x/m.toml")
