@@ -6,7 +6,10 @@ file, same machine, same thread count, one run (issue #13).
   (bench/llm.py's clients: a shared system prompt, distinct questions, ignore_eos,
   answers 0.5-1.5 x --max-tokens) through the appliance's API (4 parallel streams)
   and through `llama-server -np 4`, level by level, the two servers measured in turn
-  --repeats times (A B, B A, A B: the host's drift falls on both), medians.
+  --repeats times (A B, B A, A B: the host's drift falls on both), medians. Also each
+  stream's own decode speed while it answers (tokens after the first over the time from
+  first to last, median over answers): the aggregate counts the time between answers
+  too (the request, its audit record, the prompt), which this leaves out.
 - Prompt processing: `llama-bench -p 512 -n 0` against the appliance (and
   llama-server) reading a 512-token prompt (token ids through /v1/completions, new
   each time so that no prefix is reused) for one token of answer: prompt tokens / time
@@ -51,6 +54,16 @@ from llm import (  # noqa: E402
     rate,
     through_api,
 )
+
+
+def stream_rate(runs: list[dict[str, Any]]) -> float:
+    """Decode speed while answering: each answer's tokens after its first over the time
+    from its first to its last, median over the answers. Leaves out what `rate` counts
+    besides: the time between one answer and the next (the request, its audit record,
+    the prompt)."""
+    return statistics.median(
+        (len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0]) for r in runs
+    )
 
 
 def prompt_rate(port: int, token: str, model: str, tag: int) -> float:
@@ -172,6 +185,7 @@ def main() -> None:
             print(f"{'streams':>7} {'appliance tok/s':>16} {'llama-server tok/s':>19} {'ratio':>6}")
             for n in [int(x) for x in args.streams.split(",")]:
                 measured: dict[str, list[float]] = {label: [] for label in targets}
+                streaming: dict[str, list[float]] = {label: [] for label in targets}
                 for repeat in range(args.repeats):
                     # A B, B A, A B...: the host's drift over minutes falls on both alike.
                     order = list(targets) if repeat % 2 == 0 else list(reversed(targets))
@@ -196,14 +210,20 @@ def main() -> None:
                                 answer_length(args.max_tokens, i, k),
                             )
 
-                        measured[label].append(rate(clients(n, args.rounds, call)))
+                        runs = clients(n, args.rounds, call)
+                        measured[label].append(rate(runs))
+                        streaming[label].append(stream_rate(runs))
                 rates = {label: statistics.median(v) for label, v in measured.items()}
+                per_stream = {label: statistics.median(v) for label, v in streaming.items()}
                 spread = "  ".join(
                     f"{label} " + "/".join(f"{x:.0f}" for x in v) for label, v in measured.items()
                 )
                 print(
                     f"{n:7d} {rates['appliance']:16.1f} {rates['llama-server']:19.1f} "
-                    f"{rates['appliance'] / rates['llama-server']:6.2f}   ({spread})",
+                    f"{rates['appliance'] / rates['llama-server']:6.2f}   ({spread}); "
+                    f"one stream while answering {per_stream['appliance']:.1f} against "
+                    f"{per_stream['llama-server']:.1f} tok/s "
+                    f"({per_stream['appliance'] / per_stream['llama-server']:.2f})",
                     flush=True,
                 )
             ours_pp = statistics.median(

@@ -126,7 +126,8 @@ def test_the_specialist_learns_what_the_base_does_not_know(
     provenance = dict(adapter.adapter.provenance)
     kept = state / "training" / NAME / "data.jsonl"
     assert provenance["training_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
-    assert float(provenance["held_out_exact_after"]) == pytest.approx(report["held_out_after"])
+    # Written to three places, as the manifest shows it (28 of 30 is 0.933).
+    assert provenance["held_out_exact_after"] == f"{report['held_out_after']:.3f}"
     assert json.loads(provenance["hyperparameters"])["epochs"] == 4
     assert specialist.specialist.adapters == ((f"{NAME}-lora", 1.0),)
     assert (
