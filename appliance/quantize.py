@@ -1,5 +1,5 @@
 """Requantize a GGUF with llama.cpp's own quantizers: e.g. the shipped Q4_1 default into
-a format whose CPU kernels batch well (see README, "Models"). Quantization runs in
+a format whose CPU kernels batch well (README, "The default model's format"). It runs in
 llama.cpp's base library, not in the CPU kernel variants, so a pinned llama.cpp gives
 the same bytes on every machine, and the result's SHA-256 can be pinned too.
 
@@ -229,8 +229,12 @@ def requantize_mix(
     lib = _quantizer()
     data_start = aligned(directory.end)
     tmp = target.with_name(target.name + ".part")
-    with source.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as src:
-        with tmp.open("wb") as out:
+    try:
+        with (
+            source.open("rb") as fh,
+            mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as src,
+            tmp.open("wb") as out,
+        ):
             out.write(header)
             for (tensor, ne, old, new, _), (_, _, _, at) in zip(
                 plan, directory.tensors, strict=True
@@ -243,6 +247,9 @@ def requantize_mix(
                 out.write(data)
                 out.write(bytes(aligned(len(data)) - len(data)))
         tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half written is left behind
+        raise
     return target
 
 

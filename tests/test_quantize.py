@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import importance
+from appliance import importance, quantize
 from appliance.engines.llama import default_threads
 from appliance.engines.perplexity import perplexity
 from appliance.fetch import FetchError, fetch_default
@@ -180,3 +180,15 @@ def test_a_manifest_with_a_bad_importance_entry_is_refused(
     data["fetch"] = {k: v for k, v in data["fetch"].items() if v is not None}
     with pytest.raises(ManifestError, match=message):
         parse_manifest(data, "/x/m.toml")
+
+
+def test_a_requantizing_that_fails_midway_leaves_nothing(
+    shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights: dict[str, np.ndarray]
+) -> None:
+    def broken(*args: object) -> bytes:
+        raise QuantizeError("llama.cpp wrote 0 bytes for a tensor of 1")
+
+    monkeypatch.setattr(quantize, "_quantize", broken)
+    with pytest.raises(QuantizeError, match="wrote 0 bytes"):
+        requantize(shipped, tmp_path / "x.gguf", "Q5_MIX", importance=weights)
+    assert not list(tmp_path.iterdir())
