@@ -71,6 +71,7 @@ BATCH_TOKENS = 512  # most tokens one llama_decode takes
 # 2-core CPU a prompt token costs ~3.5 ms, so such a step holds them back ~0.5 s at most.
 PROMPT_TOKENS_PER_STEP = 128
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+MAX_VIEWS = 64  # logits views kept (one a slot's row, a few times over)
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
 MARK = "\ue000"  # a private-use character: stands for a message's content in the template
 
@@ -209,6 +210,8 @@ class LlamaEngine:
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._buffer = ctypes.create_string_buffer(64)
+        self._pieces: dict[int, bytes] = {}  # token -> its text, as answers use it
+        self._views: dict[int, np.ndarray] = {}  # see _logits
         self._add_bos = self._model.add_bos_token()
         self._eog = [
             t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
@@ -372,11 +375,24 @@ class LlamaEngine:
         penalties = p.presence_penalty or p.frequency_penalty
         return p.temperature == 0.0 and p.grammar is None and not penalties
 
+    def _logits(self, index: int) -> np.ndarray:
+        """The logits at batch position ``index``: a view of llama.cpp's output buffer,
+        read before the next step. Views are kept by address (making one costs more
+        than the argmax over it); the buffer's rows sit at the same few addresses step
+        after step, and a view is only ever used for the address llama.cpp just gave."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        address = ctypes.addressof(pointer.contents)
+        view = self._views.get(address)
+        if view is None:
+            if len(self._views) >= MAX_VIEWS:  # the buffer moved: forget the old rows
+                self._views.clear()
+            view = self._views[address] = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        return view
+
     def _argmax(self, index: int, ignore_eos: bool) -> int:
         """The greedy choice at batch position ``index``: the first of the highest
         logits, as llama.cpp's greedy sampler takes it (end tokens left out when banned)."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        logits = self._logits(index)
         token = int(logits.argmax())
         if ignore_eos and token in self._eog_set:
             masked = logits.copy()
@@ -543,7 +559,7 @@ class LlamaEngine:
             token = self._argmax(index, run.generation.params.ignore_eos)
         else:
             token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if token in self._eog_set:
             self._finish(slot, "stop", flush=True)  # a partial stop string is text
             return
         run.produced += 1
@@ -566,8 +582,7 @@ class LlamaEngine:
 
     def _log_softmax(self, index: int) -> np.ndarray:
         """Log-probabilities over the vocabulary at batch position ``index``."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+        logits = self._logits(index).astype(np.float64)
         peak = logits.max()
         result: np.ndarray = logits - (peak + np.log(np.exp(logits - peak).sum()))
         return result
@@ -580,6 +595,12 @@ class LlamaEngine:
         return tuple((self._piece(int(t)), float(logprobs[t])) for t in best)
 
     def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._read_piece(token)
+        return piece
+
+    def _read_piece(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(
             self._vocab, token, self._buffer, len(self._buffer), 0, False
         )
