@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.audit import chain, crypto
 from appliance.audit.chain import Checkpoint, Report
@@ -47,9 +47,12 @@ def log(tmp_path: Path) -> Settings:
     return settings
 
 
+def public(settings: Settings) -> Ed25519PublicKey:
+    return crypto.load_public_key(settings.signing_public_key_path)
+
+
 def verify(settings: Settings) -> Report:
-    key = crypto.load_public_key(settings.signing_public_key_path)
-    return chain.verify(settings.audit_db_path, key, settings.checkpoint_path)
+    return chain.verify(settings.audit_db_path, public(settings), settings.checkpoint_path)
 
 
 def db(settings: Settings) -> sqlite3.Connection:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from test_audit_chain import N, db, fill, make_settings, row, verify
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_audit_chain import N, db, fill, make_settings, public, row, verify
 
 from appliance.audit import chain, crypto, witness
 from appliance.audit.chain import Checkpoint, Problem, Report
@@ -96,10 +96,6 @@ def log(tmp_path: Path) -> Settings:
     settings = make_settings(tmp_path / "state")
     fill(settings, 1, N)
     return settings
-
-
-def public(settings: Settings) -> Ed25519PublicKey:
-    return crypto.load_public_key(settings.signing_public_key_path)
 
 
 def test_a_sound_log_reports_its_figures(log: Settings) -> None:
