@@ -92,6 +92,16 @@ def scheduler(engine: Recording) -> Iterator[ModelScheduler]:
     scheduler.stop()
 
 
+def take_the_slots(engine: Recording, scheduler: ModelScheduler, tokens: int) -> list[Job]:
+    """The scheduler started with the engine held mid-step, and a request of ``tokens``
+    running in each of its slots."""
+    engine.hold.clear()
+    scheduler.start()
+    running = [scheduler.submit(generation(tokens=tokens)) for _ in range(scheduler.slots)]
+    assert all(job.started.wait(10) for job in running)
+    return running
+
+
 def test_slots_run_together_and_the_oldest_waiting_request_goes_first(
     engine: Recording, scheduler: ModelScheduler
 ) -> None:
@@ -229,10 +239,7 @@ def test_past_slots_and_queue_a_request_is_refused_with_retry_after() -> None:
 def test_running_requests_count_as_ahead_in_retry_after(
     engine: Recording, scheduler: ModelScheduler
 ) -> None:
-    engine.hold.clear()
-    scheduler.start()
-    running = [scheduler.submit(generation(tokens=1)) for _ in range(2)]
-    assert all(job.started.wait(10) for job in running)
+    running = take_the_slots(engine, scheduler, tokens=1)
     waiting = [scheduler.submit(generation(tokens=1)) for _ in range(2)]
     snapshot = scheduler.snapshot()
     assert (snapshot["running"], snapshot["queued"]) == (2, 2)
@@ -330,10 +337,7 @@ def test_an_engine_error_fails_the_running_requests_and_the_worker_goes_on(
 def test_stopping_ends_running_and_waiting_requests(
     engine: Recording, scheduler: ModelScheduler
 ) -> None:
-    engine.hold.clear()
-    scheduler.start()
-    running = [scheduler.submit(generation(tokens=5)) for _ in range(2)]
-    assert all(job.started.wait(10) for job in running)
+    running = take_the_slots(engine, scheduler, tokens=5)
     waiting = scheduler.submit(generation(tokens=5))
     stopper = threading.Thread(target=scheduler.stop)
     stopper.start()
