@@ -41,6 +41,24 @@ def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
+# Stands for the text while a chunk's template is made: a served model's name (the only
+# text from the client in a chunk) cannot hold a NUL.
+_MARK_TEXT = "\x00appliance-text\x00"
+_MARK = json.dumps(_MARK_TEXT).encode()
+
+
+def text_chunks(data: dict[str, Any]) -> Callable[[str], bytes] | None:
+    """Chunks that differ only in their text, made without serializing the rest each
+    time (a streamed token's share of the request thread's work, which on a small box
+    competes with the model's threads): the same bytes as ``sse`` with the text in
+    place of the mark. None if the mark is not there exactly once."""
+    whole = sse(data)
+    if whole.count(_MARK) != 1:
+        return None
+    head, tail = whole.split(_MARK)
+    return lambda text: head + json.dumps(text).encode() + tail
+
+
 def _chunks(
     run: ChatRun, chunk: dict[str, Any], put_text: PutText, include_usage: bool, first: bytes
 ) -> Iterator[bytes]:
@@ -51,10 +69,19 @@ def _chunks(
         if first:
             yield first
         usage_key = {"usage": None} if include_usage else {}
+        # Without log-probabilities a text chunk depends on its text alone.
+        plain = (
+            text_chunks({**chunk, "choices": [put_text(_MARK_TEXT, None, ())], **usage_key})
+            if run.job.generation.params.logprobs is None
+            else None
+        )
         for event in events:
             if event is None:
                 yield b": keep-alive\n\n"
             elif isinstance(event, TextDelta):
+                if plain is not None and not event.tokens:
+                    yield plain(event.text)
+                    continue
                 yield sse(
                     {**chunk, "choices": [put_text(event.text, None, event.tokens)], **usage_key}
                 )

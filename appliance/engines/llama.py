@@ -74,6 +74,12 @@ KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 MAX_VIEWS = 64  # logits views kept (one a slot's row, a few times over)
 COPY_MIN_TOKENS = 16  # a stream copy costs about what reading a few tokens does
 MARK = "\ue000"  # a private-use character: stands for a message's content in the template
+# llama_get_logits_ith giving the row's address as an int: the binding's POINTER(c_float)
+# result (a pointer object, then its contents for the address) costs a streamed token
+# more than the argmax over the row does.
+_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+    ("llama_get_logits_ith", llama_cpp.llama_cpp._lib)
+)
 
 
 def default_threads() -> int:
@@ -380,13 +386,15 @@ class LlamaEngine:
         read before the next step. Views are kept by address (making one costs more
         than the argmax over it); the buffer's rows sit at the same few addresses step
         after step, and a view is only ever used for the address llama.cpp just gave."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        address = ctypes.addressof(pointer.contents)
+        address = _logits_address(self._ctx.ctx, index)
         view = self._views.get(address)
         if view is None:
+            if not address:
+                raise RuntimeError(f"llama.cpp has no logits at batch position {index}")
             if len(self._views) >= MAX_VIEWS:  # the buffer moved: forget the old rows
                 self._views.clear()
-            view = self._views[address] = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+            row = (ctypes.c_float * self._n_vocab).from_address(address)
+            view = self._views[address] = np.ctypeslib.as_array(row)
         return view
 
     def _argmax(self, index: int, ignore_eos: bool) -> int:

@@ -15,6 +15,8 @@ class StopScanner:
     def feed(self, piece: bytes) -> tuple[str, bool]:
         """Add a token's bytes; return the text now safe to emit and whether a stop
         string was reached (the stop string itself is never emitted)."""
+        if not self.stops:  # nothing to hold back but a character's first bytes
+            return self.decoder.decode(piece), False
         self.pending += self.decoder.decode(piece)
         cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

@@ -26,6 +26,7 @@ from appliance.engines.base import Event, Failed, Finished, Generation, TextEngi
 from appliance.problems import Unavailable
 
 log = logging.getLogger(__name__)
+ENDS = (Finished, Failed)  # a job's last event
 
 PR_SET_NAME = 15
 
@@ -178,6 +179,11 @@ class ModelScheduler:
     def _admit(self) -> list[Job] | None:
         """Waiting jobs for the free slots (oldest first); waits while there is nothing
         at all to do; None when stopping."""
+        if self._running and not self._waiting and not self._stopping:
+            # Mid-answer with nobody waiting, the common case, costs no lock: only this
+            # thread changes _running, and a request that comes now is taken next step.
+            self._progress = time.monotonic()
+            return []
         with self._cond:
             while not self._waiting and not self._running and not self._stopping:
                 self._cond.wait()
@@ -193,10 +199,23 @@ class ModelScheduler:
     def _emitter(self, job: Job) -> Callable[[Event], None]:
         def emit(event: Event) -> None:
             job.events.put(event)
-            if isinstance(event, Finished | Failed):
+            if isinstance(event, ENDS):
                 self._done(job)
 
         return emit
+
+    def _start(self, taken: list[Job]) -> None:
+        for job in taken:
+            emit = self._emitter(job)
+            if job.cancelled.is_set():
+                emit(Finished("cancelled", len(job.generation.prompt_tokens), 0))
+                continue
+            job.started.set()
+            try:
+                self.engine.admit(job.generation, emit, job.cancelled.is_set)
+            except Exception as exc:
+                log.exception("request could not be admitted")
+                emit(Failed(f"the model could not take the request: {exc}"))
 
     def _done(self, job: Job) -> None:
         elapsed = time.monotonic() - job.submitted_at
@@ -207,24 +226,15 @@ class ModelScheduler:
 
     def _work(self) -> None:
         name_os_thread(self._thread.name)
+        cells = getattr(self.engine, "kv_cells", None)  # (held, all), if it says
         while (taken := self._admit()) is not None:
             try:
-                for job in taken:
-                    emit = self._emitter(job)
-                    if job.cancelled.is_set():
-                        emit(Finished("cancelled", len(job.generation.prompt_tokens), 0))
-                        continue
-                    job.started.set()
-                    try:
-                        self.engine.admit(job.generation, emit, job.cancelled.is_set)
-                    except Exception as exc:
-                        log.exception("request could not be admitted")
-                        emit(Failed(f"the model could not take the request: {exc}"))
-                self._progress = time.monotonic()
+                if taken:
+                    self._start(taken)
+                    self._progress = time.monotonic()
                 sequences = self.engine.busy_slots()
                 tokens = self.engine.step()
                 self._progress = time.monotonic()
-                cells = getattr(self.engine, "kv_cells", None)  # (held, all), if it says
                 if cells is not None:
                     self.kv_cells = cells()
                 if tokens:
