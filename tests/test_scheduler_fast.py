@@ -143,6 +143,21 @@ def test_no_more_run_at_once_than_the_model_has_slots(
         assert outcome(job)[1] == Finished("length", 3, 1)
 
 
+def test_a_request_that_comes_mid_answer_joins_the_batch_at_once(
+    engine: Recording, scheduler: ModelScheduler
+) -> None:
+    """A free slot is taken at the next step, not when the running answers end (the
+    loop takes no lock mid-answer: it must still see the newcomer)."""
+    scheduler.start()
+    long = scheduler.submit(generation(tokens=10**9))
+    assert long.started.wait(10)
+    short = scheduler.submit(generation(tokens=2))
+    assert outcome(short)[1] == Finished("length", 3, 2)
+    assert scheduler.snapshot()["running"] == 1  # the long answer still runs beside it
+    long.cancel()
+    assert outcome(long, timeout=60)[1].reason == "cancelled"
+
+
 def test_the_worker_is_a_named_daemon_thread(scheduler: ModelScheduler) -> None:
     """Named for the model in thread dumps, log records and where the OS lists threads
     (top -H, ps -L: 15 bytes); a daemon, so a model stuck in a step never keeps the

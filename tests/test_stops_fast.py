@@ -65,3 +65,12 @@ def test_a_character_cut_off_at_the_end_is_flushed_as_a_replacement() -> None:
     scanner = StopScanner(())
     assert scanner.feed(b"a" + "€".encode()[:2]) == ("a", False)
     assert scanner.flush() == "\ufffd"
+
+
+def test_a_character_split_across_tokens_is_joined_with_or_without_stops() -> None:
+    euro = "€".encode()
+    for stops in ((), ("END",)):
+        scanner = StopScanner(stops)
+        assert scanner.feed(b"a" + euro[:1]) == ("a", False)
+        assert scanner.feed(euro[1:2]) == ("", False)
+        assert scanner.feed(euro[2:] + b"!") == ("€!", False)

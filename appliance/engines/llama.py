@@ -78,7 +78,7 @@ MARK = "\ue000"  # a private-use character: stands for a message's content in th
 # result (a pointer object, then its contents for the address) costs a streamed token
 # more than the argmax over the row does.
 _logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
-    ("llama_get_logits_ith", llama_cpp.llama_cpp._lib)
+    ("llama_get_logits_ith", ctypes.CDLL(str(kernels.loaded_library("libllama.so"))))
 )
 
 
