@@ -8,6 +8,7 @@ It rides on ``flask.g`` as the one attribute ``g.ctx``.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class RequestContext:
     usage: Usage = field(default_factory=Usage)
     first_token_at: float | None = None  # perf_counter of the answer's first token
     client_disconnected: bool = False
+    # Set when the client has gone before its answer began (a stream still routing or
+    # loading): what was started for it stops at the next token.
+    gone: threading.Event = field(default_factory=threading.Event)
     # A stream that began (with keep-alive comments) before its model had loaded: its
     # outcome, or the problem that ended it, is known only when the stream ends.
     deferred_stream: bool = False

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,48 @@ def test_a_routed_stream_ends_with_the_decision(
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text == REFERRAL
     assert events[-1]["appliance_route"]["outcome"] == "referral"
+
+
+def test_a_routed_stream_whose_client_leaves_stops_its_models(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any], default_model: Manifest
+) -> None:
+    """The client leaves while the route still runs (it has read only the first
+    keep-alive comment): the model running for it stops at the server's next keep-alive,
+    no further model runs, and the records say cancelled."""
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
+    asked = 1500  # ~15 s of answer on these boxes, if nothing stopped it
+    body = {
+        "model": ROUTE,
+        "messages": [{"role": "user", "content": OFF_DOMAIN}],
+        "max_tokens": asked,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        request_id = resp.headers["X-Request-Id"]
+        assert next(resp.iter_lines()).startswith(": routing")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = [r for r in audit(state) if r["request_id"] == request_id]
+        if any(r["kind"] == "outcome" for r in rows):
+            break
+        time.sleep(0.5)
+    outcome = next(r for r in rows if r["kind"] == "outcome")
+    route = outcome["content"]["route"]
+    assert (route["answered_by"], route["outcome"]) == ("cancelled", "cancelled")
+    [tried] = route["tried"]  # the generalist, stopped: nothing ran after it
+    assert tried["model"] == default_model.name and tried["finish_reason"] == "cancelled"
+    assert tried["completion_tokens"] < asked // 2
+    assert outcome["finish_reason"] == "cancelled"
+    assert outcome["completion_tokens"] == tried["completion_tokens"]
+    metrics = server.http.get("/metrics").text
+    assert re.search(
+        r"appliance_route_answers_total\{"
+        rf'answered_by="cancelled",outcome="cancelled",route="{ROUTE}"\}} 1',
+        metrics,
+    ), metrics
 
 
 def hand_grade(answer: str, expected: str) -> bool:

@@ -177,8 +177,8 @@ class _StateCollector(Collector):
         answers = CounterMetricFamily(
             "appliance_route_answers",
             "Routed answers by route, the model that answered (or referral) and outcome: "
-            "specialist, generalist (off-domain), fallback (specialist not confident) or "
-            "referral (neither confident).",
+            "specialist, generalist (off-domain), fallback (specialist not confident), "
+            "referral (neither confident) or cancelled (the client left a stream first).",
             labels=["route", "answered_by", "outcome"],
         )
         router = get_router(self.app)

@@ -178,9 +178,10 @@ def stream_after_load(
             yield from _chunks(run, chunk, put_text, include_usage, first)
         finally:
             if not ended:
-                # The client left while the model loaded: wait for the pipeline, then
-                # cancel what it started, so that the model is free and the audit pair
-                # closes (as cancelled).
+                # The client left while the model loaded (or the route ran): the
+                # pipeline stops what it runs, then what it started is cancelled, so
+                # that the model is free and the audit pair closes (as cancelled).
+                ctx.gone.set()
                 worker.join()
                 late: ChatRun | None = outcome.get("run")
                 if late is not None:

@@ -40,6 +40,8 @@ from appliance.routing.spec import Route, RouteTable
 from appliance.serving.scheduler import Job
 
 REFERRAL = "referral"
+CANCELLED = "cancelled"  # the client went away before the route had decided
+GONE_POLL_SECONDS = 0.25  # how often a running attempt checks that its client is there
 
 
 def confidence(logprobs: Sequence[float]) -> float:
@@ -107,7 +109,7 @@ class Decision:
     domain: str | None  # the specialist whose domain the question is in, if any
     attempts: list[Attempt] = field(default_factory=list)
     answered_by: str = REFERRAL
-    outcome: str = REFERRAL  # specialist | generalist | fallback | referral
+    outcome: str = REFERRAL  # specialist | generalist | fallback | referral | cancelled
 
     def public(self) -> dict[str, Any]:
         return {
@@ -218,6 +220,9 @@ class Router:
         for model, threshold in plan:
             attempt = self.attempt(ctx, replace(ask, model=model), threshold)
             decision.attempts.append(attempt)
+            if ctx.gone.is_set():  # nobody to answer: no further model runs
+                decision.answered_by = decision.outcome = CANCELLED
+                break
             if attempt.confident:
                 decision.answered_by = model
                 if model != route.generalist:
@@ -240,7 +245,12 @@ class Router:
             tokens: list[Any] = []
             try:
                 while True:
-                    event = job.events.get()
+                    try:
+                        event = job.events.get(timeout=GONE_POLL_SECONDS)
+                    except queue.Empty:
+                        event = None  # still reading the prompt, or waiting for a slot
+                    if ctx.gone.is_set():
+                        job.cancel()  # ends as cancelled at the next token
                     if isinstance(event, TextDelta):
                         texts.append(event.text)
                         tokens.extend(event.tokens)
