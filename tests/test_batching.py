@@ -130,6 +130,31 @@ def test_kv_cache_is_not_resident_until_used(server: Server, model_name: str) ->
 
 
 def test_batched_answers_equal_answers_alone(server: Server, model_name: str) -> None:
+    batched_equals_alone(server, model_name)
+
+
+@pytest.mark.parametrize("variant", ["haswell", "sse42"])
+def test_batched_answers_equal_answers_alone_on_older_cpus_kernels(
+    tmp_path: Path, model_file: Path, model_name: str, variant: str
+) -> None:
+    """The same promise on the kernels llama.cpp picks for older CPUs (AVX2 without
+    AVX-512; SSE4.2 without AVX), whose dot products and batched products are other
+    code than this CPU's: this CPU runs them too, chosen by cpu_kernels."""
+    server = start_server(
+        make_state(tmp_path / "state", model_file),
+        "--parallel-streams",
+        str(SLOTS),
+        env={"APPLIANCE_CPU_KERNELS": variant},
+    )
+    try:
+        described = server.http.get(f"/v1/models/{model_name}").json()
+        assert described["kernels"]["variant"] == variant
+        batched_equals_alone(server, model_name)
+    finally:
+        server.stop()
+
+
+def batched_equals_alone(server: Server, model_name: str) -> None:
     greedy = {"max_tokens": 40, "temperature": 0}
     seeded = {"max_tokens": 40, "temperature": 0.9, "top_p": 0.9, "seed": 7}
     jobs = [(q, greedy if i % 2 == 0 else seeded) for i, q in enumerate(QUESTIONS)]
