@@ -367,6 +367,35 @@ def test_the_caution_is_the_sites_wording(
     assert page.inner_text("#caution-text") == "Check with the ward pharmacist."
 
 
+def test_the_page_answers_on_a_site_that_allows_shorter_answers(
+    browser: Browser, server_factory: ServerFactory, tmp_path: Path, model_file: Path
+) -> None:
+    """The page asks for no answer length of its own: the server's bound decides (the
+    site's max_tokens, what the context has left, a specialist's default), so a site
+    that allows fewer tokens than a page might ask for still answers its clinicians."""
+    state = make_state(tmp_path / "state", model_file)
+    add_user(state, "nurse.hal")
+    server = server_factory(state, "--max-tokens", "24")
+    page = browser.new_context().new_page()
+    bodies: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: (
+            bodies.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
+    sign_in(page, server, "nurse.hal")
+    page.fill("#question", "Tell me about the sea.")
+    page.click("#ask")
+    page.locator(".audit-id").first.wait_for(timeout=60000)
+    assert answers(page).first.inner_text()
+    assert "max_tokens" not in bodies[0]
+    completion = next(r for r in server.request_logs() if r.get("completion_tokens"))
+    assert completion["completion_tokens"] <= 24
+
+
 def test_busy_state_says_when_to_retry(
     browser: Browser,
     server_factory: ServerFactory,

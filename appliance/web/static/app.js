@@ -219,9 +219,10 @@
         headers: Object.assign(
           {"Content-Type": "application/json", "X-CSRF-Token": csrf},
           conversationId ? {"X-Conversation-Id": conversationId} : {}),
-        // A bounded answer, sampled a little cooler than the API's default.
+        // Sampled a little cooler than the API's default; the answer's length is the
+        // server's to bound (the site's max_tokens, the context left, a specialist's).
         body: JSON.stringify(Object.assign(
-          {model: model, messages: history, stream: true, max_tokens: 512, temperature: 0.7},
+          {model: model, messages: history, stream: true, temperature: 0.7},
           sourcesSelect.value ?
             {appliance_grounding: {collections: [sourcesSelect.value]}} : {})),
         credentials: "same-origin",
