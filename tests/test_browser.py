@@ -72,6 +72,20 @@ def sign_in(page: Page, server: Server, name: str) -> None:
     page.wait_for_selector("#model option", state="attached")
 
 
+def questions_sent(page: Page) -> list[dict[str, Any]]:
+    """The bodies of the chat completions the page sends, as it sends them."""
+    bodies: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: (
+            bodies.append(json.loads(r.post_data or "{}"))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
+    return bodies
+
+
 def answers(page: Page) -> Any:
     return page.locator(".message.assistant .content")
 
@@ -80,21 +94,13 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
     context = browser.new_context()
     page = context.new_page()
     requests: list[str] = []
-    bodies: list[dict[str, Any]] = []
+    bodies = questions_sent(page)
     keys: list[str | None] = []  # X-Conversation-Id each question was sent with
     page.on("request", lambda r: requests.append(r.url))
     page.on(
         "request",
         lambda r: (
             keys.append(r.headers.get("x-conversation-id"))
-            if r.url.endswith("/v1/chat/completions")
-            else None
-        ),
-    )
-    page.on(
-        "request",
-        lambda r: (
-            bodies.append(json.loads(r.post_data))
             if r.url.endswith("/v1/chat/completions")
             else None
         ),
@@ -377,15 +383,7 @@ def test_the_page_answers_on_a_site_that_allows_shorter_answers(
     add_user(state, "nurse.hal")
     server = server_factory(state, "--max-tokens", "24")
     page = browser.new_context().new_page()
-    bodies: list[dict[str, Any]] = []
-    page.on(
-        "request",
-        lambda r: (
-            bodies.append(json.loads(r.post_data))
-            if r.url.endswith("/v1/chat/completions")
-            else None
-        ),
-    )
+    bodies = questions_sent(page)
     sign_in(page, server, "nurse.hal")
     page.fill("#question", "Tell me about the sea.")
     page.click("#ask")
