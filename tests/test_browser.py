@@ -135,6 +135,7 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
     page.fill("#question", "And what lives in it?")
     page.keyboard.press("Control+Enter")
     page.locator(".audit-id").nth(1).wait_for(timeout=60000)
+    assert bodies[0]["temperature"] == 0.7  # a plain model: a little cooler than 1
     second = bodies[-1]["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[1]["content"] == first_answer  # the conversation goes along

@@ -27,7 +27,7 @@ import pytest
 from openai import OpenAI
 from playwright.sync_api import Browser
 from test_adapters import adapter_toml, specialist_toml
-from test_browser import add_user, sign_in
+from test_browser import add_user, questions_sent, sign_in
 
 from appliance.audit.reader import records
 from appliance.audit.store import AuditStore
@@ -506,6 +506,7 @@ def test_the_page_says_who_answered_a_route(
     server, state, _ = desk
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
     page = browser.new_context().new_page()
+    sent = questions_sent(page)
     sign_in(page, server, "tech.ida")
     page.select_option("#model", ROUTE)
     page.fill("#question", IN_DOMAIN)
@@ -515,6 +516,14 @@ def test_the_page_says_who_answered_a_route(
     note = page.locator(".route").last
     assert note.get_attribute("data-outcome") == "referral"
     assert note.inner_text() == f"Route {ROUTE}: neither model was confident: referred"
+    assert sent[-1]["temperature"] == 0  # greedy, as the suite calibrated the route
+    # A specialist answers with its own sampling (defects: temperature 0, 8 tokens).
+    page.click("#clear")
+    page.select_option("#model", "defects")
+    page.fill("#question", IN_DOMAIN)
+    page.click("#ask")
+    page.locator(".audit-id").last.wait_for(timeout=60000)
+    assert sent[-1]["model"] == "defects" and "temperature" not in sent[-1]
 
 
 def test_the_status_page_shows_the_route(

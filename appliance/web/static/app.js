@@ -199,6 +199,14 @@
     modelSelect.disabled = busy;
   }
 
+  // A plain model: a little cooler than the API's default. A specialist: its manifest's
+  // sampling. A route: greedy, as suites calibrate its confidence thresholds by default.
+  function sampling(m) {
+    const kind = m ? m.kind : "chat";
+    if (kind === "specialist") return {};
+    return {temperature: kind === "route" ? 0 : 0.7};
+  }
+
   async function ask(text) {
     const model = modelSelect.value;
     history.push({role: "user", content: text});
@@ -219,10 +227,12 @@
         headers: Object.assign(
           {"Content-Type": "application/json", "X-CSRF-Token": csrf},
           conversationId ? {"X-Conversation-Id": conversationId} : {}),
-        // Sampled a little cooler than the API's default; the answer's length is the
-        // server's to bound (the site's max_tokens, the context left, a specialist's).
+        // The answer's length is the server's to bound (the site's max_tokens, the
+        // context left, a specialist's default); the sampling is the model's own where
+        // it has one (sampling()).
         body: JSON.stringify(Object.assign(
-          {model: model, messages: history, stream: true, temperature: 0.7},
+          {model: model, messages: history, stream: true},
+          sampling(models[model]),
           sourcesSelect.value ?
             {appliance_grounding: {collections: [sourcesSelect.value]}} : {})),
         credentials: "same-origin",
