@@ -153,7 +153,9 @@ def test_a_request_that_comes_mid_answer_joins_the_batch_at_once(
     assert long.started.wait(10)
     short = scheduler.submit(generation(tokens=2))
     assert outcome(short)[1] == Finished("length", 3, 2)
-    assert scheduler.snapshot()["running"] == 1  # the long answer still runs beside it
+    # The long answer still runs beside it (the short one's slot is counted free just
+    # after its last event).
+    assert wait_for(lambda: scheduler.snapshot()["running"] == 1, 5)
     long.cancel()
     assert outcome(long, timeout=60)[1].reason == "cancelled"
 
