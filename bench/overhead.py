@@ -35,11 +35,14 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from peers import llama_server, stream_rate  # noqa: E402
 
+from appliance.config import load_settings  # noqa: E402
 from appliance.engines.base import Finished, Generation, SamplingParams, TextDelta  # noqa: E402
 from appliance.engines.kernels import cpu_model  # noqa: E402
 from appliance.engines.llama import LlamaEngine, default_threads  # noqa: E402
+from appliance.fetch import default_manifest  # noqa: E402
+from appliance.registry import load_manifests  # noqa: E402
 
-from helpers import default_model_file, make_state, start_server  # noqa: E402
+from helpers import CACHE, default_model_file, make_state, start_server  # noqa: E402
 from llm import QUESTIONS, messages, through_api  # noqa: E402
 
 CONTEXT = 2048
@@ -107,7 +110,8 @@ def main() -> None:
             env={"APPLIANCE_MEMORY_RESERVE_MB": "0"},
         )
         theirs, their_port = llama_server(bin_dir, model, threads, CONTEXT)
-        name = "smollm2-135m-instruct"
+        settings = load_settings(env={}, overrides={"state_dir": CACHE})
+        name = default_manifest(load_manifests(settings)).name  # the model's served name
         rates: dict[str, list[float]] = {"in-process": [], "appliance": [], "llama-server": []}
         try:
 
