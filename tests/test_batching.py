@@ -161,6 +161,7 @@ def batched_equals_alone(server: Server, model_name: str) -> None:
     alone = [ask(server, model_name, q, **p)[0] for q, p in jobs]
     steps_before = metric(server, "appliance_batch_steps_total", model_name)
     tokens_before = metric(server, "appliance_batch_tokens_total", model_name)
+    sequences_before = metric(server, "appliance_batch_sequences_total", model_name)
     batched = together([lambda q=q, p=p: ask(server, model_name, q, **p)[0] for q, p in jobs])
     assert batched == alone
     assert all(alone)
@@ -168,6 +169,9 @@ def batched_equals_alone(server: Server, model_name: str) -> None:
     steps = metric(server, "appliance_batch_steps_total", model_name) - steps_before
     tokens = metric(server, "appliance_batch_tokens_total", model_name) - tokens_before
     assert steps > 0 and tokens / steps > 1.5
+    # And as many requests as ran in each step, never more than the slots.
+    sequences = metric(server, "appliance_batch_sequences_total", model_name) - sequences_before
+    assert 1.5 < sequences / steps <= SLOTS
 
 
 def test_json_schema_batched_beside_free_text(server: Server, model_name: str) -> None:

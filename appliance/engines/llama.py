@@ -113,6 +113,9 @@ class _Run:
     # candidate array first (~0.17 ms a token, against ~0.02 for the argmax).
     greedy: bool
     scanner: StopScanner
+    top: int | None  # the request's top log-probabilities; None: none asked for
+    ignore_eos: bool
+    max_tokens: int
     pending: list[int]  # prompt tokens not yet read into the KV cache
     cached: int  # prompt tokens reused from the KV cache
     produced: int = 0
@@ -208,7 +211,12 @@ class LlamaEngine:
         # window, which a shorter shared beginning still needs; copy whole streams.
         self._whole_stream_copy = llama_cpp.llama_model_n_swa(self._model.model) > 0
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        for i in range(BATCH_TOKENS):  # every token belongs to one sequence, ever
+            self._batch.n_seq_id[i] = 1
         self._slots = [_Slot(seq) for seq in range(parallel)]
+        self._busy = 0  # slots with a request
+        # Text sampled this step, sent just before the next decode: see _flush.
+        self._outbox: list[tuple[Callable[[Event], None], Event]] = []
         self._admitted = 0  # admission order, so that older prompts are read first
         self._order: dict[int, int] = {}
         self.info = EngineInfo(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
@@ -336,15 +344,19 @@ class LlamaEngine:
     # -- the scheduler's thread -----------------------------------------------------
 
     def free_slots(self) -> int:
-        return sum(1 for slot in self._slots if slot.run is None)
+        return len(self._slots) - self._busy
 
     def busy_slots(self) -> int:
-        return len(self._slots) - self.free_slots()
+        return self._busy
 
     def kv_cells(self) -> tuple[int, int]:
         """KV-cache cells held by running requests, and all cells (each slot has a
-        stream of context_size); what finished requests left is reusable, not held."""
-        held = sum(len(s.tokens) + len(s.run.pending) for s in self._slots if s.run is not None)
+        stream of context_size); what finished requests left is reusable, not held.
+        Read by other threads too (a gauge): it reads each slot's request once, and
+        mid-step it may count a token more or less."""
+        held = sum(
+            len(s.tokens) + len(run.pending) for s in self._slots if (run := s.run) is not None
+        )
         return held, len(self._slots) * self.info.n_ctx
 
     def _sampler(self, generation: Generation) -> internals.LlamaSampler:
@@ -491,9 +503,13 @@ class LlamaEngine:
             sampler=self._sampler(generation),
             greedy=self._plain_greedy(generation),
             scanner=StopScanner(generation.params.stop),
+            top=generation.params.logprobs,
+            ignore_eos=generation.params.ignore_eos,
+            max_tokens=generation.params.max_tokens,
             pending=prompt[cached:],
             cached=cached,
         )
+        self._busy += 1
         self._admitted += 1
         self._order[slot.seq] = self._admitted
 
@@ -501,29 +517,73 @@ class LlamaEngine:
         """One batch step over every slot in use: cancelled requests end, the others
         advance by one token, and prompts are read in the room left (oldest request
         first). Returns the tokens decoded."""
-        running = sorted(
-            (s for s in self._slots if s.run is not None), key=lambda s: self._order[s.seq]
-        )
-        for slot in running:
-            assert slot.run is not None
-            if slot.run.cancelled():
-                self._finish(slot, "cancelled")
-        feed: dict[int, list[int]] = {}  # seq -> tokens this step reads for it
-        for slot in running:
+        decoding: list[_Slot] = []  # slots whose next token is sampled, in seq order
+        prompting = False
+        for slot in self._slots:
             run = slot.run
-            if run is not None and run.next_token is not None:
-                feed[slot.seq] = [run.next_token]
-                run.next_token = None
+            if run is None:
+                continue
+            if run.cancelled():
+                self._finish(slot, "cancelled")
+            elif run.next_token is not None:
+                decoding.append(slot)
+            elif run.pending:
+                prompting = True
+        if prompting:
+            return self._mixed_step(decoding)
+        if not decoding:
+            self._flush()
+            return 0
+        # Every stream wants one token (the common step, mid-answer): the same batch
+        # as _mixed_step would make, with less Python between two decodes, which on a
+        # small box is time the model's threads wait.
+        batch = self._batch
+        added: list[tuple[_Slot, int]] = []
+        for i, slot in enumerate(decoding):
+            run = slot.run
+            assert run is not None
+            token, run.next_token = run.next_token, None
+            assert token is not None
+            tokens = slot.tokens
+            added.append((slot, len(tokens)))
+            batch.token[i] = token
+            batch.pos[i] = len(tokens)
+            batch.seq_id[i][0] = slot.seq
+            batch.logits[i] = True
+            tokens.append(token)
+        batch.n_tokens = len(decoding)
+        self._flush()
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            self._undo(added, f"llama_decode returned {status}")
+            return 0
+        now = time.perf_counter()
+        for i, slot in enumerate(decoding):
+            self._sample(slot, i, now)
+        return len(decoding)
+
+    def _mixed_step(self, decoding: list[_Slot]) -> int:
+        """A step that reads prompts: the decoding slots' tokens, then prompts in the
+        room left, oldest request first."""
+        feed: dict[int, list[int]] = {}  # seq -> tokens this step reads for it
+        for slot in decoding:
+            run = slot.run
+            assert run is not None and run.next_token is not None
+            feed[slot.seq] = [run.next_token]
+            run.next_token = None
         # With no stream waiting for its next token, a prompt may fill the whole batch:
         # one 512-token pass is faster than four of 128 and holds nobody back.
         room = min(PROMPT_TOKENS_PER_STEP if feed else BATCH_TOKENS, BATCH_TOKENS - len(feed))
-        for slot in running:
+        waiting = sorted(
+            (s for s in self._slots if s.run is not None and s.run.pending),
+            key=lambda s: self._order[s.seq],
+        )
+        for slot in waiting:
             run = slot.run
-            if run is not None and run.pending and room > 0:
+            assert run is not None
+            if room > 0:
                 feed[slot.seq], run.pending = run.pending[:room], run.pending[room:]
                 room -= len(feed[slot.seq])
-        if not feed:
-            return 0
         # In seq order: llama.cpp puts consecutive sequences in one graph evaluation.
         batch = self._batch
         batch.n_tokens = 0
@@ -538,7 +598,6 @@ class LlamaEngine:
                 i = batch.n_tokens
                 batch.token[i] = token
                 batch.pos[i] = len(slot.tokens)
-                batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
                 batch.logits[i] = False
                 batch.n_tokens = i + 1
@@ -546,6 +605,7 @@ class LlamaEngine:
             if wants_logits:
                 batch.logits[batch.n_tokens - 1] = True
                 outputs.append((slot, batch.n_tokens - 1))
+        self._flush()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status != 0:
             self._undo(added, f"llama_decode returned {status}")
@@ -560,30 +620,31 @@ class LlamaEngine:
         assert run is not None
         if not run.produced:
             run.decode_started = now
-        top = run.generation.params.logprobs
+        top = run.top
         # The model's own distribution, read before the sampler shapes it.
         logits = self._log_softmax(index) if top is not None else None
         if run.greedy:
-            token = self._argmax(index, run.generation.params.ignore_eos)
+            token = self._argmax(index, run.ignore_eos)
         else:
             token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
         if token in self._eog_set:
             self._finish(slot, "stop", flush=True)  # a partial stop string is text
             return
         run.produced += 1
-        piece = self._piece(token)
+        piece = self._pieces.get(token) or self._piece(token)
         if logits is not None and top is not None:
             run.logprobs.append(float(logits[token]))
             run.unsent.append(TokenLogprob(piece, float(logits[token]), self._top(logits, top)))
         text, stopped = run.scanner.feed(piece)
         if text:
-            run.emit(TextDelta(text, tuple(run.unsent)))
-            run.unsent.clear()
+            if run.unsent:
+                self._outbox.append((run.emit, TextDelta(text, tuple(run.unsent))))
+                run.unsent.clear()
+            else:
+                self._outbox.append((run.emit, TextDelta(text)))
         if stopped:
             self._finish(slot, "stop")
-        elif (
-            run.produced >= run.generation.params.max_tokens or len(slot.tokens) >= self.info.n_ctx
-        ):
+        elif run.produced >= run.max_tokens or len(slot.tokens) >= self.info.n_ctx:
             self._finish(slot, "length")
         else:
             run.next_token = token
@@ -622,12 +683,14 @@ class LlamaEngine:
         ended it (``flush`` says otherwise)."""
         run = slot.run
         assert run is not None
+        self._flush()
         if (reason != "stop" if flush is None else flush) and (rest := run.scanner.flush()):
             run.emit(TextDelta(rest, tuple(run.unsent)))
         decode = time.perf_counter() - run.decode_started if run.produced else 0.0
         prompt = len(run.generation.prompt_tokens)
         run.sampler.close()
         slot.run = None
+        self._busy -= 1
         logprobs = tuple(run.logprobs)
         run.emit(Finished(reason, prompt, run.produced, run.cached, decode, logprobs))
 
@@ -641,11 +704,25 @@ class LlamaEngine:
             if slot.run is not None:
                 self.fail(slot, f"the model failed while generating: {why}")
 
+    def _flush(self) -> None:
+        """Send the text sampled in the last step. It waits until just before the next
+        decode, not sent as sampled: the request thread it wakes then finds the
+        interpreter free (this thread is inside llama_decode), instead of waking, finding
+        it held, and having to be woken again, which costs a switch on each side of the
+        critical path between two decodes. Anything else a request is sent (its end, a
+        failure) sends what waits first."""
+        if self._outbox:
+            for emit, event in self._outbox:
+                emit(event)
+            self._outbox.clear()
+
     def fail(self, slot: _Slot, message: str) -> None:
         run = slot.run
         assert run is not None
+        self._flush()
         run.sampler.close()
         slot.run = None
+        self._busy -= 1
         run.emit(Failed(message))
 
     def fail_all(self, message: str) -> None:

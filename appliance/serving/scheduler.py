@@ -98,7 +98,6 @@ class ModelScheduler:
         self.completed = 0
         self.steps = 0  # engine steps, and what they carried: for the batch metrics
         self.batch_tokens = 0
-        self.kv_cells = (0, 0)  # KV cells held by running requests, and all of them
         self.batch_sequences = 0
         self._progress = time.monotonic()  # last step of the engine
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
@@ -128,6 +127,10 @@ class ModelScheduler:
         return max(1, min(600, math.ceil(self._avg_seconds * ahead / self.slots)))
 
     def snapshot(self) -> dict[str, int | bool | float]:
+        # KV cells held by running requests, and all of them, if the engine says: read
+        # here, when asked, not counted every step.
+        cells = getattr(self.engine, "kv_cells", None)
+        held, total = cells() if cells is not None else (0, 0)
         with self._cond:
             return {
                 "busy": self._running > 0,
@@ -140,11 +143,7 @@ class ModelScheduler:
                 "steps": self.steps,
                 "batch_tokens": self.batch_tokens,
                 "batch_sequences": self.batch_sequences,
-                **(
-                    {"kv_cache_usage": round(self.kv_cells[0] / self.kv_cells[1], 4)}
-                    if self.kv_cells[1]
-                    else {}
-                ),
+                **({"kv_cache_usage": round(held / total, 4)} if total else {}),
             }
 
     def stalled(self, limit: float) -> str | None:
@@ -182,7 +181,6 @@ class ModelScheduler:
         if self._running and not self._waiting and not self._stopping:
             # Mid-answer with nobody waiting, the common case, costs no lock: only this
             # thread changes _running, and a request that comes now is taken next step.
-            self._progress = time.monotonic()
             return []
         with self._cond:
             while not self._waiting and not self._running and not self._stopping:
@@ -226,7 +224,6 @@ class ModelScheduler:
 
     def _work(self) -> None:
         name_os_thread(self._thread.name)
-        cells = getattr(self.engine, "kv_cells", None)  # (held, all), if it says
         while (taken := self._admit()) is not None:
             try:
                 if taken:
@@ -235,8 +232,6 @@ class ModelScheduler:
                 sequences = self.engine.busy_slots()
                 tokens = self.engine.step()
                 self._progress = time.monotonic()
-                if cells is not None:
-                    self.kv_cells = cells()
                 if tokens:
                     self.steps += 1
                     self.batch_tokens += tokens
