@@ -7,7 +7,8 @@ stop strings and token counts. One ``step`` is one ``llama_decode``: the next to
 every answering slot, then up to PROMPT_TOKENS_PER_STEP prompt tokens of newly admitted
 slots, oldest first (a long prompt is read in chunks, so it never holds the others up
 by more than one such step; with no slot answering, a chunk is a whole batch). Then
-each slot that produced logits samples its next token.
+each slot that produced logits samples its next token, whose text goes out just before
+the next ``llama_decode`` (``_flush``).
 
 The context: each slot has a KV stream of its own, ``context_size`` cells, so what is
 reported as the model's context window is the same per request whatever the load, and
@@ -23,7 +24,8 @@ the slot reuses against the other conversation's cache it would destroy, so seve
 conversations keep their caches side by side (one per slot) between turns.
 
 The model and its context are used by exactly one thread, the scheduler's; request
-threads only tokenize (which reads the vocabulary and nothing else).
+threads only tokenize (which reads the vocabulary and nothing else), and the metrics
+read how many KV cells the slots hold (``kv_cells``: Python lists, no llama.cpp call).
 """
 
 from __future__ import annotations
