@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".test-cache"
@@ -237,6 +238,20 @@ def start_server(
 
 
 ServerFactory = Callable[..., Server]
+
+
+def metric(server: Server, name: str, default: float | None = None, **labels: str) -> float:
+    """The value of the /metrics sample ``name`` whose labels include ``labels`` (the
+    first such, as prometheus_client parses the page); ``default`` when there is none,
+    and without a default an AssertionError that says what was missing."""
+    page = server.http.get("/metrics", timeout=10).text
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    if default is None:
+        raise AssertionError(f"{name} {labels or ''} not in /metrics")
+    return default
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:

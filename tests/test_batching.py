@@ -16,11 +16,11 @@ import httpx
 import jsonschema
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import (
     Server,
     make_state,
+    metric,
     model_state,
     open_stream,
     run_cli,
@@ -100,15 +100,6 @@ def together(calls: list[Any]) -> list[Any]:
     return results
 
 
-def metric(server: Server, name: str, model: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("model") == model:
-                return float(sample.value)
-    raise AssertionError(f"{name} for {model} not in /metrics")
-
-
 def test_models_report_per_stream_context(server: Server, model_name: str) -> None:
     card = sdk(server).models.retrieve(model_name).model_dump()
     assert card["parallel_streams"] == SLOTS
@@ -159,18 +150,19 @@ def batched_equals_alone(server: Server, model_name: str) -> None:
     seeded = {"max_tokens": 40, "temperature": 0.9, "top_p": 0.9, "seed": 7}
     jobs = [(q, greedy if i % 2 == 0 else seeded) for i, q in enumerate(QUESTIONS)]
     alone = [ask(server, model_name, q, **p)[0] for q, p in jobs]
-    steps_before = metric(server, "appliance_batch_steps_total", model_name)
-    tokens_before = metric(server, "appliance_batch_tokens_total", model_name)
-    sequences_before = metric(server, "appliance_batch_sequences_total", model_name)
+    steps_before = metric(server, "appliance_batch_steps_total", model=model_name)
+    tokens_before = metric(server, "appliance_batch_tokens_total", model=model_name)
+    sequences_before = metric(server, "appliance_batch_sequences_total", model=model_name)
     batched = together([lambda q=q, p=p: ask(server, model_name, q, **p)[0] for q, p in jobs])
     assert batched == alone
     assert all(alone)
     # Six requests on four slots: the steps carried more than one token each.
-    steps = metric(server, "appliance_batch_steps_total", model_name) - steps_before
-    tokens = metric(server, "appliance_batch_tokens_total", model_name) - tokens_before
+    steps = metric(server, "appliance_batch_steps_total", model=model_name) - steps_before
+    tokens = metric(server, "appliance_batch_tokens_total", model=model_name) - tokens_before
     assert steps > 0 and tokens / steps > 1.5
     # And as many requests as ran in each step, never more than the slots.
-    sequences = metric(server, "appliance_batch_sequences_total", model_name) - sequences_before
+    sequences = metric(server, "appliance_batch_sequences_total", model=model_name)
+    sequences -= sequences_before
     assert 1.5 < sequences / steps <= SLOTS
 
 
@@ -321,7 +313,7 @@ def test_past_slots_and_queue_gives_503(server: Server, model_name: str) -> None
         )
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "queue_full"
-        assert metric(server, "appliance_busy_slots", model_name) == SLOTS
+        assert metric(server, "appliance_busy_slots", model=model_name) == SLOTS
         for ctx, _ in streams:
             ctx.__exit__(None, None, None)
         for q in queued:

@@ -22,6 +22,7 @@ from tests.helpers import (
     admin_token,
     audit_pairs,
     free_port,
+    metric,
     open_stream,
     server_state,
     wait_for,
@@ -35,13 +36,6 @@ ASK = {
     "max_tokens": 4,
     "temperature": 0,
 }
-
-
-def _metric(server: Server, name: str) -> float:
-    for line in server.http.get("/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_probes_while_the_models_load(state_dir: Path) -> None:
@@ -109,7 +103,7 @@ def test_an_admin_drains_and_undrains(shared_server: Server) -> None:
         assert ready.json()["reasons"][0] == "draining: kernel update"
         assert server.http.get("/v2/health/ready").status_code == 503
         assert server.http.get("/livez").status_code == 200  # alive: don't restart it
-        assert _metric(server, "appliance_draining") == 1.0
+        assert metric(server, "appliance_draining") == 1.0
         # Work that still comes is served, and its connection closed after the answer.
         answer = server.http.post("/v1/chat/completions", json=ASK)
         assert answer.status_code == 200 and answer.headers["Connection"] == "close"
@@ -119,7 +113,7 @@ def test_an_admin_drains_and_undrains(shared_server: Server) -> None:
         ended = server.http.post("/admin/drain", json={"draining": False})
     assert ended.status_code == 200 and ended.json()["changed"] is True
     assert server.http.get("/readyz").status_code == 200
-    assert _metric(server, "appliance_draining") == 0.0
+    assert metric(server, "appliance_draining") == 0.0
     answer = server.http.post("/v1/chat/completions", json=ASK)
     assert answer.headers.get("Connection") != "close"
     # Both drain calls are on record, with who asked and what was said.
@@ -224,7 +218,7 @@ def test_conversations_keep_their_caches_side_by_side(shared_server: Server) -> 
         {"role": "system", "content": "You check torque settings. " * 6},
         {"role": "user", "content": "Line 2 torque is 41 Nm."},
     ]
-    cached_before = _metric(server, "appliance_prompt_tokens_cached_total")
+    cached_before = metric(server, "appliance_prompt_tokens_cached_total")
     first = ask(a1)
     ask(b1)
     ask([{"role": "user", "content": "Something else entirely, number three."}])
@@ -232,8 +226,8 @@ def test_conversations_keep_their_caches_side_by_side(shared_server: Server) -> 
     follow = ask(a2)
     reused = follow["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert reused >= first["usage"]["prompt_tokens"] - 2, follow["usage"]
-    assert _metric(server, "appliance_prompt_tokens_cached_total") - cached_before >= reused
-    assert 0.0 <= _metric(server, "appliance_kv_cache_usage_ratio") <= 1.0
+    assert metric(server, "appliance_prompt_tokens_cached_total") - cached_before >= reused
+    assert 0.0 <= metric(server, "appliance_kv_cache_usage_ratio") <= 1.0
 
 
 def test_kv_cache_use_is_reported_while_requests_run(shared_server: Server) -> None:
@@ -243,8 +237,8 @@ def test_kv_cache_use_is_reported_while_requests_run(shared_server: Server) -> N
     seen: list[float] = []
     ctx, lines = open_stream(server, client, body)
     try:
-        seen.append(_metric(server, "appliance_kv_cache_usage_ratio"))
-        depth = _metric(server, "appliance_queue_depth")
+        seen.append(metric(server, "appliance_kv_cache_usage_ratio"))
+        depth = metric(server, "appliance_queue_depth")
     finally:
         done = threading.Thread(target=lambda: [*lines], daemon=True)
         done.start()
@@ -254,4 +248,4 @@ def test_kv_cache_use_is_reported_while_requests_run(shared_server: Server) -> N
     # share of 4 slots x the context.
     assert 0.0 < seen[0] < 0.25, seen
     assert depth == 0.0
-    assert wait_for(lambda: _metric(server, "appliance_kv_cache_usage_ratio") == 0.0, 10)
+    assert wait_for(lambda: metric(server, "appliance_kv_cache_usage_ratio") == 0.0, 10)

@@ -34,7 +34,7 @@ from appliance.audit.store import AuditStore
 from appliance.config import load_settings
 from appliance.registry import Manifest
 
-from helpers import REPO, Server, add_garden, make_state, run_cli, start_server
+from helpers import REPO, Server, add_garden, make_state, metric, run_cli, start_server
 from loras import write_lora
 
 sys.path.insert(0, str(REPO / "models" / "line"))
@@ -183,14 +183,8 @@ def audit(state: Path, action: str | None = None) -> list[dict[str, Any]]:
 
 def route_answers(server: Server, answered_by: str, outcome: str) -> float:
     """appliance_route_answers_total for the route, this answerer and outcome (0 if none)."""
-    metrics = server.http.get("/metrics").text
-    found = re.search(
-        r"^appliance_route_answers_total\{"
-        rf'answered_by="{answered_by}",outcome="{outcome}",route="{ROUTE}"\}} (\S+)$',
-        metrics,
-        re.MULTILINE,
-    )
-    return float(found.group(1)) if found else 0.0
+    labels = {"answered_by": answered_by, "outcome": outcome, "route": ROUTE}
+    return metric(server, "appliance_route_answers_total", 0.0, **labels)
 
 
 def set_thresholds(state: Path, **thresholds: float) -> None:

@@ -36,7 +36,7 @@ from appliance.audit.records import Actor, Entry
 from appliance.audit.store import AuditStore, utc_now
 from appliance.config import Settings, load_settings
 
-from helpers import Server, ServerFactory, free_port, make_state, wait_for
+from helpers import Server, ServerFactory, free_port, make_state, metric, wait_for
 
 CANARY = "Quillon Marchbanks, ward 9, bed 3: SIEM-CANARY-7f3a"
 APP_NAME = "appliance-test"
@@ -302,13 +302,6 @@ def settings_for(root: Path, **overrides: Any) -> Settings:
 # -- through the real server ------------------------------------------------------------
 
 
-def metric(server: Server, name: str) -> float | None:
-    for line in server.http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def ask(server: Server, model: str) -> tuple[str, float]:
     started = time.monotonic()
     resp = server.http.post(
@@ -362,7 +355,7 @@ def test_every_record_reaches_rsyslog_once_in_order_through_an_outage(
     # them wait, or fail with 503 past audit_write_timeout.)
     assert max(s for _, s in during) < 2 * before[0][1] + 2.0, (before, during)
     backlog = metric(server, "appliance_siem_backlog_records")
-    assert backlog is not None and backlog >= 2 * len(during), backlog
+    assert backlog >= 2 * len(during), backlog
     said = [r for r in server.log_records() if r.get("logger") == "appliance.audit.siem"]
     assert any(r["msg"].startswith("SIEM collector not reached") for r in said), said
 
