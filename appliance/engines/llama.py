@@ -541,6 +541,7 @@ class LlamaEngine:
         # small box is time the model's threads wait.
         batch = self._batch
         added: list[tuple[_Slot, int]] = []
+        outputs: list[tuple[_Slot, int]] = []
         for i, slot in enumerate(decoding):
             run = slot.run
             assert run is not None
@@ -548,21 +549,14 @@ class LlamaEngine:
             assert token is not None
             tokens = slot.tokens
             added.append((slot, len(tokens)))
+            outputs.append((slot, i))
             batch.token[i] = token
             batch.pos[i] = len(tokens)
             batch.seq_id[i][0] = slot.seq
             batch.logits[i] = True
             tokens.append(token)
         batch.n_tokens = len(decoding)
-        self._flush()
-        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        if status != 0:
-            self._undo(added, f"llama_decode returned {status}")
-            return 0
-        now = time.perf_counter()
-        for i, slot in enumerate(decoding):
-            self._sample(slot, i, now)
-        return len(decoding)
+        return len(decoding) if self._decode(added, outputs) else 0
 
     def _mixed_step(self, decoding: list[_Slot]) -> int:
         """A step that reads prompts: the decoding slots' tokens, then prompts in the
@@ -607,15 +601,20 @@ class LlamaEngine:
             if wants_logits:
                 batch.logits[batch.n_tokens - 1] = True
                 outputs.append((slot, batch.n_tokens - 1))
+        return int(batch.n_tokens) if self._decode(added, outputs) else 0
+
+    def _decode(self, added: list[tuple[_Slot, int]], outputs: list[tuple[_Slot, int]]) -> bool:
+        """Send the text that waits, decode the batch, and sample at each output (slot,
+        batch position); False if llama.cpp failed (the slots in the batch fail)."""
         self._flush()
-        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        status = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         if status != 0:
             self._undo(added, f"llama_decode returned {status}")
-            return 0
+            return False
         now = time.perf_counter()
         for slot, i in outputs:
             self._sample(slot, i, now)
-        return int(batch.n_tokens)
+        return True
 
     def _sample(self, slot: _Slot, index: int, now: float) -> None:
         run = slot.run
