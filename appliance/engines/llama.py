@@ -115,9 +115,6 @@ class _Run:
     # candidate array first (~0.17 ms a token, against ~0.02 for the argmax).
     greedy: bool
     scanner: StopScanner
-    top: int | None  # the request's top log-probabilities; None: none asked for
-    ignore_eos: bool
-    max_tokens: int
     pending: list[int]  # prompt tokens not yet read into the KV cache
     cached: int  # prompt tokens reused from the KV cache
     produced: int = 0
@@ -505,9 +502,6 @@ class LlamaEngine:
             sampler=self._sampler(generation),
             greedy=self._plain_greedy(generation),
             scanner=StopScanner(generation.params.stop),
-            top=generation.params.logprobs,
-            ignore_eos=generation.params.ignore_eos,
-            max_tokens=generation.params.max_tokens,
             pending=prompt[cached:],
             cached=cached,
         )
@@ -621,18 +615,19 @@ class LlamaEngine:
         assert run is not None
         if not run.produced:
             run.decode_started = now
-        top = run.top
+        params = run.generation.params
+        top = params.logprobs
         # The model's own distribution, read before the sampler shapes it.
         logits = self._log_softmax(index) if top is not None else None
         if run.greedy:
-            token = self._argmax(index, run.ignore_eos)
+            token = self._argmax(index, params.ignore_eos)
         else:
             token = llama_cpp.llama_sampler_sample(run.sampler.sampler, self._ctx.ctx, index)
         if token in self._eog_set:
             self._finish(slot, "stop", flush=True)  # a partial stop string is text
             return
         run.produced += 1
-        piece = self._pieces.get(token) or self._piece(token)
+        piece = self._piece(token)
         if logits is not None and top is not None:
             run.logprobs.append(float(logits[token]))
             run.unsent.append(TokenLogprob(piece, float(logits[token]), self._top(logits, top)))
@@ -645,7 +640,7 @@ class LlamaEngine:
                 self._outbox.append((run.emit, TextDelta(text)))
         if stopped:
             self._finish(slot, "stop")
-        elif run.produced >= run.max_tokens or len(slot.tokens) >= self.info.n_ctx:
+        elif run.produced >= params.max_tokens or len(slot.tokens) >= self.info.n_ctx:
             self._finish(slot, "length")
         else:
             run.next_token = token
