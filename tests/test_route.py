@@ -17,7 +17,6 @@ import json
 import math
 import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,16 @@ from appliance.audit.store import AuditStore
 from appliance.config import load_settings
 from appliance.registry import Manifest
 
-from helpers import REPO, Server, add_garden, make_state, metric, run_cli, start_server
+from helpers import (
+    REPO,
+    Server,
+    add_garden,
+    make_state,
+    metric,
+    run_cli,
+    start_server,
+    wait_for,
+)
 from loras import write_lora
 
 sys.path.insert(0, str(REPO / "models" / "line"))
@@ -367,13 +375,12 @@ def test_a_routed_stream_whose_client_leaves_stops_its_models(
         assert resp.status_code == 200
         request_id = resp.headers["X-Request-Id"]
         assert next(resp.iter_lines()).startswith(": routing")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        rows = [r for r in audit(state) if r["request_id"] == request_id]
-        if any(r["kind"] == "outcome" for r in rows):
-            break
-        time.sleep(0.5)
-    outcome = next(r for r in rows if r["kind"] == "outcome")
+
+    def outcomes() -> list[dict[str, Any]]:
+        return [r for r in audit(state) if r["request_id"] == request_id and r["kind"] == "outcome"]
+
+    assert wait_for(outcomes, 60, interval=0.5)
+    [outcome] = outcomes()
     route = outcome["content"]["route"]
     assert (route["answered_by"], route["outcome"]) == ("cancelled", "cancelled")
     [tried] = route["tried"]  # the generalist, stopped: nothing ran after it
