@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from peers import llama_server, stream_rate  # noqa: E402
+from peers import llama_server, peer_tools, stream_rate  # noqa: E402
 
 from appliance.config import load_settings  # noqa: E402
 from appliance.engines.base import Finished, Generation, SamplingParams, TextDelta  # noqa: E402
@@ -92,10 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     model = default_model_file()
     threads = default_threads()
-    built = subprocess.run(
-        [str(REPO / "bench" / "build-peers")], capture_output=True, text=True, check=True
-    )
-    bin_dir = Path(built.stdout.strip().splitlines()[-1])
+    bin_dir = peer_tools()
     print(f"CPU: {cpu_model()}; {threads} threads; model {model.name}")
     engine = LlamaEngine(model, CONTEXT, threads, 0, parallel=4)
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,6 +82,15 @@ def prompt_rate(port: int, token: str, model: str, tag: int) -> float:
     return int(answer.json()["usage"]["prompt_tokens"]) / elapsed
 
 
+def peer_tools() -> Path:
+    """The directory of llama.cpp's own tools, built from the vendored source the first
+    time (bench/build-peers)."""
+    built = subprocess.run(
+        [str(REPO / "bench" / "build-peers")], capture_output=True, text=True, check=True
+    )
+    return Path(built.stdout.strip().splitlines()[-1])
+
+
 def llama_server(bin_dir: Path, model: Path, threads: int, ctx: int) -> tuple[Any, int]:
     port = free_port()
     proc = subprocess.Popen(
@@ -151,10 +160,7 @@ def main() -> None:
     manifest = default_manifest(load_manifests(settings))
     model = args.model or CACHE / "models" / manifest.file
     threads = default_threads()
-    built = subprocess.run(
-        [str(REPO / "bench" / "build-peers")], capture_output=True, text=True, check=True
-    )
-    bin_dir = Path(built.stdout.strip().splitlines()[-1])
+    bin_dir = peer_tools()
     cpu = cpu_model()
     print(f"CPU: {cpu}; {threads} threads; model {model.name}")
 
