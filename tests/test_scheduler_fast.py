@@ -102,6 +102,40 @@ def take_the_slots(engine: Recording, scheduler: ModelScheduler, tokens: int) ->
     return running
 
 
+class Witnessed(queue.SimpleQueue[Event]):
+    """A job's event queue that notes what the scheduler's snapshot said as each end
+    was handed to the request thread."""
+
+    def __init__(self, scheduler: ModelScheduler) -> None:
+        self.scheduler = scheduler
+        self.at_end: list[tuple[int, int]] = []
+
+    def put(self, item: Event, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, Finished | Failed):
+            shown = self.scheduler.snapshot()
+            self.at_end.append((shown["running"], self.scheduler.completed))
+        super().put(item, block, timeout)
+
+
+def test_a_request_is_counted_done_before_its_client_can_see_its_end(
+    scheduler: ModelScheduler,
+) -> None:
+    """/readyz, /status and /metrics are never behind what a client saw: a request's
+    slot is free in the snapshot by the time its end reaches its request thread."""
+    jobs = [scheduler.submit(generation(tokens=2)) for _ in range(3)]
+    queues = []
+    for job in jobs:
+        job.events = Witnessed(scheduler)
+        queues.append(job.events)
+    scheduler.start()
+    for job in jobs:
+        assert outcome(job)[1] == Finished("length", 3, 2)
+    ends = [q.at_end for q in queues]
+    # Two slots: the first two end in one step (one, then none, still running), the
+    # third alone; each already counted among the completed.
+    assert ends == [[(1, 1)], [(0, 2)], [(0, 3)]], ends
+
+
 def test_slots_run_together_and_the_oldest_waiting_request_goes_first(
     engine: Recording, scheduler: ModelScheduler
 ) -> None:
@@ -153,9 +187,9 @@ def test_a_request_that_comes_mid_answer_joins_the_batch_at_once(
     assert long.started.wait(10)
     short = scheduler.submit(generation(tokens=2))
     assert outcome(short)[1] == Finished("length", 3, 2)
-    # The long answer still runs beside it (the short one's slot is counted free just
-    # after its last event).
-    assert wait_for(lambda: scheduler.snapshot()["running"] == 1, 5)
+    # The long answer still runs beside it (the short one's slot was counted free before
+    # its last event was handed over).
+    assert scheduler.snapshot()["running"] == 1
     long.cancel()
     assert outcome(long, timeout=60)[1].reason == "cancelled"
 

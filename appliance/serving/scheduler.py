@@ -196,9 +196,11 @@ class ModelScheduler:
 
     def _emitter(self, job: Job) -> Callable[[Event], None]:
         def emit(event: Event) -> None:
-            job.events.put(event)
             if isinstance(event, ENDS):
+                # Counted done before its request thread can see the end, so that the
+                # snapshot (/readyz, /status, /metrics) is never behind what a client saw.
                 self._done(job)
+            job.events.put(event)
 
         return emit
 
