@@ -12,10 +12,13 @@ keepalived. Every address is inside namespaces made here, and everything is torn
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -257,6 +260,17 @@ class Fleet:
             if f"{VIP}/" in out.stdout:
                 return lb
         return None
+
+    def balancer_sees(self, lb: str, box: str) -> str:
+        """What balancer ``lb`` says of ``box`` (UP, DOWN, NOLB for a draining box...),
+        from its runtime API's `show stat`."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.work / f"{lb}.sock"))
+            sock.sendall(b"show stat\n")
+            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+        rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+        return next(r["status"] for r in rows if r["pxname"] == "appliances" and r["svname"] == box)
 
     def box_ready(self, box: str) -> bool:
         return self.box_get(box, "/readyz").status_code == 200

@@ -99,6 +99,7 @@ class Server:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     _http: httpx.Client | None = None
+    readers: list[threading.Thread] = field(default_factory=list)  # of stdout, stderr
 
     @property
     def url(self) -> str:
@@ -136,12 +137,20 @@ class Server:
     def kill(self) -> None:
         """kill -9 of the whole server (arbiter and worker), as a power cut would."""
         os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        self.wait(10)
+
+    def wait(self, timeout: float = 30) -> int:
+        """The exit status, once the process has ended and every line it wrote has
+        been read (the last ones may still be in the pipe when it exits)."""
+        status = self.proc.wait(timeout)
+        for reader in self.readers:
+            reader.join(timeout)
+        return status
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.wait(timeout)
 
 
 def _drain(stream: object, sink: list[str]) -> None:
@@ -224,8 +233,10 @@ def start_server(
         start_new_session=True,  # its own process group: kill() takes the worker too
     )
     server = Server(proc, port, token, ca)
-    threading.Thread(target=_drain, args=(proc.stdout, server.stdout), daemon=True).start()
-    threading.Thread(target=_drain, args=(proc.stderr, server.stderr), daemon=True).start()
+    for stream, sink in ((proc.stdout, server.stdout), (proc.stderr, server.stderr)):
+        reader = threading.Thread(target=_drain, args=(stream, sink), daemon=True)
+        reader.start()
+        server.readers.append(reader)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -348,9 +348,17 @@ def test_every_batched_stream_has_its_audit_pair(
             return resp.headers["X-Request-Id"], text
 
     answers = together([lambda q=q: streamed(q) for q in QUESTIONS[:SLOTS]])
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    assert exported.returncode == 0, exported.stderr
-    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    rows: list[dict[str, Any]] = []
+
+    def exported_all() -> bool:
+        # A stream's outcome record is written as it closes, after its last byte.
+        exported = run_cli("audit", "export", "--format", "jsonl", state=state)
+        assert exported.returncode == 0, exported.stderr
+        rows[:] = [json.loads(line) for line in exported.stdout.splitlines()]
+        done = {r["request_id"] for r in rows if r["kind"] == "outcome"}
+        return all(request_id in done for request_id, _ in answers)
+
+    assert wait_for(exported_all, 30, interval=0.5)
     for request_id, text in answers:
         pair = [r for r in rows if r["request_id"] == request_id]
         assert [r["kind"] for r in pair] == ["request", "outcome"]

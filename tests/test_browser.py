@@ -391,6 +391,8 @@ def test_the_page_answers_on_a_site_that_allows_shorter_answers(
     page.locator(".audit-id").first.wait_for(timeout=60000)
     assert answers(page).first.inner_text()
     assert "max_tokens" not in bodies[0]
+    # The request's log line is written when the stream closes, after its last byte.
+    assert wait_for(lambda: any(r.get("completion_tokens") for r in server.request_logs()), 10)
     completion = next(r for r in server.request_logs() if r.get("completion_tokens"))
     assert completion["completion_tokens"] <= 24
 

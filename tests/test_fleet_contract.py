@@ -150,7 +150,7 @@ def test_sigterm_flips_readiness_first_then_stops_accepting(
     rest = [line for line in lines if line.startswith("data: ")]
     ctx.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]", server.stderr[-5:]  # the stream in flight finished
-    assert server.proc.wait(60) == 0
+    assert server.wait(60) == 0
     said = [r.get("msg") for r in server.log_records()]
     assert said.index("draining: /readyz answers 404") < said.index(
         "stopping: finishing the requests in flight"

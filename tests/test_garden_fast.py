@@ -40,7 +40,7 @@ from appliance.serving.pool import (
 from appliance.serving.scheduler import ModelScheduler, QueueFull
 
 from fakes import FakeChatEngine, FakeLoader, file_sha256, garden
-from helpers import admin_token
+from helpers import admin_token, wait_for
 
 CHAT = {"kind": "chat"}
 
@@ -200,7 +200,7 @@ def test_keep_alive_zero_unloads_after_each_request(tmp_path: Path) -> None:
 
 def test_many_first_requests_share_one_load(three: tuple[Settings, FakeLoader]) -> None:
     settings, _ = three
-    loader = FakeLoader({"a": 40}, delay=0.3)
+    loader = FakeLoader({"a": 40}, delay=1.0)  # long enough for all six to be waiting
     pool = open_pool(settings, loader)
     leases: list[Lease] = []
     try:
@@ -228,7 +228,7 @@ def test_a_request_waits_for_a_load_no_longer_than_asked(
     try:
         loading = threading.Thread(target=lambda: use(pool, "a"))
         loading.start()
-        time.sleep(0.2)
+        assert wait_for(lambda: states(pool)["a"] == "loading", 5)
         with pytest.raises(ModelUnavailable, match=r"not ready yet \(loading\)") as waited:
             pool.acquire("a", wait=0.1)
         assert waited.value.retry_after == 5

@@ -863,5 +863,5 @@ def test_probes_and_stop_on_the_real_server(
     assert settings.drain_seconds > 2 * SEAL_MARGIN
     stopped = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(settings.shutdown_grace + SEAL_MARGIN) == 0
+    assert server.wait(settings.shutdown_grace + SEAL_MARGIN) == 0
     assert time.monotonic() - stopped < 2 * SEAL_MARGIN

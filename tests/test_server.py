@@ -300,7 +300,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(
     assert rest[-1] == "data: [DONE]" or rest[-2:] == ["data: [DONE]", ""]
     finals = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
-    assert server.proc.wait(30) == 0
+    assert server.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         server.http.get("/healthz", timeout=2)
 
@@ -328,7 +328,7 @@ def test_past_the_grace_period_the_stream_is_cut_and_the_process_exits_0(
         server.proc.send_signal(signal.SIGTERM)
         rest = list(lines)
     assert any("the appliance is stopping" in line for line in rest), rest[-3:]
-    assert server.proc.wait(30) == 0
+    assert server.wait(30) == 0
     report = json.loads(run_cli("audit", "verify", "--json", state=state_dir).stdout)
     assert report["ok"] and not report["incomplete"], report
     # The stop is told: what was in flight, how long it waited, the audit log's seal.
@@ -347,7 +347,7 @@ def test_sighup_stops_gracefully(server_factory: ServerFactory, state_dir: Path)
     last checkpoint over its head."""
     server = server_factory(state_dir)
     server.proc.send_signal(signal.SIGHUP)
-    assert server.proc.wait(30) == 0
+    assert server.wait(30) == 0
     report = json.loads(run_cli("audit", "verify", "--json", state=state_dir).stdout)
     checkpoints = (state_dir / "audit" / "checkpoints.jsonl").read_text().splitlines()
     last = json.loads(checkpoints[-1])

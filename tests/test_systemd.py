@@ -122,7 +122,7 @@ def test_ready_watchdog_and_stopping(
     assert min(listener.said("WATCHDOG=1")) > ready
     server.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: listener.said("STOPPING=1"), 10)
-    assert server.proc.wait(30) == 0
+    assert server.wait(30) == 0
 
 
 def test_watchdog_pings_only_while_healthy(
