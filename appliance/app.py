@@ -7,7 +7,18 @@ import logging
 from flask import Flask
 
 from appliance import __version__, deadline, inference, reqlog, routing, serving, web
-from appliance.api import admin, errors, health, kserve, metrics, openai, openapi, tokens, trail
+from appliance.api import (
+    admin,
+    departures,
+    errors,
+    health,
+    kserve,
+    metrics,
+    openai,
+    openapi,
+    tokens,
+    trail,
+)
 from appliance.audit import siem, witness
 from appliance.audit.records import Entry
 from appliance.audit.store import AuditStore, AuditUnavailable, local_actor
@@ -64,6 +75,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     deadline.init_app(app, settings.client_timeout)
+    departures.init_app(app)  # a plain answer's client that hangs up stops its model
     app.extensions[metrics.EXTENSION].history.start()  # everything it reads is wired
     store.append(
         Entry(
@@ -124,6 +136,7 @@ def health_problem(app: Flask) -> str | None:
 def close_app(app: Flask) -> None:
     """Stop the models, then seal and close the audit log."""
     app.extensions[metrics.EXTENSION].history.stop()
+    departures.get(app).stop()
     serving.get_pool(app).close()
     guard.get_gate(app).store.close()
     witness.close_app(app)  # what the last interval added, witnessed if it can be

@@ -66,3 +66,10 @@ class Failed(Problem):
     """The appliance's own fault, not the request's."""
 
     category = "failed"
+
+
+class ClientGone(Problem):
+    """The client closed its connection before its answer was whole: the model stopped,
+    and nobody is left to read the answer (recorded as 499, as proxies do)."""
+
+    category = "client_gone"

@@ -19,6 +19,7 @@ from openai import OpenAI
 
 from helpers import (
     Server,
+    audit_pairs,
     make_state,
     metric,
     model_state,
@@ -288,6 +289,39 @@ def test_disconnect_frees_its_slot_for_a_waiting_request(server: Server, model_n
         for c in clients:
             c.close()
     assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 10)
+
+
+def test_a_plain_answer_stops_when_its_client_hangs_up(
+    server: Server, state: Path, model_name: str
+) -> None:
+    """A non-streamed answer is written only when whole, so its client's leaving is
+    seen on the connection, not by a failed write: the model stops (its slot is free
+    long before 1500 tokens would be), and the request is recorded as 499
+    client_disconnected, with what was made, in its audit record, log line and metrics."""
+    body = {"model": model_name, "messages": messages(QUESTIONS[0]), **LONG}
+    before = metric(
+        server, "appliance_requests_total", 0.0, route="/v1/chat/completions", status="499"
+    )
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers=server.auth,
+            timeout=httpx.Timeout(30, read=2),
+        )
+    # 1500 tokens take this machine over ten seconds: freed in five, the model stopped.
+    assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 5)
+    assert wait_for(lambda: any(r.get("status") == 499 for r in server.request_logs()), 10)
+    line = next(r for r in server.request_logs() if r.get("status") == 499)
+    assert line["client_disconnected"] is True and line["finish_reason"] == "cancelled", line
+    made = line["completion_tokens"]
+    assert isinstance(made, int) and 0 < made < LONG["max_tokens"], line
+    rid = str(line["request_id"])
+    _, outcome = audit_pairs(state, [rid])[rid]
+    assert outcome["status"] == 499 and outcome["error_type"] == "client_disconnected", outcome
+    assert outcome["finish_reason"] == "cancelled" and outcome["content"]["output"], outcome
+    after = metric(server, "appliance_requests_total", route="/v1/chat/completions", status="499")
+    assert after == before + 1
 
 
 def test_past_slots_and_queue_gives_503(server: Server, model_name: str) -> None:

@@ -371,6 +371,7 @@ def test_a_routed_stream_whose_client_leaves_stops_its_models(
         "ignore_eos": True,
         "stream": True,
     }
+    before = route_answers(server, "cancelled", "cancelled")
     with server.http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200
         request_id = resp.headers["X-Request-Id"]
@@ -388,7 +389,46 @@ def test_a_routed_stream_whose_client_leaves_stops_its_models(
     assert tried["completion_tokens"] < asked  # stopped, not run to its length
     assert outcome["finish_reason"] == "cancelled"
     assert outcome["completion_tokens"] == tried["completion_tokens"]
-    assert route_answers(server, "cancelled", "cancelled") == 1
+    assert route_answers(server, "cancelled", "cancelled") == before + 1
+
+
+def test_a_plain_routed_answer_whose_client_leaves_runs_no_further_model(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any]
+) -> None:
+    """Not streamed, the client's leaving is seen on its connection: it gives up while
+    the specialist answers (not confident, so the generalist would run next); the
+    specialist stops, the generalist never runs, and the request is recorded as 499."""
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
+    asked = 1900  # ~15 s of answer on a 2-core box, if nothing stopped it
+    body = {
+        "model": ROUTE,
+        "messages": [{"role": "user", "content": IN_DOMAIN}],
+        "max_tokens": asked,
+        "ignore_eos": True,
+    }
+    before = route_answers(server, "cancelled", "cancelled")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers=server.auth,
+            timeout=httpx.Timeout(30, read=2),
+        )
+
+    def outcomes() -> list[dict[str, Any]]:
+        return [r for r in audit(state) if r["kind"] == "outcome" and r["status"] == 499]
+
+    assert wait_for(outcomes, 15, interval=0.5)
+    [outcome] = outcomes()
+    assert outcome["error_type"] == "client_disconnected", outcome
+    assert outcome["finish_reason"] == "cancelled"
+    route = outcome["content"]["route"]
+    assert (route["answered_by"], route["outcome"]) == ("cancelled", "cancelled")
+    [tried] = route["tried"]  # the specialist, stopped: the generalist never ran
+    assert tried["model"] == route["domain"] and tried["finish_reason"] == "cancelled"
+    assert 0 < tried["completion_tokens"] < asked
+    assert route_answers(server, "cancelled", "cancelled") == before + 1
 
 
 def hand_grade(answer: str, expected: str) -> bool:

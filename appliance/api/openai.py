@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 
 from appliance import context
-from appliance.api import conversation, logprobs
+from appliance.api import conversation, departures, logprobs
 from appliance.api.errors import ApiError, parse_body, read_json_object
 from appliance.api.schemas import (
     AssistantMessage,
@@ -193,8 +193,9 @@ def chat_completions() -> Response:
         if routed:
             return _routed_stream(ctx, ask, chunk, put_text, include, first)
         return _stream(ctx, ask, chunk, put_text, include, first)
-    run = (router if routed else get_pipeline(current_app)).chat(ctx, ask)
-    text, done = run.collect()
+    with departures.get(current_app).watching(ctx, request.environ):
+        run = (router if routed else get_pipeline(current_app)).chat(ctx, ask)
+        text, done = run.collect()
     answer = ChatCompletion(
         id=ident,
         created=created,
@@ -358,8 +359,9 @@ def completions() -> Response:
 
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(ctx, ask, chunk, put_text, include)
-    run = get_pipeline(current_app).chat(ctx, ask)
-    text, done = run.collect()
+    with departures.get(current_app).watching(ctx, request.environ):
+        run = get_pipeline(current_app).chat(ctx, ask)
+        text, done = run.collect()
     answer = Completion(
         id=ident,
         created=created,

@@ -113,6 +113,13 @@ INFER_ERRORS = {
     503: "the model is refused, cannot be loaded now (insufficient_memory), or its queue "
     "is full; with Retry-After",
 }
+# A plain (non-streamed) text answer whose client hangs up: its model stops. The client
+# never reads this; the audit record, the log line and /metrics say it.
+TEXT_ERRORS = INFER_ERRORS | {
+    499: "client_disconnected: the client closed its connection before its (not "
+    "streamed) answer was whole; the model stopped (a route runs no further model). "
+    "Never read by the client: the status of its audit record, log line and metrics",
+}
 MODEL_PARAM = path_param("name", "A model's name, a served name or a route.")
 
 
@@ -124,7 +131,7 @@ def v1_paths() -> dict[str, Any]:
                 V1,
                 "Chat completion (OpenAI)",
                 {"200": _stream_or("ChatCompletion", "ChatCompletionChunk")}
-                | oai_errors(INFER_ERRORS),
+                | oai_errors(TEXT_ERRORS),
                 description="model: a chat model, a specialist, a served name (its champion "
                 "answers) or a route. A route answers with the specialist whose domain the "
                 "question is in, the generalist when none is or the specialist is not "
@@ -141,7 +148,7 @@ def v1_paths() -> dict[str, Any]:
                 "openai.completions",
                 V1,
                 "Text completion (OpenAI)",
-                {"200": _stream_or("Completion", "Completion")} | oai_errors(INFER_ERRORS),
+                {"200": _stream_or("Completion", "Completion")} | oai_errors(TEXT_ERRORS),
                 body=json_body("CompletionRequest"),
             )
         },

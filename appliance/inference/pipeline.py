@@ -37,8 +37,8 @@ from appliance.engines.base import (
     TokenLogprob,
 )
 from appliance.inference import audit_pair
+from appliance.problems import ClientGone, Forbidden, Invalid, Unavailable
 from appliance.problems import Failed as GenerationFailed
-from appliance.problems import Forbidden, Invalid, Unavailable
 from appliance.registry import SpecialistSpec
 from appliance.resources import pressure
 from appliance.serving.loader import Parts
@@ -47,6 +47,8 @@ from appliance.serving.pool import Lease, ModelPool
 from appliance.serving.scheduler import Job
 
 KEEPALIVE_SECONDS = 5.0
+# How often a plain answer being collected looks whether its client has gone.
+GONE_POLL_SECONDS = 0.25
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_EMBED_INPUTS = 256
@@ -437,12 +439,12 @@ class ChatRun:
             self.job.cancel()
             raise
 
-    def _events(self) -> Iterator[Event | None]:
-        """The job's events; None every few seconds while nothing happens (keep-alive).
-        A grounded answer's text comes through its citation check."""
+    def _events(self, quiet: float = KEEPALIVE_SECONDS) -> Iterator[Event | None]:
+        """The job's events; None every ``quiet`` seconds while nothing happens
+        (keep-alive). A grounded answer's text comes through its citation check."""
         while True:
             try:
-                event = self.job.events.get(timeout=KEEPALIVE_SECONDS)
+                event = self.job.events.get(timeout=quiet)
             except queue.Empty:
                 yield None
                 continue
@@ -469,14 +471,28 @@ class ChatRun:
         usage.decode_seconds = done.decode_seconds
 
     def collect(self) -> tuple[str, Finished]:
+        """The whole answer. If the client hangs up meanwhile (``ctx.gone``, set by the
+        API's departures watch), the job is cancelled and ClientGone raised once it has
+        ended: the outcome record keeps what was made."""
         parts = self.ctx.audit.output  # the outcome record keeps the answer
+        gone = self.ctx.gone
         try:
-            for event in self._events():
+            for event in self._events(GONE_POLL_SECONDS):
+                if gone.is_set():
+                    self.job.cancel()  # ends as cancelled at its next token
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
                     self.tokens.extend(event.tokens)
                 elif isinstance(event, Finished):
                     self._settle(event)
+                    if gone.is_set():
+                        self.ctx.client_disconnected = True
+                        self.ctx.usage.finish_reason = "cancelled"
+                        raise ClientGone(
+                            "the client closed its connection before the answer was whole; "
+                            f"the model stopped after {event.completion_tokens} token(s)",
+                            code="client_disconnected",
+                        )
                     self.confirm()
                     return "".join(parts), event
                 elif isinstance(event, Failed):
