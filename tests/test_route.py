@@ -355,6 +355,59 @@ def test_a_routed_stream_ends_with_the_decision(
     assert events[-1]["appliance_route"]["outcome"] == "referral"
 
 
+def test_a_route_answers_at_the_temperature_it_was_calibrated_at(
+    desk: tuple[Server, Path, Path], calibrated: dict[str, Any]
+) -> None:
+    """Its confidence thresholds hold at the temperature they were measured at (greedy):
+    left out, that is what the models it tries answer at (not the API's default of 1);
+    asked at another, the route refuses with a plain 400 naming both, streamed or not."""
+    server, state, _ = desk
+    set_thresholds(state, specialist_confidence=0.0, generalist_confidence=0.0)
+    card = server.http.get(f"/v1/models/{ROUTE}").json()
+    assert card["route"]["calibration"]["temperature"] == 0.0, card
+    question = [{"role": "user", "content": OFF_DOMAIN}]
+    resp = server.http.post(
+        "/v1/chat/completions", json={"model": ROUTE, "messages": question, "max_tokens": 32}
+    )
+    assert resp.status_code == 200, resp.text
+    decision = resp.json()["appliance_route"]
+    assert decision["temperature"] == 0.0 and decision["outcome"] == "generalist", decision
+    # The generalist's greedy answer: sampled at 1, 32 tokens of it would differ.
+    greedy = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": decision["answered_by"],
+            "messages": question,
+            "max_tokens": 32,
+            "temperature": 0,
+        },
+    )
+    text = resp.json()["choices"][0]["message"]["content"]
+    assert text == greedy.json()["choices"][0]["message"]["content"]
+    outcome = next(
+        r
+        for r in audit(state)
+        if r["request_id"] == resp.headers["X-Request-Id"] and r["kind"] == "outcome"
+    )
+    assert outcome["content"]["route"]["temperature"] == 0.0
+    for stream in (False, True):
+        refused = server.http.post(
+            "/v1/chat/completions",
+            json={"model": ROUTE, "messages": question, "temperature": 0.7, "stream": stream},
+        )
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("temperature", "temperature_not_calibrated")
+        assert "calibrated at temperature 0" in error["message"], error
+        assert "not 0.7" in error["message"], error
+    asked_greedy = server.http.post(
+        "/v1/chat/completions",
+        json={"model": ROUTE, "messages": question, "max_tokens": 32, "temperature": 0},
+    )
+    assert asked_greedy.status_code == 200
+    assert asked_greedy.json()["choices"][0]["message"]["content"] == text
+
+
 def test_a_routed_stream_whose_client_leaves_stops_its_models(
     desk: tuple[Server, Path, Path], calibrated: dict[str, Any], default_model: Manifest
 ) -> None:
@@ -557,7 +610,8 @@ def test_the_page_says_who_answered_a_route(
     note = page.locator(".route").last
     assert note.get_attribute("data-outcome") == "referral"
     assert note.inner_text() == f"Route {ROUTE}: neither model was confident: referred"
-    assert sent[-1]["temperature"] == 0  # greedy, as the suite calibrated the route
+    # The route's own temperature (its calibration's, greedy), not one the page picks.
+    assert sent[-1]["model"] == ROUTE and "temperature" not in sent[-1]
     # A specialist answers with its own sampling (defects: temperature 0, 8 tokens).
     page.click("#clear")
     page.select_option("#model", "defects")

@@ -256,6 +256,7 @@ def _routed_stream(
     route = router.route(ask.model)
     router.authorize(ctx, route)  # a 403 or 503 is a plain one, never inside a stream
     router.ready(route)
+    router.check(route, ask)
     get_pipeline(current_app).check(ask)
     start = functools.partial(router.chat, ctx, ask)
     resp = stream_after_load(ctx, start, chunk, put_text, include, first, waiting="routing")

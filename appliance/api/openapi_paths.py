@@ -139,7 +139,9 @@ def v1_paths() -> dict[str, Any]:
                 "carries appliance_route and the header X-Appliance-Route. A routed stream "
                 "sends keep-alive comments while the route decides, then the chosen answer; "
                 "its last chunk carries appliance_route. An uncalibrated route is 503 "
-                "route_uncalibrated.",
+                "route_uncalibrated. A route answers at the temperature its thresholds were "
+                "calibrated at (temperature left out: that one); another is 400 "
+                "temperature_not_calibrated.",
                 body=json_body("ChatCompletionRequest"),
             )
         },

@@ -240,6 +240,9 @@ class RouteDecision(BaseModel):
     domain: str | None = Field(description="The specialist whose domain the question is in.")
     similarities: dict[str, float]
     similarity_threshold: float
+    temperature: float = Field(
+        description="The temperature every model tried answered at: the route's calibration's."
+    )
     tried: list[RouteTry]
     config_sha256: str
     calibration_suite_sha256: str

@@ -32,6 +32,7 @@ from appliance.routing.router import confidence
 from appliance.routing.spec import Calibration, Route
 
 NEVER = 1.0 + 1e-9  # a confidence threshold no answer reaches: refer them all
+TEMPERATURE = 0.0  # answers are measured greedy: repeatable, and what the route then asks
 
 
 @dataclass
@@ -59,7 +60,7 @@ def observe(client: Client, route: Route, suite: Suite, max_tokens: int) -> list
         nearest = max(sims, key=lambda m: sims[m])
         answers = {}
         for model in (nearest, route.generalist):
-            result = client.chat(model, case.messages, max_tokens, 0.0, logprobs=True)
+            result = client.chat(model, case.messages, max_tokens, TEMPERATURE, logprobs=True)
             ok = grade(case.grader, result.text, case.expected).passed
             answers[model] = (confidence(result.logprobs), ok)
         tag = case.tags.get("domain")
@@ -176,4 +177,5 @@ def calibrate(
         calibrated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         measured=measured,
         config_sha256=route.sha256,
+        temperature=TEMPERATURE,
     )

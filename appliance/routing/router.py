@@ -107,6 +107,7 @@ class Decision:
     similarities: dict[str, float]
     similarity_threshold: float
     domain: str | None  # the specialist whose domain the question is in, if any
+    temperature: float  # what every model tried answered at: the calibration's
     attempts: list[Attempt] = field(default_factory=list)
     answered_by: str = REFERRAL
     outcome: str = REFERRAL  # specialist | generalist | fallback | referral | cancelled
@@ -119,6 +120,7 @@ class Decision:
             "domain": self.domain,
             "similarities": {k: round(v, 4) for k, v in self.similarities.items()},
             "similarity_threshold": round(self.similarity_threshold, 4),
+            "temperature": self.temperature,
             "tried": [a.public() for a in self.attempts],
             "config_sha256": self.config_sha256,
             "calibration_suite_sha256": self.suite_sha256,
@@ -214,7 +216,11 @@ class Router:
             similarities=sims,
             similarity_threshold=calibration.similarity,
             domain=domain,
+            temperature=calibration.temperature,
         )
+        # Every model answers at the temperature its thresholds were measured at (a
+        # specialist's own default sampling included).
+        ask = replace(ask, temperature=calibration.temperature)
         plan = [(domain, calibration.specialist_confidence)] if domain else []
         plan.append((route.generalist, calibration.generalist_confidence))
         for model, threshold in plan:
@@ -282,18 +288,34 @@ class Router:
 
     # -- the request ----------------------------------------------------------------
 
-    def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
-        """A routed chat request: decided whole, then answered as a ChatRun (so that a
-        stream and a plain answer go out, and are audited, as any other)."""
-        route = self.route(ask.model)
-        self.authorize(ctx, route)
-        self.ready(route)
+    def check(self, route: Route, ask: ChatAsk) -> None:
+        """What a route can be asked (before a stream begins, so a refusal is a plain
+        400): chat messages, at the temperature its thresholds were calibrated at."""
         if ask.messages is None:
             raise Invalid(
                 f"route {route.name!r} answers chat completions (messages), not a prompt",
                 param="model",
                 code="wrong_model_kind",
             )
+        calibration = route.calibration
+        assert calibration is not None  # ready() refused an uncalibrated route
+        if ask.temperature is not None and ask.temperature != calibration.temperature:
+            raise Invalid(
+                f"route {route.name!r} judges answers by confidence thresholds calibrated "
+                f"at temperature {calibration.temperature:g}, which hold at that temperature "
+                f"only: ask it at {calibration.temperature:g} or leave temperature out, "
+                f"not {ask.temperature:g}",
+                param="temperature",
+                code="temperature_not_calibrated",
+            )
+
+    def chat(self, ctx: RequestContext, ask: ChatAsk) -> ChatRun:
+        """A routed chat request: decided whole, then answered as a ChatRun (so that a
+        stream and a plain answer go out, and are audited, as any other)."""
+        route = self.route(ask.model)
+        self.authorize(ctx, route)
+        self.ready(route)
+        self.check(route, ask)
         self.pipeline.check(ask)
         ctx.model, ctx.model_sha256, ctx.model_kind = route.name, route.sha256, "route"
         ctx.notes["route"] = route.name

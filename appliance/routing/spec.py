@@ -63,6 +63,9 @@ class Calibration:
     calibrated_at: str
     measured: dict[str, Any]
     config_sha256: str = ""  # the route's config it was measured for
+    # The sampling temperature its answers were measured at (calibrate asks greedy): the
+    # confidence thresholds hold at it alone, so the route answers at it.
+    temperature: float = 0.0
 
     def public(self) -> dict[str, Any]:
         return asdict(self)

@@ -200,11 +200,11 @@
   }
 
   // A plain model: a little cooler than the API's default. A specialist: its manifest's
-  // sampling. A route: greedy, as suites calibrate its confidence thresholds by default.
+  // sampling. A route: the temperature its thresholds were calibrated at (the server's).
   function sampling(m) {
     const kind = m ? m.kind : "chat";
-    if (kind === "specialist") return {};
-    return {temperature: kind === "route" ? 0 : 0.7};
+    if (kind === "specialist" || kind === "route") return {};
+    return {temperature: 0.7};
   }
 
   async function ask(text) {
