@@ -69,7 +69,7 @@ class Failed(Problem):
 
 
 class ClientGone(Problem):
-    """The client closed its connection before its answer was whole: the model stopped,
-    and nobody is left to read the answer (recorded as 499, as proxies do)."""
+    """The client closed its connection (or its sending side) before its answer was
+    whole: the model stopped (recorded as 499, as proxies do)."""
 
     category = "client_gone"

@@ -142,9 +142,10 @@ class Server:
     def wait(self, timeout: float = 30) -> int:
         """The exit status, once the process has ended and every line it wrote has
         been read (the last ones may still be in the pipe when it exits)."""
+        deadline = time.monotonic() + timeout
         status = self.proc.wait(timeout)
         for reader in self.readers:
-            reader.join(timeout)
+            reader.join(max(0.0, deadline - time.monotonic()))
         return status
 
     def stop(self, timeout: float = 30) -> int:

@@ -302,6 +302,25 @@ def test_running_requests_count_as_ahead_in_retry_after(
         outcome(job)
 
 
+def test_a_cancelled_request_still_waiting_leaves_the_queue_at_once(
+    engine: Recording, scheduler: ModelScheduler
+) -> None:
+    """Its client gone, a request waiting for a slot ends now (not when a slot frees),
+    and its place in the queue is free for another."""
+    running = take_the_slots(engine, scheduler, tokens=3)  # held mid-step: no slot frees
+    waiting = [scheduler.submit(generation(tokens=1, prompt=5)) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        scheduler.submit(generation())
+    waiting[0].cancel()
+    assert waiting[0].events.get(timeout=1) == Finished("cancelled", 5, 0)
+    assert scheduler.snapshot()["queued"] == 1
+    again = scheduler.submit(generation(tokens=1))  # the freed place
+    engine.hold.set()
+    for job in [*running, waiting[1], again]:
+        assert outcome(job)[1].reason == "length"
+    assert engine.admitted == [3, 3, 5, 3]  # the cancelled one never reached the engine
+
+
 def test_retry_after_follows_recent_request_times_down_to_one_second(
     engine: Recording, scheduler: ModelScheduler
 ) -> None:
@@ -345,12 +364,13 @@ def test_cancel_and_settle_waits_for_the_workers_last_word(
 
 @pytest.mark.timeout(10)
 def test_cancel_and_settle_gives_up_when_the_worker_does_not_answer(
-    scheduler: ModelScheduler,
+    engine: Recording, scheduler: ModelScheduler
 ) -> None:
-    job = scheduler.submit(generation())  # never started: nobody will answer
+    job, _ = take_the_slots(engine, scheduler, tokens=3)  # held mid-step: it cannot answer
     began = time.monotonic()
     assert job.cancel_and_settle(timeout=0.2) is None
     assert 0.15 < time.monotonic() - began < 2
+    engine.hold.set()
 
 
 def test_a_request_that_cannot_be_admitted_fails_alone(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import select
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from flask import Flask
 
 from appliance.context import RequestContext
 
+log = logging.getLogger(__name__)
 EXTENSION = "appliance.departures"
 POLL_SECONDS = 0.25
 HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -79,7 +81,10 @@ class Departures:
                 if self._stopping:
                     return
                 watched = list(self._watched.values())
-            self._look(watched)
+            try:
+                self._look(watched)
+            except (OSError, ValueError) as exc:  # never let one look end the watch
+                log.error("departures: a look at the connections failed", extra={"error": str(exc)})
             with self._cond:
                 self._cond.wait(self.interval)
 
@@ -97,8 +102,8 @@ class Departures:
             return
         for fd, events in poller.poll(0):
             if events & HUNG_UP and fd in gone_by_fd:
+                self.seen += 1  # counted first: whoever waits on the event sees it
                 gone_by_fd[fd].set()
-                self.seen += 1
 
 
 def init_app(app: Flask) -> Departures:

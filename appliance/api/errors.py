@@ -35,7 +35,7 @@ STATUS = {
     "not_found": 404,
     "too_large": 413,
     "rate_limited": 429,
-    "client_gone": 499,  # nginx's "client closed request": for the records, never read
+    "client_gone": 499,  # nginx's "client closed request": for the records (see departures)
     "failed": 500,
     "unavailable": 503,
 }

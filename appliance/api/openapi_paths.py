@@ -116,9 +116,10 @@ INFER_ERRORS = {
 # A plain (non-streamed) text answer whose client hangs up: its model stops. The client
 # never reads this; the audit record, the log line and /metrics say it.
 TEXT_ERRORS = INFER_ERRORS | {
-    499: "client_disconnected: the client closed its connection before its (not "
-    "streamed) answer was whole; the model stopped (a route runs no further model). "
-    "Never read by the client: the status of its audit record, log line and metrics",
+    499: "client_disconnected: the client closed its connection (or its sending side) "
+    "before its (not streamed) answer was whole; the model stopped (a route runs no "
+    "further model). The status of its audit record, log line and metrics; a client "
+    "that only shut down its sending side reads it",
 }
 MODEL_PARAM = path_param("name", "A model's name, a served name or a route.")
 

@@ -477,6 +477,8 @@ class ChatRun:
         parts = self.ctx.audit.output  # the outcome record keeps the answer
         gone = self.ctx.gone
         try:
+            if gone.is_set():  # left while its model loaded: withdrawn, or stopped at once
+                self.job.cancel()
             for event in self._events(GONE_POLL_SECONDS):
                 if gone.is_set():
                     self.job.cancel()  # ends as cancelled at its next token

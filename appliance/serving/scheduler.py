@@ -65,9 +65,15 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
+    # Takes the job out of its model's queue if it still waits there (set on submit).
+    withdraw: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def cancel(self) -> None:
+        """Stop the job: at its next token if it runs; at once if it still waits for a
+        slot (it ends as cancelled, and its place in the queue is free)."""
         self.cancelled.set()
+        if self.withdraw is not None:
+            self.withdraw()
 
     def cancel_and_settle(self, timeout: float = 2.0) -> Finished | Failed | None:
         """Cancel, then wait for the worker's last word (it stops at the next token) so
@@ -107,6 +113,7 @@ class ModelScheduler:
 
     def submit(self, generation: Generation) -> Job:
         job = Job(generation)
+        job.withdraw = lambda: self._withdraw(job)
         with self._cond:
             if self._stopping:
                 raise Stopping(self.name)
@@ -121,6 +128,18 @@ class ModelScheduler:
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job that still waits leaves the queue and ends now, instead of
+        holding its place (and its request thread) until a slot frees."""
+        with self._cond:
+            for i, waiting in enumerate(self._waiting):
+                if waiting is job:
+                    del self._waiting[i]
+                    break
+            else:
+                return  # taken by the worker (it sees the cancel), or already gone
+        job.events.put(Finished("cancelled", len(job.generation.prompt_tokens), 0))
 
     def _retry_after(self) -> int:
         ahead = len(self._waiting) + self._running
