@@ -523,3 +523,25 @@ def test_render_html_without_threshold_or_latency() -> None:
 )
 def test_nice_axis(top: float, axis: tuple[float, float]) -> None:
     assert _nice_axis(top) == pytest.approx(axis)
+
+
+def test_a_route_is_evaluated_only_at_its_calibrated_temperature(tmp_path: Path) -> None:
+    """A route refuses any other temperature, so a suite that asks one is refused before
+    its first case (not scored 0 on 400s); a plain model takes any."""
+    from appliance.evals.client import ApiFailure
+    from appliance.evals.runner import _check_route_temperature
+
+    warm = load_suite(
+        write_jsonl(
+            tmp_path / "warm.jsonl",
+            {"suite": {"temperature": 0.7}},
+            {"prompt": "Hi", "expected": "hi"},
+        )
+    )
+    greedy = load_suite(write_jsonl(tmp_path / "greedy.jsonl", {"prompt": "Hi", "expected": "hi"}))
+    route = {"route": {"calibration": {"temperature": 0.0}}}
+    with pytest.raises(ApiFailure, match=r"calibrated at, 0; suite warm asks 0\.7"):
+        _check_route_temperature(warm, "desk", route)
+    _check_route_temperature(greedy, "desk", route)
+    _check_route_temperature(warm, "plain", None)
+    _check_route_temperature(warm, "desk", {"route": {"calibration": None}})  # refused anyway

@@ -400,6 +400,19 @@ def test_a_route_answers_at_the_temperature_it_was_calibrated_at(
         assert (error["param"], error["code"]) == ("temperature", "temperature_not_calibrated")
         assert "calibrated at temperature 0" in error["message"], error
         assert "not 0.7" in error["message"], error
+    # What else shapes the answers the thresholds were measured on is refused too.
+    shaping = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "response_format": {"type": "json_object"},
+    }
+    for param, value in shaping.items():
+        refused = server.http.post(
+            "/v1/chat/completions", json={"model": ROUTE, "messages": question, param: value}
+        )
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == (param, "sampling_not_calibrated"), error
     asked_greedy = server.http.post(
         "/v1/chat/completions",
         json={"model": ROUTE, "messages": question, "max_tokens": 32, "temperature": 0},
@@ -453,7 +466,9 @@ def test_a_plain_routed_answer_whose_client_leaves_runs_no_further_model(
     specialist stops, the generalist never runs, and the request is recorded as 499."""
     server, state, _ = desk
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
-    asked = 1900  # ~15 s of answer on a 2-core box, if nothing stopped it
+    # ~15 s of answer on a 2-core box if nothing stopped it; the client leaves at 2 s
+    # (a box that makes 1900 tokens in 2 s would need a longer answer here).
+    asked = 1900
     body = {
         "model": ROUTE,
         "messages": [{"role": "user", "content": IN_DOMAIN}],
@@ -476,6 +491,8 @@ def test_a_plain_routed_answer_whose_client_leaves_runs_no_further_model(
     [outcome] = outcomes()
     assert outcome["error_type"] == "client_disconnected", outcome
     assert outcome["finish_reason"] == "cancelled"
+    # No answer was given, not even the referral; what the specialist made is in its try.
+    assert "output" not in outcome["content"], outcome["content"]
     route = outcome["content"]["route"]
     assert (route["answered_by"], route["outcome"]) == ("cancelled", "cancelled")
     [tried] = route["tried"]  # the specialist, stopped: the generalist never ran

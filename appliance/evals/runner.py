@@ -222,6 +222,21 @@ def identity(client: Client, model: str) -> tuple[str, dict[str, Any] | None]:
     return str(card.get("sha256", "")), served
 
 
+def _check_route_temperature(suite: Suite, model: str, served_by: dict[str, Any] | None) -> None:
+    """A route answers only at the temperature it was calibrated at: a suite asking
+    another would have every case refused (400), so the run is refused up front."""
+    calibration = ((served_by or {}).get("route") or {}).get("calibration")
+    if suite.kind == "tensor" or not calibration:
+        return
+    calibrated = float(calibration.get("temperature", 0.0))
+    if suite.settings.temperature != calibrated:
+        raise ApiFailure(
+            f"route {model!r} answers at the temperature it was calibrated at, "
+            f"{calibrated:g}; suite {suite.name} asks {suite.settings.temperature:g}: "
+            f"evaluate the route with a suite at temperature {calibrated:g}"
+        )
+
+
 def run(
     client: Client,
     suite: Suite,
@@ -233,6 +248,7 @@ def run(
     entries = []
     for model in models:
         sha, served_by = identity(client, model)
+        _check_route_temperature(suite, model, served_by)
         with PeakMemory(client) as memory:
             if suite.kind == "tensor":
                 figures = _run_tensor(client, suite, model, tick)

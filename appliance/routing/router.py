@@ -224,11 +224,14 @@ class Router:
         plan = [(domain, calibration.specialist_confidence)] if domain else []
         plan.append((route.generalist, calibration.generalist_confidence))
         for model, threshold in plan:
-            attempt = self.attempt(ctx, replace(ask, model=model), threshold)
-            decision.attempts.append(attempt)
-            if ctx.gone.is_set():  # nobody to answer: no further model runs
+            # The client gone (before this model, or while it answered): nobody to
+            # answer, no further model runs.
+            if not ctx.gone.is_set():
+                decision.attempts.append(self.attempt(ctx, replace(ask, model=model), threshold))
+            if ctx.gone.is_set():
                 decision.answered_by = decision.outcome = CANCELLED
                 break
+            attempt = decision.attempts[-1]
             if attempt.confident:
                 decision.answered_by = model
                 if model != route.generalist:
@@ -299,6 +302,21 @@ class Router:
             )
         calibration = route.calibration
         assert calibration is not None  # ready() refused an uncalibrated route
+        # What changes the answers the thresholds were measured on (the calibration asks
+        # plain answers): refused, each with its field.
+        shaping = {
+            "presence_penalty": bool(ask.presence_penalty),
+            "frequency_penalty": bool(ask.frequency_penalty),
+            "response_format": ask.json_mode,
+        }
+        for param, asked in shaping.items():
+            if asked:
+                raise Invalid(
+                    f"route {route.name!r} judges answers by confidence thresholds measured "
+                    f"on plain answers; {param} changes them: leave it out",
+                    param=param,
+                    code="sampling_not_calibrated",
+                )
         if ask.temperature is not None and ask.temperature != calibration.temperature:
             raise Invalid(
                 f"route {route.name!r} judges answers by confidence thresholds calibrated "
@@ -330,17 +348,23 @@ class Router:
         ctx.served_by = answered.served_by if answered else None
         with self.lock:
             self.counts[(route.name, decision.answered_by, decision.outcome)] += 1
-        return ChatRun(ctx, _replay(answered, decision.attempts, route.referral), self.store)
+        return ChatRun(ctx, _replay(decision, answered, route.referral), self.store)
 
 
-def _replay(answered: Attempt | None, attempts: list[Attempt], referral: str) -> Job:
+def _replay(decision: Decision, answered: Attempt | None, referral: str) -> Job:
     """The decided answer as a finished job's events, for ChatRun to hand out. Its
-    usage counts every model the route ran (what the answer cost)."""
+    usage counts every model the route ran (what the answer cost). Cancelled (the
+    client left): no answer, not even the referral; what each model made is in the
+    decision."""
     job = Job(Generation([], SamplingParams(max_tokens=1)))
     events: queue.SimpleQueue[Any] = job.events
+    attempts = decision.attempts
     prompt = sum(a.prompt_tokens for a in attempts)
     completion = sum(a.completion_tokens for a in attempts)
     seconds = sum(a.seconds for a in attempts)
+    if decision.outcome == CANCELLED:
+        events.put(Finished("cancelled", prompt, completion, 0, seconds))
+        return job
     if answered is None:
         events.put(TextDelta(referral))
         events.put(Finished("stop", prompt, completion, 0, seconds))

@@ -179,9 +179,13 @@ def _read_calibration(path: Path) -> Calibration | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return Calibration(**data)
+        calibration = Calibration(**data)
     except (OSError, ValueError, TypeError) as exc:
         raise RouteError(f"{path}: not a calibration this appliance wrote: {exc}") from None
+    temperature = calibration.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+        raise RouteError(f"{path}: temperature must be a number >= 0, not {temperature!r}")
+    return calibration
 
 
 def write_calibration(route: Route, calibration: Calibration) -> Path:
