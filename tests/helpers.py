@@ -275,6 +275,21 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     return False
 
 
+def give_up(server: Server, body: dict[str, Any], after: float = 2.0) -> None:
+    """Ask for a plain (not streamed) chat completion and leave, closing the connection,
+    when no answer has come ``after`` seconds on, as a client with a timeout does."""
+    try:
+        answer = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers=server.auth,
+            timeout=httpx.Timeout(30, read=after),
+        )
+    except httpx.ReadTimeout:
+        return
+    raise AssertionError(f"answered before the client gave up: {answer.status_code}")
+
+
 def open_stream(server: Server, client: httpx.Client, body: dict[str, Any]) -> Any:
     """Start a chat completion stream and return it once its first token has arrived,
     with its line iterator, which must stay referenced: dropping it closes the
