@@ -113,8 +113,8 @@ INFER_ERRORS = {
     503: "the model is refused, cannot be loaded now (insufficient_memory), or its queue "
     "is full; with Retry-After",
 }
-# A plain (non-streamed) text answer whose client hangs up: its model stops. The client
-# never reads this; the audit record, the log line and /metrics say it.
+# A plain (non-streamed) text answer whose client hangs up: its model stops. A client
+# that closed never reads this; the audit record, the log line and /metrics say it.
 TEXT_ERRORS = INFER_ERRORS | {
     499: "client_disconnected: the client closed its connection (or its sending side) "
     "before its (not streamed) answer was whole; the model stopped (a route runs no "
