@@ -1,9 +1,10 @@
 """The fleet on one machine (tests/fleet.py): three appliances behind two HAProxy
 balancers sharing a floating address with keepalived, as deploy/ ships them, driven
 through that address. A conversation stays on one box and finds its beginning in that
-box's KV cache; a drained box gets no new work; the address moves when the active
-balancer dies and clients get answers again; a box stopped under load (locust) loses
-no request and finishes its stream. Bounded: about two minutes."""
+box's KV cache; a drained box gets no new work; a client that gives up on a plain answer
+stops the model of the box that took it (the balancer passes its close on); the address
+moves when the active balancer dies and clients get answers again; a box stopped under
+load (locust) loses no request and finishes its stream. Bounded: about two minutes."""
 
 from __future__ import annotations
 
@@ -126,6 +127,32 @@ def test_a_drained_box_gets_no_new_work(rig: Fleet) -> None:
         )
 
     assert wait_until(box2_takes_work, 30, interval=1)
+
+
+def test_a_client_that_gives_up_through_the_balancer_stops_its_model(rig: Fleet) -> None:
+    """A plain answer's client that leaves (its own timeout) through the balancer: the
+    balancer passes the close on, and the box that took the request stops its model."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        "max_tokens": 1500,  # ~13 s on a 2-core box; the client leaves at 2 s
+        "ignore_eos": True,
+    }
+
+    def give_up() -> bool:
+        with rig.http() as client:
+            try:
+                client.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=2))
+            except httpx.ReadTimeout:
+                return True
+        return False
+
+    def running() -> dict[str, int]:
+        states = {b: rig.box_get(b, "/readyz").json()["models"] for b in rig.box_names()}
+        return {b: sum(m.get("running", 0) for m in models) for b, models in states.items()}
+
+    assert rig.in_client(give_up)
+    assert wait_until(lambda: not any(running().values()), 6, interval=0.5), running()
 
 
 def test_the_address_moves_when_the_active_balancer_dies(rig: Fleet) -> None:
