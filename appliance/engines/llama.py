@@ -633,11 +633,8 @@ class LlamaEngine:
             run.unsent.append(TokenLogprob(piece, float(logits[token]), self._top(logits, top)))
         text, stopped = run.scanner.feed(piece)
         if text:
-            if run.unsent:
-                self._outbox.append((run.emit, TextDelta(text, tuple(run.unsent))))
-                run.unsent.clear()
-            else:
-                self._outbox.append((run.emit, TextDelta(text)))
+            self._outbox.append((run.emit, TextDelta(text, tuple(run.unsent))))
+            run.unsent.clear()
         if stopped:
             self._finish(slot, "stop")
         elif run.produced >= params.max_tokens or len(slot.tokens) >= self.info.n_ctx:

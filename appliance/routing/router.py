@@ -224,14 +224,10 @@ class Router:
         plan = [(domain, calibration.specialist_confidence)] if domain else []
         plan.append((route.generalist, calibration.generalist_confidence))
         for model, threshold in plan:
-            # The client gone (before this model, or while it answered): nobody to
-            # answer, no further model runs.
-            if not ctx.gone.is_set():
-                decision.attempts.append(self.attempt(ctx, replace(ask, model=model), threshold))
-            if ctx.gone.is_set():
-                decision.answered_by = decision.outcome = CANCELLED
+            if ctx.gone.is_set():  # the client left: no further model runs
                 break
-            attempt = decision.attempts[-1]
+            attempt = self.attempt(ctx, replace(ask, model=model), threshold)
+            decision.attempts.append(attempt)
             if attempt.confident:
                 decision.answered_by = model
                 if model != route.generalist:
@@ -239,6 +235,8 @@ class Router:
                 else:
                     decision.outcome = "fallback" if domain else "generalist"
                 break
+        if ctx.gone.is_set():  # before or while a model answered: nobody to answer
+            decision.answered_by = decision.outcome = CANCELLED
         return decision
 
     def attempt(self, ctx: RequestContext, ask: ChatAsk, threshold: float) -> Attempt:
