@@ -335,6 +335,26 @@ def test_a_broken_calibration_is_refused(tmp_path: Path) -> None:
         read_route(path)
 
 
+def test_a_calibration_without_a_temperature_was_greedy_and_a_bad_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Files written before the temperature was recorded were measured greedy (0); a
+    temperature that is not a number >= 0 is refused, naming the file."""
+    route = read_route(write_route(tmp_path, "desk", route_toml()))
+    write_calibration(route, calibration(config_sha256=route.sha256))
+    path = calibration_path(route.path)
+    data = json.loads(path.read_text())
+    del data["temperature"]
+    path.write_text(json.dumps(data))
+    read = read_route(route.path).calibration
+    assert read is not None and read.temperature == 0.0
+    for bad in (None, -0.5, "0", True):
+        path.write_text(json.dumps({**data, "temperature": bad}))
+        with pytest.raises(RouteError, match=r"temperature must be a number >= 0") as caught:
+            read_route(route.path)
+        assert str(path) in str(caught.value)
+
+
 def test_route_table_reads_again_when_a_file_changes(tmp_path: Path) -> None:
     table = RouteTable(tmp_path)
     assert table.routes() == {}
