@@ -142,11 +142,36 @@ def _disk(settings: Settings) -> Check:
     )
 
 
-def _gpu() -> Check:
-    found = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
-    smi = shutil.which("nvidia-smi")
-    if found or smi:
-        return Check("gpu", "ok", f"NVIDIA devices: {', '.join(found) or 'see nvidia-smi'}")
+def _gpu(settings: Settings) -> Check:
+    """The GPUs llama.cpp sees (once the kernels check loaded its backends), against
+    ``gpu_layers``: a GPU asked for and not seen is a warning, not a slow surprise."""
+    from appliance.engines import devices, kernels
+
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    seen = devices.gpus()
+    layers = settings.gpu_layers
+    if seen:
+        names = ", ".join(
+            f"{d.name} ({d.description}, {d.free_bytes // MIB} of {d.total_bytes // MIB} MiB free)"
+            for d in seen
+        )
+        where = "models run on the CPU" if layers == 0 else "models run on it"
+        return Check("gpu", "ok", f"llama.cpp sees {names}; gpu_layers = {layers}: {where}")
+    device_nodes = f"NVIDIA devices: {', '.join(nodes)}" if nodes else "no /dev/nvidia*"
+    if kernels.chosen() is None:  # no language model: llama.cpp was not asked
+        return Check("gpu", "ok", f"{device_nodes}; gpu_layers = {layers}")
+    if layers != 0:
+        return Check(
+            "gpu",
+            "warn",
+            f"gpu_layers = {layers}, but llama.cpp sees no GPU ({device_nodes}; a build "
+            "without a GPU backend sees none: APPLIANCE_LLAMA_CMAKE_ARGS=-DGGML_CUDA=on): "
+            "models run on the CPU",
+        )
+    if nodes:
+        return Check(
+            "gpu", "ok", f"{device_nodes}, unused: this llama.cpp build has no GPU backend"
+        )
     return Check("gpu", "ok", "none found: models run on the CPU")
 
 
@@ -257,7 +282,7 @@ def examine(settings: Settings, selftest: bool = False, quick: bool = False) -> 
         *_cpu(),
         *_models_and_memory(settings, selftest, quick),
         _disk(settings),
-        _gpu(),
+        _gpu(settings),
         *_keys(settings),
         _certificate(settings),
         _audit(settings, quick),

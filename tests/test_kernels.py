@@ -5,6 +5,8 @@ cannot take the server down with, and the choice shown where IT looks."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,9 +15,10 @@ import pytest
 from appliance.engines import kernels, selftest
 from appliance.engines.kernels import KernelError, Variant, choose
 
-from helpers import ServerFactory, make_state, run_cli, wait_for
+from helpers import ServerFactory, make_state, metric, run_cli, wait_for
 
 P = Path("/x")
+HELLO = [{"role": "user", "content": "Hi"}]
 # Scores as ggml_backend_score() gives them: 0 where the CPU lacks a feature.
 AMX_CPU = [
     Variant("sapphirerapids", P, 90, amx=True),
@@ -130,6 +133,79 @@ def test_server_shows_its_kernels_everywhere(shared_server: object, model_name: 
     page = httpx.get(f"{shared_server.url}/status", headers=shared_server.auth, timeout=30)
     assert f"{kernels_row['variant']}, extra buffers on" in page.text
     assert "llama.cpp kernels" in page.text
+    # Where its layers run (gpu_layers = 0, the default): all on the CPU, said so.
+    placement = _card(shared_server.url, shared_server.auth, model_name)["placement"]
+    assert placement == {
+        "gpu_layers": 0,
+        "layers": 31,
+        "offloaded": 0,
+        "devices": [],
+        "reason": "gpu_layers = 0: every layer runs on the CPU",
+    }
+    assert metric(shared_server, "appliance_llama_layers", model=model_name, on="cpu") == 31
+    assert metric(shared_server, "appliance_llama_layers", model=model_name, on="gpu") == 0
+    assert "CPU: gpu_layers = 0: every layer runs on the CPU" in page.text
+
+
+@pytest.mark.server
+def test_a_gpu_asked_for_and_not_seen_is_said_everywhere(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """gpu_layers = -1 where llama.cpp sees no GPU (a CPU-only build; on a GPU host,
+    hidden from CUDA): the model answers from the CPU, and the log, /v1/models,
+    /metrics, /status and doctor say that the GPU setting is not in effect."""
+    state = make_state(tmp_path / "state", model_file)
+    hidden = {"APPLIANCE_GPU_LAYERS": "-1", "CUDA_VISIBLE_DEVICES": ""}
+    server = server_factory(state, env=hidden)
+    placement = _card(server.url, server.auth, model_name)["placement"]
+    assert isinstance(placement, dict)
+    assert (placement["gpu_layers"], placement["offloaded"]) == (-1, 0)
+    assert str(placement["reason"]).startswith("gpu_layers = -1, but llama.cpp sees no GPU")
+    warned = [r for r in server.log_records() if r.get("level") == "warning"]
+    assert any(str(r["msg"]).startswith("model placed on the CPU: gpu_layers = -1") for r in warned)
+    assert metric(server, "appliance_llama_layers", model=model_name, on="cpu") == 31
+    assert metric(server, "appliance_gpu_memory_bytes", default=-1) == -1  # no GPU, no gauge
+    page = server.http.get("/status", timeout=30).text
+    assert "CPU: gpu_layers = -1, but llama.cpp sees no GPU" in page
+    answer = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model_name,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    doctor = run_cli("doctor", "--json", state=state, env=hidden)
+    gpu = {c["name"]: c for c in json.loads(doctor.stdout)}["gpu"]
+    assert gpu["status"] == "warn", gpu
+    assert gpu["detail"].startswith("gpu_layers = -1, but llama.cpp sees no GPU"), gpu
+
+
+def test_a_model_on_the_cpu_reads_its_prompts_on_the_cpu(model_file: Path) -> None:
+    """llama.cpp would hand a CPU layer's batch of 32+ tokens to a GPU it sees
+    (op_offload); a model placed on the CPU keeps them (its numbers the CPU's)."""
+    from appliance.engines.llama import LlamaEngine
+
+    engine = LlamaEngine(model_file, 256, 1, 0)
+    try:
+        assert engine.placement.offloaded == 0
+        assert engine._ctx.params.op_offload is False
+    finally:
+        engine.close()
+
+
+def test_importing_the_appliance_puts_the_cpp_runtime_in_the_global_scope() -> None:
+    """So that llama.cpp's libraries bind std:: symbols to one libstdc++ (see
+    appliance/__init__.py); a plain interpreter has none there."""
+    probe = "import ctypes{}; print(hasattr(ctypes.CDLL(None), '_ZNSt6locale7classicEv'))"
+    found = [
+        subprocess.run(
+            [sys.executable, "-c", probe.format(extra)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for extra in ("", ", appliance")
+    ]
+    assert found == ["False", "True"]
 
 
 @pytest.mark.server

@@ -26,6 +26,7 @@ from appliance.api.trail import get_store
 from appliance.audit import siem
 from appliance.audit.witness import EXTENSION as WITNESS
 from appliance.context import RequestContext
+from appliance.engines import devices
 from appliance.routing import get_router
 from appliance.serving import get_pool
 
@@ -254,7 +255,17 @@ class _StateCollector(Collector):
             "extra buffer types, i.e. repacked weights, are on).",
             labels=["model", "variant", "extra_buffers"],
         )
+        layers = GaugeMetricFamily(
+            "appliance_llama_layers",
+            "A loaded language model's layers (its output layer counted) by where they run: "
+            "on the GPU (gpu_layers) or the CPU.",
+            labels=["model", "on"],
+        )
         for row in pool.state():
+            if "placement" in row and row["state"] == "ready":
+                p = row["placement"]
+                layers.add_metric([row["name"], "gpu"], float(p["offloaded"]))
+                layers.add_metric([row["name"], "cpu"], float(p["layers"] - p["offloaded"]))
             if "kernels" in row:
                 k = row["kernels"]
                 kernels.add_metric(
@@ -284,7 +295,16 @@ class _StateCollector(Collector):
             "1 while this box is draining (/readyz 404: a balancer sends it no new work).",
             value=1.0 if get_drain(self.app).draining else 0.0,
         )
-        yield from (state, kernels)
+        yield from (state, kernels, layers)
+        gpu_memory = GaugeMetricFamily(
+            "appliance_gpu_memory_bytes",
+            "Memory of each GPU llama.cpp sees (free, total), once a language model loaded.",
+            labels=["device", "description", "kind"],
+        )
+        for device in devices.gpus():
+            for kind, amount in (("free", device.free_bytes), ("total", device.total_bytes)):
+                gpu_memory.add_metric([device.name, device.description, kind], float(amount))
+        yield gpu_memory
         expiry = certificate_expiry(self.app)
         if expiry is not None:
             yield GaugeMetricFamily(

@@ -33,6 +33,7 @@ from appliance.api.schemas import (
     Kernels,
     ModelCard,
     ModelList,
+    Placement,
     RetrieveRequest,
     RouteCard,
     RouteDecision,
@@ -437,6 +438,7 @@ def _card(row: dict[str, Any]) -> ModelCard:
         window = manifest_for_window.context_length or serve.context_size
         n_ctx = min(serve.context_size, window)
     kernels = row.get("kernels")
+    placement = row.get("placement")
     public = manifest.public()
     if row.get("adapters") is not None:  # with each adapter's hash, as served
         public["adapters"] = row["adapters"]
@@ -456,6 +458,7 @@ def _card(row: dict[str, Any]) -> ModelCard:
         n_ctx=n_ctx if chat else manifest.context_length,
         parallel_streams=row.get("slots", serve.parallel_streams) if chat else None,
         kernels=Kernels.model_validate(kernels) if kernels else None,
+        placement=Placement.model_validate(placement) if placement else None,
         **public,
     )
 

@@ -312,6 +312,14 @@ class Kernels(BaseModel):
     selftest: str = Field(description="What the start-up self-test in a child process saw.")
 
 
+class Placement(BaseModel):
+    gpu_layers: int = Field(description="The setting: layers asked for on the GPU (-1: all).")
+    layers: int = Field(description="The model's layers, its output layer counted.")
+    offloaded: int = Field(description="Of those, how many run on the GPUs (0: CPU only).")
+    devices: list[str] = Field(description="The GPUs they run on, as llama.cpp names them.")
+    reason: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -363,6 +371,11 @@ class ModelCard(BaseModel):
     )
     kernels: Kernels | None = Field(
         default=None, description="The llama.cpp CPU kernels this model runs on, and why."
+    )
+    placement: Placement | None = Field(
+        default=None,
+        description="Where a loaded language model's layers run: on the GPUs, the CPU, or "
+        "split (gpu_layers), and why.",
     )
 
 

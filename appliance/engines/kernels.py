@@ -234,6 +234,12 @@ def _load(setting: str) -> KernelPlan:
     )
 
 
+def chosen() -> KernelPlan | None:
+    """The plan, if this process has chosen its kernels (loaded llama.cpp's backends)."""
+    with _lock:
+        return _plan
+
+
 def plan(setting: str | None = None) -> KernelPlan:
     """Choose and load the CPU kernels (once per process) and say what was chosen.
     ``None``: whatever this process chose already, else ``auto``."""

@@ -36,7 +36,7 @@ import logging
 import mmap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from llama_cpp import _logger as llama_log
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from appliance.engines import kernels, zero_pages
+from appliance.engines import devices, kernels, zero_pages
 from appliance.engines.base import (
     EngineInfo,
     Event,
@@ -163,8 +163,12 @@ class LlamaEngine:
             self._model = internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=False
             )
+            self.placement = devices.placement(
+                gpu_layers, llama_cpp.llama_model_n_layer(self._model.model), devices.gpus()
+            )
         else:
             self._model = shared._model
+            self.placement = shared.placement
         self._adapters: list[Any] = []
         for adapter_path, _ in adapters:
             handle = llama_cpp.llama_adapter_lora_init(
@@ -185,6 +189,10 @@ class LlamaEngine:
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
+        # llama.cpp hands a CPU layer's batch of 32 tokens or more to a GPU when it
+        # sees one (op_offload), whatever gpu_layers says: a model placed on the CPU
+        # stays there (its answers, and its numbers alone or batched, the CPU's).
+        ctx_params.op_offload = self.placement.offloaded > 0
         before = zero_pages.anonymous_ranges()
         try:
             self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
@@ -205,7 +213,7 @@ class LlamaEngine:
                 raise PromptError("llama.cpp refused to apply the adapters to the context")
         # The KV cache, cleared, resident in full: let its pages come as streams fill.
         # (On a GPU the cache is in the GPU's memory, and the driver's threads run.)
-        released = zero_pages.release(before) if gpu_layers == 0 else 0
+        released = zero_pages.release(before) if self.placement.offloaded == 0 else 0
         # Sliding-window layers: the state API leaves out the cells outside the donor's
         # window, which a shorter shared beginning still needs; copy whole streams.
         self._whole_stream_copy = llama_cpp.llama_model_n_swa(self._model.model) > 0
@@ -220,6 +228,7 @@ class LlamaEngine:
         self._order: dict[int, int] = {}
         self.info = EngineInfo(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
         self.info.extra["zero_pages_released_mib"] = released >> 20
+        self.info.extra["placement"] = asdict(self.placement)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._buffer = ctypes.create_string_buffer(64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -16,6 +16,9 @@ from appliance.registry import Manifest, file_identity
 from appliance.resources import footprint
 from appliance.serving.models import ChatModel, Loaded, RunModel
 from appliance.serving.scheduler import Admission, ModelScheduler
+
+if TYPE_CHECKING:
+    from appliance.engines.devices import Placement
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,7 @@ class EngineLoader:
             chat_template=manifest.chat_template,
         )
         chat.info.extra["kernels"] = kernels_row
+        _log_placement(manifest.name, chat.placement)
         scheduler = ModelScheduler(manifest.name, chat, settings.queue_depth)
         scheduler.start()
         return ChatModel(manifest, chat, scheduler)
@@ -234,6 +238,16 @@ class EngineLoader:
         scheduler = ModelScheduler(manifest.name, engine, self.settings.queue_depth)
         scheduler.start()
         return ChatModel(manifest, engine, scheduler)
+
+
+def _log_placement(name: str, placement: Placement) -> None:
+    """Where the model's layers run; a warning when a GPU was asked for and none is
+    used (a CPU-only build, or no device), which would otherwise only be slow."""
+    fields = {"model": name, "offloaded": placement.offloaded, "layers": placement.layers}
+    if placement.wanted_gpu:
+        log.warning("model placed on the CPU: " + placement.reason, extra=fields)
+    else:
+        log.info("model placed: " + placement.reason, extra=fields)
 
 
 def _size(path: Path) -> int:

@@ -28,6 +28,8 @@ class ChatModel:
         row["n_ctx"] = self.engine.info.n_ctx
         if "kernels" in self.engine.info.extra:
             row["kernels"] = self.engine.info.extra["kernels"]
+        if "placement" in self.engine.info.extra:
+            row["placement"] = self.engine.info.extra["placement"]
         return row
 
     def stalled(self, limit: float) -> str | None:
