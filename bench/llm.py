@@ -16,6 +16,7 @@ carried (the server's /metrics counters). Then prefix reuse: TTFT of a request w
 long system prompt is new, and of the next one that shares it. Usage:
 
     .venv/bin/python bench/llm.py [--rounds 3] [--max-tokens 128] [--streams 1,2,4,8]
+        [--gpu-layers -1]  # on a GPU build: both sides offload
 
 (`--rounds`: measured requests per client; the baseline runs 4 requests before each
 level and after the last.)
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--parallel-streams", type=int, default=4)
     parser.add_argument("--context-size", type=int, default=2048)
+    parser.add_argument(
+        "--gpu-layers", type=int, default=0, help="both sides: layers on the GPU (-1: all)"
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
 
@@ -203,6 +207,7 @@ def main() -> None:
             str(args.parallel_streams),
             "--queue-depth",
             str(max(levels)),
+            env={"APPLIANCE_GPU_LAYERS": str(args.gpu_layers)},
         )
         try:
             kernels.plan()  # the CPU kernels the appliance picks, before Llama loads any
@@ -211,6 +216,7 @@ def main() -> None:
                 n_ctx=args.context_size,
                 n_threads=threads,
                 n_threads_batch=threads,
+                n_gpu_layers=args.gpu_layers,
                 verbose=False,
             )
 
