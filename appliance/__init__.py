@@ -1,5 +1,6 @@
 """On-prem inference appliance: specialist models served locally, audited, measured."""
 
+import contextlib
 import ctypes
 
 __version__ = "0.1.0"
@@ -11,7 +12,5 @@ __version__ = "0.1.0"
 # that is a partial copy, and the tokenizer's std::regex crashes on the first model
 # load (SIGSEGV; the start-up self-test refuses the model). The system's libstdc++,
 # loaded into the global scope first, is found before any of them.
-try:
+with contextlib.suppress(OSError):  # no GNU C++ runtime here: nothing to unify
     ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-except OSError:  # not a glibc system with the GNU C++ runtime: nothing to unify
-    pass

@@ -143,35 +143,52 @@ def _disk(settings: Settings) -> Check:
 
 
 def _gpu(settings: Settings) -> Check:
-    """The GPUs llama.cpp sees (once the kernels check loaded its backends), against
-    ``gpu_layers``: a GPU asked for and not seen is a warning, not a slow surprise."""
+    """The GPUs llama.cpp sees (once the kernels check loaded its backends), against the
+    ``gpu_layers`` asked for, globally and per model: a GPU asked for and not seen is a
+    warning, not a slow surprise."""
     from appliance.engines import devices, kernels
+    from appliance.serving.loader import ServeSettings
 
     nodes = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    try:
+        language = [m for m in load_manifests(settings).values() if m.format == "gguf"]
+    except ManifestError:
+        language = []
+    own = {
+        m.name: layers
+        for m in language
+        if (layers := ServeSettings.of(settings, m).gpu_layers) != settings.gpu_layers
+    }
+    asked = f"gpu_layers = {settings.gpu_layers}" + (
+        f" ({', '.join(f'{name}: {n}' for name, n in sorted(own.items()))})" if own else ""
+    )
+    wanted = settings.gpu_layers != 0 or any(n != 0 for n in own.values())
     seen = devices.gpus()
-    layers = settings.gpu_layers
     if seen:
         names = ", ".join(
             f"{d.name} ({d.description}, {d.free_bytes // MIB} of {d.total_bytes // MIB} MiB free)"
             for d in seen
         )
-        where = "models run on the CPU" if layers == 0 else "models run on it"
-        return Check("gpu", "ok", f"llama.cpp sees {names}; gpu_layers = {layers}: {where}")
+        where = "models run on it" if wanted else "models run on the CPU"
+        return Check("gpu", "ok", f"llama.cpp sees {names}; {asked}: {where}")
     device_nodes = f"NVIDIA devices: {', '.join(nodes)}" if nodes else "no /dev/nvidia*"
     if kernels.chosen() is None:  # no language model: llama.cpp was not asked
-        return Check("gpu", "ok", f"{device_nodes}; gpu_layers = {layers}")
-    if layers != 0:
+        return Check("gpu", "ok", f"{device_nodes}; {asked}")
+    cuda = any(kernels.library_dir().glob("libggml-cuda*.so"))
+    why = (
+        "this build has a CUDA backend: is the NVIDIA driver loaded, and the device open "
+        "to the service?"
+        if cuda
+        else "this build has no GPU backend: APPLIANCE_LLAMA_CMAKE_ARGS=-DGGML_CUDA=on"
+    )
+    if wanted:
         return Check(
             "gpu",
             "warn",
-            f"gpu_layers = {layers}, but llama.cpp sees no GPU ({device_nodes}; a build "
-            "without a GPU backend sees none: APPLIANCE_LLAMA_CMAKE_ARGS=-DGGML_CUDA=on): "
-            "models run on the CPU",
+            f"{asked}, but llama.cpp sees no GPU ({device_nodes}; {why}): models run on the CPU",
         )
     if nodes:
-        return Check(
-            "gpu", "ok", f"{device_nodes}, unused: this llama.cpp build has no GPU backend"
-        )
+        return Check("gpu", "ok", f"{device_nodes}, unused: {why if not cuda else asked}")
     return Check("gpu", "ok", "none found: models run on the CPU")
 
 

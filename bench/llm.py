@@ -217,6 +217,8 @@ def main() -> None:
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=args.gpu_layers,
+                # As the appliance keeps a CPU model off a GPU llama.cpp sees.
+                **({"split_mode": 0, "main_gpu": -1} if args.gpu_layers == 0 else {}),
                 verbose=False,
             )
 

@@ -22,7 +22,7 @@ from appliance.auth.store import AuthStore
 from appliance.config import load_settings
 from appliance.registry import Manifest
 
-from helpers import Server, make_state, run_cli, start_server
+from helpers import Server, make_state, metric, run_cli, start_server
 from loras import write_lora
 
 pytestmark = pytest.mark.server
@@ -111,6 +111,10 @@ def test_scale_0_is_the_base_and_scale_1_is_not(
     assert cards["ward"]["kind"] == "specialist" and cards["ward"]["base"] == default_model.name  # type: ignore[index]
     assert cards["ward"]["adapters"][0]["scale"] == 1.0  # type: ignore[index]
     assert "ward-lora" not in cards  # an adapter is no model of its own
+    # It runs where its base runs (one copy of the weights), counted once in /metrics.
+    assert cards["ward"]["placement"] == cards[default_model.name]["placement"]  # type: ignore[index]
+    assert metric(server, "appliance_llama_layers", model=default_model.name, on="cpu") == 31
+    assert metric(server, "appliance_llama_layers", -1, model="ward", on="cpu") == -1
 
 
 def test_prefixes_never_cross_adapters_in_either_order_or_at_once(

@@ -1,5 +1,5 @@
 """On a GPU host: the default model's layers run on the GPU when asked, its answers are
-the model's answers, streams batched on the GPU answer as they do alone, and the GPU is
+the model's answers, streams batched on the GPU are answered and audited, and the GPU is
 shown where IT looks (/v1/models, /metrics, /status, the log, `appliance doctor`).
 
 These need llama.cpp built with a GPU backend (``APPLIANCE_LLAMA_CMAKE_ARGS=-DGGML_CUDA=on
@@ -204,7 +204,7 @@ def test_streams_batched_on_the_gpu_are_answered_and_audited(
         t.join(300)
     more_steps = metric(gpu, "appliance_batch_steps_total", model=name) - steps
     more_sequences = metric(gpu, "appliance_batch_sequences_total", model=name) - sequences
-    assert more_sequences / more_steps > 1.5, "the streams were not batched"
+    assert more_steps > 0 and more_sequences / more_steps > 1.5, "the streams were not batched"
     assert all(text.strip() for text, _ in together), together
     gpu.stop()
     pairs = audit_pairs(server_state(gpu), [rid for _, rid in together])

@@ -182,17 +182,22 @@ def test_a_gpu_asked_for_and_not_seen_is_said_everywhere(
     assert gpu["detail"].startswith("gpu_layers = -1, but llama.cpp sees no GPU"), gpu
 
 
-def test_a_model_on_the_cpu_reads_its_prompts_on_the_cpu(model_file: Path) -> None:
-    """llama.cpp would hand a CPU layer's batch of 32+ tokens to a GPU it sees
-    (op_offload); a model placed on the CPU keeps them (its numbers the CPU's)."""
+def test_a_model_on_the_cpu_is_given_no_gpu(model_file: Path) -> None:
+    """gpu_layers = 0: llama.cpp's device list is emptied (one device, none chosen), so
+    no GPU backend starts for the model, and none takes its prompt batches (op_offload
+    would hand a CPU layer's batch of 32+ tokens to any GPU it sees)."""
+    import llama_cpp
+
     from appliance.engines.llama import LlamaEngine
 
-    engine = LlamaEngine(model_file, 256, 1, 0)
-    try:
-        assert engine.placement.offloaded == 0
-        assert engine._ctx.params.op_offload is False
-    finally:
-        engine.close()
+    cases = ((0, llama_cpp.LLAMA_SPLIT_MODE_NONE, -1), (-1, llama_cpp.LLAMA_SPLIT_MODE_LAYER, 0))
+    for gpu_layers, split, main in cases:
+        engine = LlamaEngine(model_file, 256, 1, gpu_layers)
+        try:
+            params = engine._model.params
+            assert (params.split_mode, params.main_gpu) == (split, main), gpu_layers
+        finally:
+            engine.close()
 
 
 def test_importing_the_appliance_puts_the_cpp_runtime_in_the_global_scope() -> None:

@@ -31,6 +31,12 @@ def test_some_layers_split_with_the_cpu_and_more_than_there_are_means_all() -> N
     assert placement(99, 30, [H200]).offloaded == 31
 
 
+def test_an_integrated_gpu_serves_only_where_no_discrete_one_is() -> None:
+    igpu = Device("Vulkan0", "Intel Arc", 1 << 30, 2 << 30, integrated=True)
+    assert placement(-1, 30, [igpu, H200]).devices == ["CUDA0 (NVIDIA H200)"]
+    assert placement(-1, 30, [igpu]).devices == ["Vulkan0 (Intel Arc)"]
+
+
 def test_a_gpu_asked_for_and_not_seen_is_said() -> None:
     p = placement(-1, 30, [])
     assert (p.offloaded, p.devices) == (0, [])

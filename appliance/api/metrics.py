@@ -167,12 +167,26 @@ def certificate_expiry(app: Flask) -> float | None:
     return cached[1]
 
 
+GPU_READ_SECONDS = 5.0
+
+
 class _StateCollector(Collector):
     """Read at scrape time: queues, model state, tokens/s, machine resources."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.tokens_per_second: dict[str, float] = {}
+        self._gpu_read: tuple[float, list[devices.Device]] = (-GPU_READ_SECONDS, [])
+
+    def _gpus(self) -> list[devices.Device]:
+        """The GPUs and their memory, read at most every GPU_READ_SECONDS however often
+        /metrics is scraped (each read is a driver call)."""
+        at, found = self._gpu_read
+        now = time.monotonic()
+        if now - at >= GPU_READ_SECONDS:
+            found = devices.gpus()
+            self._gpu_read = (now, found)
+        return found
 
     def _routes(self) -> Metric:
         answers = CounterMetricFamily(
@@ -258,11 +272,11 @@ class _StateCollector(Collector):
         layers = GaugeMetricFamily(
             "appliance_llama_layers",
             "A loaded language model's layers (its output layer counted) by where they run: "
-            "on the GPU (gpu_layers) or the CPU.",
+            "on the GPU (gpu_layers) or the CPU; specialists run where their base does.",
             labels=["model", "on"],
         )
         for row in pool.state():
-            if "placement" in row and row["state"] == "ready":
+            if "placement" in row and row["state"] == "ready" and row["kind"] != "specialist":
                 p = row["placement"]
                 layers.add_metric([row["name"], "gpu"], float(p["offloaded"]))
                 layers.add_metric([row["name"], "cpu"], float(p["layers"] - p["offloaded"]))
@@ -301,7 +315,7 @@ class _StateCollector(Collector):
             "Memory of each GPU llama.cpp sees (free, total), once a language model loaded.",
             labels=["device", "description", "kind"],
         )
-        for device in devices.gpus():
+        for device in self._gpus():
             for kind, amount in (("free", device.free_bytes), ("total", device.total_bytes)):
                 gpu_memory.add_metric([device.name, device.description, kind], float(amount))
         yield gpu_memory

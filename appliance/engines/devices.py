@@ -16,9 +16,10 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 # enum ggml_backend_dev_type (ggml-backend.h): CPU, GPU, IGPU, ACCEL, META.
-_GPU_TYPES = (1, 2)
+_GPU, _IGPU = 1, 2
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Device:
     description: str  # the driver's: NVIDIA H200, ...
     free_bytes: int
     total_bytes: int
+    integrated: bool = False  # an integrated GPU (used only where no discrete one is)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,11 @@ class Placement:
 
 
 def placement(gpu_layers: int, n_layer: int, devices: list[Device]) -> Placement:
-    """Where llama.cpp puts a model of ``n_layer`` blocks for ``gpu_layers`` (pure)."""
+    """Where llama.cpp puts a model of ``n_layer`` blocks (its next-token prediction
+    layers counted) for ``gpu_layers`` (pure)."""
     layers = n_layer + 1
+    discrete = [d for d in devices if not d.integrated]
+    devices = discrete or devices  # llama.cpp takes integrated GPUs only when alone
     names = [f"{d.name} ({d.description})" for d in devices]
     if gpu_layers == 0:
         return Placement(0, layers, 0, [], "gpu_layers = 0: every layer runs on the CPU")
@@ -69,6 +74,18 @@ def placement(gpu_layers: int, n_layer: int, devices: list[Device]) -> Placement
         names,
         f"{offloaded}/{layers} layers on {', '.join(names)}{rest}",
     )
+
+
+def cpu_only(params: Any) -> None:
+    """Model parameters for a model kept off the GPUs llama.cpp sees (gpu_layers = 0):
+    no device in its list (one device, none chosen), so its contexts start no GPU
+    backend: no CUDA context or GPU memory, and no prompt batch of 32 tokens or more
+    handed to a GPU (llama.cpp's op_offload), which would make a CPU model's answers
+    depend on the GPU and on which prompts share its step."""
+    import llama_cpp
+
+    params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+    params.main_gpu = -1
 
 
 @functools.cache
@@ -104,7 +121,8 @@ def gpus() -> list[Device]:
     found = []
     for index in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(index)
-        if lib.ggml_backend_dev_type(dev) not in _GPU_TYPES:
+        kind = lib.ggml_backend_dev_type(dev)
+        if kind not in (_GPU, _IGPU):
             continue
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
@@ -116,6 +134,7 @@ def gpus() -> list[Device]:
                 ),
                 free_bytes=int(free.value),
                 total_bytes=int(total.value),
+                integrated=kind == _IGPU,
             )
         )
     return found

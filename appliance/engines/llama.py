@@ -158,14 +158,18 @@ class LlamaEngine:
         if shared is None:
             model_params = llama_cpp.llama_model_default_params()
             model_params.n_gpu_layers = gpu_layers
+            if gpu_layers == 0:
+                devices.cpu_only(model_params)
             # Off: plain weights, no repacked (or AMX) kernels; see engines/kernels.py.
             model_params.use_extra_bufts = extra_buffers
             self._model = internals.LlamaModel(
                 path_model=str(path), params=model_params, verbose=False
             )
-            self.placement = devices.placement(
-                gpu_layers, llama_cpp.llama_model_n_layer(self._model.model), devices.gpus()
+            model = self._model.model
+            blocks = llama_cpp.llama_model_n_layer(model) + llama_cpp.llama_model_n_layer_nextn(
+                model
             )
+            self.placement = devices.placement(gpu_layers, blocks, devices.gpus())
         else:
             self._model = shared._model
             self.placement = shared.placement
@@ -189,10 +193,6 @@ class LlamaEngine:
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
-        # llama.cpp hands a CPU layer's batch of 32 tokens or more to a GPU when it
-        # sees one (op_offload), whatever gpu_layers says: a model placed on the CPU
-        # stays there (its answers, and its numbers alone or batched, the CPU's).
-        ctx_params.op_offload = self.placement.offloaded > 0
         before = zero_pages.anonymous_ranges()
         try:
             self._ctx = internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)

@@ -95,9 +95,13 @@ def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]
     import llama_cpp
     import numpy
 
+    from appliance.engines import devices
+
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
     params.use_extra_bufts = extra_buffers
+    if gpu_layers == 0:  # as the engine: the CPU kernels under test, no GPU in it
+        devices.cpu_only(params)
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
     if not model:
         raise SystemExit(f"llama.cpp could not load {model_path}")
@@ -105,9 +109,6 @@ def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]
     ctx_params.n_ctx = 128
     ctx_params.n_batch = ctx_params.n_ubatch = 64
     ctx_params.n_threads = ctx_params.n_threads_batch = os.cpu_count() or 1
-    # As the engine: a CPU-only model reads its prompt on the CPU kernels under test,
-    # not on a GPU that llama.cpp would otherwise hand batches of 32 tokens or more.
-    ctx_params.op_offload = gpu_layers != 0
     ctx = llama_cpp.llama_init_from_model(model, ctx_params)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
