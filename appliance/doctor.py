@@ -187,8 +187,8 @@ def _gpu(settings: Settings) -> Check:
             "warn",
             f"{asked}, but llama.cpp sees no GPU ({device_nodes}; {why}): models run on the CPU",
         )
-    if nodes:
-        return Check("gpu", "ok", f"{device_nodes}, unused: {why if not cuda else asked}")
+    if nodes:  # a GPU on the box, none asked for, and llama.cpp does not see it
+        return Check("gpu", "ok", f"{device_nodes}, unused ({asked}); llama.cpp sees none: {why}")
     return Check("gpu", "ok", "none found: models run on the CPU")
 
 
