@@ -86,17 +86,15 @@ def _kernels(settings: Settings, manifests: list[Manifest], selftest: bool) -> l
     return checks
 
 
-def _models_and_memory(settings: Settings, selftest: bool, quick: bool) -> list[Check]:
-    try:
-        manifests = load_manifests(settings)
-    except ManifestError as exc:
-        return [Check("models", "fail", str(exc))]
+def _models_and_memory(
+    settings: Settings, manifests: list[Manifest], selftest: bool, quick: bool
+) -> list[Check]:
     checks, need, language = [], 0, []
     # quick: an unchanged file (path, inode, size, times) keeps its cached hash.
     cache = HashCache(settings.cache_path / "sha256.json") if quick else None
     largest = 0  # of the models loaded on demand
     loader = EngineLoader(settings)
-    for manifest in manifests.values():
+    for manifest in manifests:
         result = verify_model(manifest, settings.models_path, cache)
         pinned = manifest.serve.pinned
         if result.ok:
@@ -142,7 +140,7 @@ def _disk(settings: Settings) -> Check:
     )
 
 
-def _gpu(settings: Settings) -> Check:
+def _gpu(settings: Settings, manifests: list[Manifest]) -> Check:
     """The GPUs llama.cpp sees (once the kernels check loaded its backends), against the
     ``gpu_layers`` asked for, globally and per model: a GPU asked for and not seen is a
     warning, not a slow surprise."""
@@ -150,10 +148,7 @@ def _gpu(settings: Settings) -> Check:
     from appliance.serving.loader import ServeSettings
 
     nodes = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
-    try:
-        language = [m for m in load_manifests(settings).values() if m.format == "gguf"]
-    except ManifestError:
-        language = []
+    language = [m for m in manifests if m.format == "gguf"]
     own = {
         m.name: layers
         for m in language
@@ -295,11 +290,18 @@ def examine(settings: Settings, selftest: bool = False, quick: bool = False) -> 
     (the CLI does; the status page shows what the server's own self-test saw). ``quick``
     (the status page, which IT may reload at will): model files by their cached hashes,
     and the audit chain not walked."""
+    cpu = _cpu()
+    try:  # read once: the models' checks and the GPU's (per-model gpu_layers) use them
+        manifests = list(load_manifests(settings).values())
+    except ManifestError as exc:
+        manifests, models = [], [Check("models", "fail", str(exc))]
+    else:
+        models = _models_and_memory(settings, manifests, selftest, quick)
     return [
-        *_cpu(),
-        *_models_and_memory(settings, selftest, quick),
+        *cpu,
+        *models,
         _disk(settings),
-        _gpu(settings),
+        _gpu(settings, manifests),
         *_keys(settings),
         _certificate(settings),
         _audit(settings, quick),
