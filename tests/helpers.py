@@ -54,6 +54,21 @@ def default_model_file() -> Path:
     return model_dir / manifest.file
 
 
+def pinned_model_files() -> Path:
+    """The default model's file (see default_model_file), with the line model that its
+    own script builds beside it (make_state links both): the ``model_file`` fixture's."""
+    from appliance.config import load_settings
+    from appliance.fetch import build_model
+    from appliance.registry import load_manifests, verify_model
+
+    path = default_model_file()
+    settings = load_settings(env={}, overrides={"state_dir": CACHE})
+    for manifest in load_manifests(settings).values():
+        if manifest.build is not None and not verify_model(manifest, path.parent).ok:
+            build_model(manifest, path.parent)
+    return path
+
+
 def make_state(root: Path, model_file: Path) -> Path:
     """A state directory whose model directory holds the pinned models: the default
     model and the line model built beside it (hard links). The catalogue's others are

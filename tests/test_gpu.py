@@ -25,9 +25,9 @@ from helpers import (
     CACHE,
     Server,
     audit_pairs,
-    default_model_file,
     make_state,
     metric,
+    pinned_model_files,
     run_cli,
     server_state,
     start_server,
@@ -61,17 +61,13 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def model() -> tuple[Path, str]:
+    """The default model's file (the line model built beside it) and its name."""
     from appliance.config import load_settings
-    from appliance.fetch import build_model, default_manifest
-    from appliance.registry import load_manifests, verify_model
+    from appliance.fetch import default_manifest
+    from appliance.registry import load_manifests
 
-    path = default_model_file()
     settings = load_settings(env={}, overrides={"state_dir": CACHE})
-    manifests = load_manifests(settings)
-    for manifest in manifests.values():  # the line model, which make_state links too
-        if manifest.build is not None and not verify_model(manifest, path.parent).ok:
-            build_model(manifest, path.parent)
-    return path, default_manifest(manifests).name
+    return pinned_model_files(), default_manifest(load_manifests(settings)).name
 
 
 def _server(root: Path, model_file: Path, gpu_layers: int) -> Server:
