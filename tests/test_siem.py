@@ -234,7 +234,10 @@ class Rsyslog:
         if not self.out.exists():
             return []
         found = []
-        for line in self.out.read_text().splitlines():
+        # rsyslog may be part-way through writing a line (or a UTF-8 character):
+        # only whole lines count.
+        data = self.out.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].decode().splitlines():
             message = json.loads(line)
             message["params"] = parse_sd(message["sd"])
             found.append(message)
