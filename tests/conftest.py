@@ -23,6 +23,8 @@ from playwright.sync_api import Browser, sync_playwright
 from appliance import __version__
 from appliance.app import close_app, create_app
 from appliance.config import Settings, load_settings
+from appliance.engines.kernels import AMX_FLAGS
+from appliance.engines.kernels import cpu_flags as _cpu_flags
 from appliance.engines.kernels import library_dir as kernels_library_dir
 from appliance.fetch import (
     default_manifest,
@@ -286,6 +288,8 @@ def no_network(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 ALLOWED_SKIPS: dict[str, Callable[[], bool]] = {
     "needs root": lambda: os.geteuid() != 0,
     "qemu-x86_64 is missing": lambda: shutil.which("qemu-x86_64") is None,
+    # tests/test_kernels.py's real AMX test: only a CPU with AMX can run it.
+    "this CPU has no AMX": lambda: not AMX_FLAGS & _cpu_flags(),
     # tests/test_gpu.py: allowed where the build has no GPU backend or the host no
     # NVIDIA device; a CUDA build on a GPU host that skips them fails the run.
     "llama.cpp sees no GPU here": lambda: (

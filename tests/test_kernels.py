@@ -244,6 +244,46 @@ def test_server_survives_a_crashing_kernel_path(
 
 
 @pytest.mark.server
+@pytest.mark.skipif(
+    not kernels.AMX_FLAGS & kernels.cpu_flags(), reason="this CPU has no AMX (amx_* flags)"
+)
+def test_amx_asked_for_on_an_amx_cpu_is_guarded_by_the_selftest(
+    tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
+) -> None:
+    """cpu_kernels = amx on a CPU with AMX, no fault injected: llama.cpp's own AMX
+    kernels. Seen on a 2-core Xeon VM (amx_tile, amx_int8, amx_bf16): they die with
+    SIGILL on the first prompt batch, in-process and in the self-test's child. The
+    server loads the AMX variant, keeps AMX's extra buffers only if the self-test
+    decoded with them, and answers a prompt long enough for the batched kernels
+    either way, staying up."""
+    state = make_state(tmp_path / "state", model_file)
+    server = server_factory(state, env={"APPLIANCE_CPU_KERNELS": "amx"})
+    kernels_row = _card(server.url, server.auth, model_name)["kernels"]
+    assert isinstance(kernels_row, dict)
+    assert kernels_row["variant"] == "sapphirerapids", kernels_row
+    failures = [r for r in server.log_records() if r.get("msg", "").startswith("self-test failed")]
+    if kernels_row["extra_buffers"]:  # AMX decoded here: the self-test let it stay
+        assert kernels_row["selftest"].startswith("self-test passed") and not failures
+    else:
+        assert "safe path" in kernels_row["selftest"], kernels_row
+        assert failures and "killed by" in str(failures[0]["child"]), failures
+    question = "How should a hospital keep patient records safe? " * 6  # > 32 tokens
+    answer = server.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model_name,
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": question}],
+        },
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 48
+    assert server.proc.poll() is None
+
+
+@pytest.mark.server
 def test_server_refuses_a_model_whose_every_path_crashes(
     tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
 ) -> None:
