@@ -98,7 +98,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> Flask:
 
 
 def _audit_pool_event(store: AuditStore, event: PoolEvent) -> None:
-    """A model loaded or unloaded: which file (by hash), why, and what it took."""
+    """A model loaded or unloaded: which file (by hash), why, and what it took; a
+    language model's load also says its kernels (and self-test) and where it runs."""
     entry = Entry(
         kind="admin",
         route="models",
@@ -112,6 +113,7 @@ def _audit_pool_event(store: AuditStore, event: PoolEvent) -> None:
             "reason": event.reason,
             "seconds": round(event.seconds, 3),
             "memory_bytes": event.memory_bytes,
+            **event.runs_on,
         },
     )
     try:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -241,6 +242,20 @@ def test_server_survives_a_crashing_kernel_path(
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] > 0
+    # The audit log's load record says the same, for an auditor: kernels and where.
+    load = _load_record(state, model_name)
+    assert load["content"]["kernels"] == kernels_row
+    assert load["content"]["placement"]["offloaded"] == 0
+
+
+def _load_record(state: Path, model_name: str) -> dict[str, Any]:
+    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    loads = [
+        r for r in rows if (r["route"], r["method"], r["model"]) == ("models", "LOAD", model_name)
+    ]
+    assert len(loads) == 1, loads
+    return loads[0]
 
 
 @pytest.mark.server
@@ -281,6 +296,7 @@ def test_amx_asked_for_on_an_amx_cpu_is_guarded_by_the_selftest(
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["prompt_tokens"] > 48
     assert server.proc.poll() is None
+    assert _load_record(state, model_name)["content"]["kernels"] == kernels_row
 
 
 @pytest.mark.server

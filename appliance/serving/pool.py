@@ -109,6 +109,9 @@ class PoolEvent:
     reason: str  # first request, pinned, keep-alive, make room for X, stopping, or the error
     seconds: float = 0.0
     memory_bytes: int = 0
+    # A language model's load: the kernels it runs on (with the self-test's word) and
+    # where its layers are, as /v1/models shows them.
+    runs_on: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -559,10 +562,12 @@ class ModelPool:
             entry.last_used = self.clock()
             entry.settled.set()
         details: dict[str, Any] = {}
+        runs_on: dict[str, Any] = {}
         if isinstance(model, ChatModel):
             info = model.engine.info
             details = {"n_ctx": info.n_ctx, "threads": info.threads, "slots": model.scheduler.slots}
             details.update(info.extra)
+            runs_on = {k: info.extra[k] for k in ("kernels", "placement") if info.extra.get(k)}
         log.info(
             "model loaded",
             extra={
@@ -574,7 +579,7 @@ class ModelPool:
                 **details,
             },
         )
-        self._tell(PoolEvent("load", name, manifest.sha256, reason, seconds, entry.need))
+        self._tell(PoolEvent("load", name, manifest.sha256, reason, seconds, entry.need, runs_on))
 
     def _check_files(self, entry: _Entry) -> None:
         """The files must be the ones that were hashed, not ones swapped in since; a
