@@ -274,6 +274,12 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
             f"{where}: an [adapter] table belongs to kind adapter, and it needs one"
         )
     specialist = _specialist_spec(data, where) if kind == "specialist" else None
+    serve = _serve_spec(data.get("serve"), where + " [serve]")
+    if specialist is not None and serve.gpu_layers is not None:
+        raise ManifestError(
+            f"{where} [serve]: gpu_layers = {serve.gpu_layers} cannot apply to a specialist: "
+            f"it runs on its base's layers; set gpu_layers in {specialist.base!r}'s manifest"
+        )
     return Manifest(
         name=name,
         file=file,
@@ -284,7 +290,7 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         specialist=specialist,
         chat_template=_optional_str(data, "chat_template", where),
         tokenizer=tokenizer,
-        serve=_serve_spec(data.get("serve"), where + " [serve]"),
+        serve=serve,
         quantization=str(data.get("quantization", "unknown")),
         domain=str(data.get("domain", "general")),
         license=str(data.get("license", "unknown")),

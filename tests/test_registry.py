@@ -58,6 +58,19 @@ def test_malformed_manifests_are_named(change: dict[str, object], message: str) 
     assert "/x/m.toml" in str(err.value)
 
 
+def test_a_specialist_cannot_ask_for_gpu_layers_of_its_own() -> None:
+    """A specialist is a context over its base's weights: where its layers run is the
+    base's choice, so a gpu_layers of its own would be ignored; it is refused instead."""
+    specialist = {"name": "ward", "kind": "specialist", "base": "talk"}
+    assert parse_manifest({**specialist, "serve": {"threads": 1}}, "/x/w.toml").serve.threads == 1
+    with pytest.raises(ManifestError) as err:
+        parse_manifest({**specialist, "serve": {"gpu_layers": -1}}, "/x/w.toml")
+    assert str(err.value) == (
+        "/x/w.toml [serve]: gpu_layers = -1 cannot apply to a specialist: it runs on its "
+        "base's layers; set gpu_layers in 'talk''s manifest"
+    )
+
+
 def test_duplicate_names_name_both_files(tmp_path: Path) -> None:
     settings = load_settings(env={}, overrides={"state_dir": tmp_path})
     settings.imported_manifests_path.mkdir(parents=True)
