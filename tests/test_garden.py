@@ -192,6 +192,10 @@ def test_every_garden_request_and_load_is_audited(garden: tuple[Server, Path]) -
     loads = [(r["method"], r["model"]) for r in rows if r["route"] == "models"]
     assert ("LOAD", MINILM) in loads and ("UNLOAD", GEMMA) in loads
     assert all(r["model_sha256"] for r in rows if r["route"] == "models")
+    # A language model's load says its kernels and where it runs; an embedder's has neither.
+    loaded = {r["model"]: r["content"] for r in rows if r["method"] == "LOAD"}
+    assert loaded[SMOL]["kernels"]["variant"] and loaded[SMOL]["placement"]["layers"] > 0
+    assert "kernels" not in loaded[MINILM] and "placement" not in loaded[MINILM]
     # Every inference in the log has its pair.
     kinds: dict[str, list[str]] = {}
     for r in rows:
