@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -31,47 +30,29 @@ PROMPT, STEPS = 512, 64
 
 
 def measure(model: Path, setting: str, extra_buffers: bool, rounds: int, threads: int) -> dict:
-    """In this (child) process: choose the kernels, load the model, time it."""
-    import llama_cpp
-
-    from appliance.engines import devices, kernels
+    """In this (child) process: choose the kernels, load the model (no layer on a GPU,
+    even on a GPU build), time it."""
+    from appliance.engines import kernels, selftest
 
     plan = kernels.plan(setting)
-    params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = extra_buffers
-    params.n_gpu_layers = 0  # the CPU's kernels, even on a GPU build: no layer, no batch
-    devices.cpu_only(params)
-    loaded = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch = PROMPT + STEPS + 8, PROMPT
-    cparams.n_threads = cparams.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(loaded, cparams)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(loaded))
-    batch = llama_cpp.llama_batch_init(PROMPT, 0, 1)
-
-    def run(tokens: list[int], start: int) -> None:
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(tokens) - 1
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
+    context = selftest.BareContext(model, extra_buffers, 0, PROMPT + STEPS + 8, PROMPT, threads)
     pp = tg = 0.0
     for _ in range(rounds):
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        context.clear()
         start = time.perf_counter()
-        run([(7 + 13 * i) % n_vocab for i in range(PROMPT)], 0)
+        context.run([(7 + 13 * i) % context.n_vocab for i in range(PROMPT)], 0)
         pp = max(pp, PROMPT / (time.perf_counter() - start))
         start = time.perf_counter()
         for step in range(STEPS):
-            run([(3 + 11 * step) % n_vocab], PROMPT + step)
+            context.run([(3 + 11 * step) % context.n_vocab], PROMPT + step)
         tg = max(tg, STEPS / (time.perf_counter() - start))
+    context.close()
     return {"variant": plan.variant, "pp512": pp, "decode": tg}
 
 
 def child(model: Path, setting: str, extra: bool, rounds: int, threads: int) -> dict:
+    from appliance.engines.selftest import fate
+
     command = [sys.executable, __file__, "--child", setting, str(int(extra))]
     command += ["--model", str(model), "--rounds", str(rounds), "--threads", str(threads)]
     try:
@@ -79,12 +60,7 @@ def child(model: Path, setting: str, extra: bool, rounds: int, threads: int) -> 
     except subprocess.TimeoutExpired:
         return {"crashed": "did not finish in 900 s"}
     if done.returncode != 0:
-        fate = (
-            f"killed by {signal.Signals(-done.returncode).name}"
-            if done.returncode < 0
-            else f"exited {done.returncode}"
-        )
-        return {"crashed": fate}
+        return {"crashed": fate(done.returncode, done.stderr)}
     result: dict = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

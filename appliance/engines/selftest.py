@@ -35,7 +35,8 @@ class Outcome:
     detail: str  # what the child did: its tokens, or how it died
 
 
-def _fate(returncode: int, stderr: str) -> str:
+def fate(returncode: int, stderr: str) -> str:
+    """How a child ended, in a few words: its signal or exit status, and its last line."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -68,7 +69,7 @@ def probe(
     except subprocess.TimeoutExpired:
         return Outcome(False, extra_buffers, f"did not finish within {timeout:.0f} s")
     if done.returncode != 0:
-        return Outcome(False, extra_buffers, _fate(done.returncode, done.stderr))
+        return Outcome(False, extra_buffers, fate(done.returncode, done.stderr))
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -91,32 +92,44 @@ def check(
     return attempts[-1], attempts
 
 
-def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]:
-    import llama_cpp
-    import numpy
+class BareContext:
+    """A bare llama.cpp context on one model, one sequence, no server: the self-test's
+    child decodes with it, and bench/kernels.py times the kernel paths with it."""
 
-    from appliance.engines import devices
+    def __init__(
+        self,
+        model_path: Path,
+        extra_buffers: bool,
+        gpu_layers: int,
+        n_ctx: int,
+        n_batch: int,
+        threads: int,
+    ) -> None:
+        import llama_cpp
 
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = gpu_layers
-    params.use_extra_bufts = extra_buffers
-    if gpu_layers == 0:  # as the engine: the CPU kernels under test, no GPU in it
-        devices.cpu_only(params)
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-    if not model:
-        raise SystemExit(f"llama.cpp could not load {model_path}")
-    ctx_params = llama_cpp.llama_context_default_params()
-    ctx_params.n_ctx = 128
-    ctx_params.n_batch = ctx_params.n_ubatch = 64
-    ctx_params.n_threads = ctx_params.n_threads_batch = os.cpu_count() or 1
-    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    prompt = [(7 + 13 * i) % n_vocab for i in range(PROMPT_TOKENS)]
-    batch = llama_cpp.llama_batch_init(64, 0, 1)
-    produced: list[int] = []
+        from appliance.engines import devices
 
-    def run(tokens: list[int], start: int) -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.use_extra_bufts = extra_buffers
+        if gpu_layers == 0:  # as the engine: the CPU kernels under test, no GPU in it
+            devices.cpu_only(params)
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+        if not self.model:
+            raise SystemExit(f"llama.cpp could not load {model_path}")
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = ctx_params.n_ubatch = n_batch
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def run(self, tokens: list[int], start: int) -> None:
+        """Decode ``tokens`` at positions from ``start``, logits for the last only."""
+        import llama_cpp
+
+        batch = self.batch
         batch.n_tokens = len(tokens)
         for i, token in enumerate(tokens):
             batch.token[i] = token
@@ -124,18 +137,41 @@ def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == len(tokens) - 1
-        if llama_cpp.llama_decode(ctx, batch) != 0:
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
             raise SystemExit("llama_decode failed")
 
-    run(prompt, 0)
+    def greedy(self) -> int:
+        """The highest-scoring next token after the last ``run``."""
+        import llama_cpp
+        import numpy
+
+        row = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return int(numpy.ctypeslib.as_array(row, (self.n_vocab,)).argmax())
+
+    def clear(self) -> None:
+        """Forget everything decoded (the next ``run`` starts at position 0)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+def _decode(model_path: Path, extra_buffers: bool, gpu_layers: int) -> list[int]:
+    context = BareContext(model_path, extra_buffers, gpu_layers, 128, 64, os.cpu_count() or 1)
+    prompt = [(7 + 13 * i) % context.n_vocab for i in range(PROMPT_TOKENS)]
+    produced: list[int] = []
+    context.run(prompt, 0)
     for step in range(DECODE_TOKENS):
-        logits = numpy.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), (n_vocab,))
-        token = int(logits.argmax())
+        token = context.greedy()
         produced.append(token)
-        run([token], PROMPT_TOKENS + step)
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
+        context.run([token], PROMPT_TOKENS + step)
+    context.close()
     return produced
 
 
