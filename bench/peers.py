@@ -10,10 +10,12 @@ file, same machine, same thread count, one run (issue #13).
   stream's own decode speed while it answers (tokens after the first over the time from
   first to last, median over answers): the aggregate counts the time between answers
   too (the request, its audit record, the prompt), which this leaves out.
-- Prompt processing: `llama-bench -p 512 -n 0` against the appliance (and
+- Prompt processing: `llama-bench -p 512 -n 0 -r ROUNDS` against the appliance (and
   llama-server) reading a 512-token prompt (token ids through /v1/completions, new
   each time so that no prefix is reused) for one token of answer: prompt tokens / time
-  to the answer, request to response, median of --rounds.
+  to the answer, request to response, median of --rounds. The three take turns
+  --repeats times (after one warm-up answer from each server); the ratio is the median
+  of each turn's appliance / llama-bench.
 
 Usage:
 
@@ -125,7 +127,8 @@ def llama_server(bin_dir: Path, model: Path, threads: int, ctx: int) -> tuple[An
     raise RuntimeError("llama-server did not become ready")
 
 
-def llama_bench(bin_dir: Path, model: Path, threads: int) -> float:
+def llama_bench(bin_dir: Path, model: Path, threads: int, repetitions: int) -> float:
+    """pp512's mean over ``repetitions`` runs, after llama-bench's own warm-up run."""
     done = subprocess.run(
         [
             str(bin_dir / "llama-bench"),
@@ -135,6 +138,8 @@ def llama_bench(bin_dir: Path, model: Path, threads: int) -> float:
             "512",
             "-n",
             "0",
+            "-r",
+            str(repetitions),
             "-t",
             str(threads),
             "-o",
@@ -164,7 +169,6 @@ def main() -> None:
     cpu = cpu_model()
     print(f"CPU: {cpu}; {threads} threads; model {model.name}")
 
-    bench_before = llama_bench(bin_dir, model, threads)
     with tempfile.TemporaryDirectory() as tmp:
         state = make_state(Path(tmp) / "state", model)
         if model.name != manifest.file:  # another file: serve it under the default's name
@@ -232,23 +236,38 @@ def main() -> None:
                     f"({per_stream['appliance'] / per_stream['llama-server']:.2f})",
                     flush=True,
                 )
-            ours_pp = statistics.median(
-                prompt_rate(ours.port, ours.token, manifest.name, 1000 + k)
-                for k in range(args.rounds)
-            )
-            server_pp = statistics.median(
-                prompt_rate(their_port, "-", manifest.name, 2000 + k) for k in range(args.rounds)
-            )
+            # One answer from each server first: a slot's first prompt faults its cache's
+            # pages in (llama-bench, too, warms up before it measures).
+            prompt_rate(ours.port, ours.token, manifest.name, 999)
+            prompt_rate(their_port, "-", manifest.name, 1999)
+            prompts: dict[str, list[float]] = {"appliance": [], "llama-server": [], "bench": []}
+            for repeat in range(args.repeats):
+                # Interleaved as the decode levels are: the host's drift falls on all three.
+                order = ["appliance", "llama-server", "bench"]
+                for label in order if repeat % 2 == 0 else reversed(order):
+                    tag = 1000 * (repeat + 1) + (100 if label == "appliance" else 500)
+                    if label == "bench":
+                        prompts[label].append(llama_bench(bin_dir, model, threads, args.rounds))
+                        continue
+                    port, token = targets[label]
+                    prompts[label].append(
+                        statistics.median(
+                            prompt_rate(port, token, manifest.name, tag + k)
+                            for k in range(args.rounds)
+                        )
+                    )
         finally:
             ours.stop()
             theirs.terminate()
             theirs.wait(30)
-    # Before and after the servers: the shared host's speed drifts over minutes.
-    bench_pp = (bench_before + llama_bench(bin_dir, model, threads)) / 2
+    pp = {label: statistics.median(v) for label, v in prompts.items()}
+    ratios = [a / b for a, b in zip(prompts["appliance"], prompts["bench"], strict=True)]
     print(
-        f"prompt processing (512 tokens): appliance {ours_pp:.0f} tok/s, llama-server "
-        f"{server_pp:.0f} tok/s, llama-bench pp512 {bench_pp:.0f} tok/s; "
-        f"appliance / llama-bench {ours_pp / bench_pp:.2f}"
+        f"prompt processing (512 tokens): appliance {pp['appliance']:.0f} tok/s, llama-server "
+        f"{pp['llama-server']:.0f} tok/s, llama-bench pp512 {pp['bench']:.0f} tok/s; "
+        f"appliance / llama-bench {statistics.median(ratios):.2f} (each repeat: "
+        + "/".join(f"{r:.2f}" for r in ratios)
+        + ")"
     )
 
 
