@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from helpers import Server, run_cli, start_server
+from helpers import Server, audit_rows, run_cli, start_server
 
 READINGS = [[2.0, 50.0, 55.0, 12.0], [6.0, 70.0, 55.0, 12.0]]
 
@@ -101,8 +101,7 @@ def check_log(state: Path, answered: list[str]) -> dict[str, Any]:
     tampering), and every request a client got an answer to has its record."""
     verified = run_cli("audit", "verify", "--json", state=state)
     report: dict[str, Any] = json.loads(verified.stdout)
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    ids = {json.loads(line)["request_id"] for line in exported.stdout.split("\n") if line}
+    ids = {row["request_id"] for row in audit_rows(state)}
     missing = [rid for rid in answered if rid not in ids]
     return {"ok": report["ok"] and not missing, "report": report, "missing": missing}
 

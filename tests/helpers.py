@@ -202,6 +202,14 @@ def run_cli(
     )
 
 
+def audit_rows(state: Path) -> list[dict[str, Any]]:
+    """Every audit record of a state directory, as `appliance audit export --format
+    jsonl` gives them (decrypted: the key is in the state directory)."""
+    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
+    assert exported.returncode == 0, exported.stderr
+    return [json.loads(line) for line in exported.stdout.splitlines() if line]
+
+
 def admin_token(state: Path) -> str:
     """A fresh admin token in the state directory's auth database (test setup)."""
     from appliance.auth.store import AuthStore

@@ -36,7 +36,7 @@ from appliance.config import Settings, load_settings
 from appliance.gguf import read_info
 from appliance.registry import Manifest, load_manifests
 
-from helpers import Server, make_state, run_cli, start_server
+from helpers import Server, audit_rows, make_state, run_cli, start_server
 from loras import write_lora
 
 PROMPT = "Name three colours of the rainbow."
@@ -626,9 +626,7 @@ def test_cli_import_then_specialist_is_served_and_audited(
     card = next(m for m in server.http.get("/v1/models").json()["data"] if m["id"] == "cli-spec")
     lora = state / "models" / "cli-lora.gguf"
     assert card["adapters"] == [{"name": "cli-lora", "sha256": read_sha(lora), "scale": 1.0}]
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    rows = [json.loads(line) for line in exported.stdout.splitlines() if line.startswith("{")]
-    actions = {r["route"]: r["content"] for r in rows if r["kind"] == "admin"}
+    actions = {r["route"]: r["content"] for r in audit_rows(state) if r["kind"] == "admin"}
     imported = actions["adapters import"]
     assert imported["name"] == "cli-lora" and imported["base"] == default_model.name
     assert imported["base_sha256"] == default_model.sha256

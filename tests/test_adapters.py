@@ -7,7 +7,6 @@ refused with both values; the audit names every file; roles are kept."""
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from appliance.auth.store import AuthStore
 from appliance.config import load_settings
 from appliance.registry import Manifest
 
-from helpers import Server, make_state, metric, run_cli, start_server
+from helpers import Server, audit_rows, make_state, metric, start_server
 from loras import write_lora
 
 pytestmark = pytest.mark.server
@@ -173,9 +172,7 @@ def test_every_answer_names_its_specialist_base_and_adapters(
         model="ward", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     request_id = reply.headers["X-Request-Id"]
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    rows = [json.loads(line) for line in exported.stdout.splitlines()]
-    request, outcome = [r for r in rows if r["request_id"] == request_id]
+    request, outcome = [r for r in audit_rows(state) if r["request_id"] == request_id]
     served = request["content"]["served_by"]
     assert request["model"] == outcome["model"] == "ward"
     assert served["base_sha256"] == default_model.sha256

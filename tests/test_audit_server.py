@@ -14,17 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Server, ServerFactory, audit_pairs, run_cli, wait_for
+from helpers import Server, ServerFactory, audit_pairs, audit_rows, run_cli, wait_for
 
 pytestmark = pytest.mark.server
 
 SECRET = "Zebulon Quartermaine, ward 7, bed 14"
-
-
-def exported(state: Path) -> list[dict[str, Any]]:
-    result = run_cli("audit", "export", "--format", "jsonl", state=state)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def verified(state: Path) -> dict[str, Any]:
@@ -81,7 +75,7 @@ def test_every_request_leaves_its_records(
     server.http.get("/healthz")
     server.stop()
 
-    rows = exported(state_dir)
+    rows = audit_rows(state_dir)
     pair = by_request(rows, answered.headers["X-Request-Id"])
     assert [r["kind"] for r in pair] == ["request", "outcome"]
     request, outcome = pair
@@ -214,7 +208,7 @@ def test_kill_9_under_load_keeps_every_answered_record(
 
     report = verified(state_dir)
     assert report["ok"], report["problem"]
-    rows = exported(state_dir)
+    rows = audit_rows(state_dir)
     kinds: dict[str, list[str]] = {}
     for r in rows:
         kinds.setdefault(r["request_id"], []).append(r["kind"])
@@ -294,7 +288,7 @@ def test_audit_cli_round_trip(
     assert run_cli("audit", "backup", str(backup), state=state_dir).returncode == 0
     server.stop()
 
-    rows = exported(state_dir)
+    rows = audit_rows(state_dir)
     [later] = [
         r for r in by_request(rows, second.headers["X-Request-Id"]) if r["kind"] == "request"
     ]

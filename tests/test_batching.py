@@ -20,12 +20,12 @@ from openai import OpenAI
 from helpers import (
     Server,
     audit_pairs,
+    audit_rows,
     give_up,
     make_state,
     metric,
     model_state,
     open_stream,
-    run_cli,
     start_server,
     wait_for,
 )
@@ -382,9 +382,7 @@ def test_every_batched_stream_has_its_audit_pair(
 
     def exported_all() -> bool:
         # A stream's outcome record is written as it closes, after its last byte.
-        exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-        assert exported.returncode == 0, exported.stderr
-        rows[:] = [json.loads(line) for line in exported.stdout.splitlines()]
+        rows[:] = audit_rows(state)
         done = {r["request_id"] for r in rows if r["kind"] == "outcome"}
         return all(request_id in done for request_id, _ in answers)
 

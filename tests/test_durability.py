@@ -34,14 +34,13 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from appliance.audit import chain, crypto
 
-from helpers import REPO, Server, ServerFactory, run_cli, wait_for
+from helpers import REPO, Server, ServerFactory, audit_rows, run_cli, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -358,11 +357,8 @@ def test_power_cut_loses_no_answered_request(
     verified = run_cli("audit", "verify", "--json", state=state_dir)
     report = json.loads(verified.stdout)
     assert verified.returncode == 0 and report["ok"], (seed, report["problem"])
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state_dir)
-    assert exported.returncode == 0, exported.stderr
     kinds: dict[str, list[str]] = {}
-    for line in exported.stdout.splitlines():
-        row: dict[str, Any] = json.loads(line)
+    for row in audit_rows(state_dir):
         kinds.setdefault(row["request_id"], []).append(row["kind"])
     lost = lost_answers(events, len(events), kinds)
     assert not lost, f"seed {seed}: the power cut lost {lost}"

@@ -4,7 +4,6 @@ budget small enough that the third model only loads after an idle one is unloade
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from tokenizers import Tokenizer
 
 from appliance.registry import Manifest
 
-from helpers import CACHE, GEMMA, MINILM, Server, model_state, run_cli, start_server
+from helpers import CACHE, GEMMA, MINILM, Server, audit_rows, model_state, start_server
 
 SMOL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.server
@@ -183,8 +182,7 @@ def test_every_garden_request_and_load_is_audited(garden: tuple[Server, Path]) -
     client = sdk(server)
     reply = client.embeddings.with_raw_response.create(model=MINILM, input="audited")
     request_id = reply.headers["X-Request-Id"]
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    rows = audit_rows(state)
     pair = [r for r in rows if r["request_id"] == request_id]
     assert [r["kind"] for r in pair] == ["request", "outcome"]
     assert pair[0]["content"]["input"]["input"] == "audited"

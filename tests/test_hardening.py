@@ -21,6 +21,7 @@ from helpers import (
     ServerFactory,
     admin_token,
     audit_pairs,
+    audit_rows,
     make_state,
     model_state,
     open_stream,
@@ -217,7 +218,6 @@ def test_an_anonymous_flood_cannot_fill_the_audit_log(
     refusals_per_minute an address gets 429, counted into its next record: 60 refused
     100 kB bodies leave a few hundred bytes each, and the count of those not recorded
     one by one is on record."""
-    import json
     import time
 
     state = make_state(tmp_path / "state", model_file)
@@ -234,10 +234,7 @@ def test_an_anonymous_flood_cannot_fill_the_audit_log(
         time.sleep(2.5)  # a place in the bucket again: this one is recorded, with the count
         assert anon.get("/v1/models").status_code == 401
     server.stop()
-    rows = [
-        json.loads(line)
-        for line in run_cli("audit", "export", "--format", "jsonl", state=state).stdout.splitlines()
-    ]
+    rows = audit_rows(state)
     refused = [r for r in rows if r["status"] == 401 and r["route"] == "/v1/chat/completions"]
     assert len(refused) == statuses.count(401)
     assert refused[0]["content"] == {
@@ -434,7 +431,6 @@ def test_below_the_audit_reserve_unknown_callers_are_counted_not_recorded(
     known = server.http.get("/v1/models")
     assert known.status_code == 200
     server.stop()
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state).stdout
-    rows = [json.loads(line) for line in exported.split("\n") if line]
+    rows = audit_rows(state)
     assert not [r for r in rows if r["status"] == 401]
     assert any(r["request_id"] == known.headers["X-Request-Id"] for r in rows)

@@ -16,7 +16,7 @@ import pytest
 from appliance.engines import kernels, selftest
 from appliance.engines.kernels import KernelError, Variant, choose
 
-from helpers import ServerFactory, make_state, metric, run_cli, wait_for
+from helpers import ServerFactory, audit_rows, make_state, metric, run_cli, wait_for
 
 P = Path("/x")
 HELLO = [{"role": "user", "content": "Hi"}]
@@ -249,10 +249,10 @@ def test_server_survives_a_crashing_kernel_path(
 
 
 def _load_record(state: Path, model_name: str) -> dict[str, Any]:
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    rows = [json.loads(line) for line in exported.stdout.splitlines()]
     loads = [
-        r for r in rows if (r["route"], r["method"], r["model"]) == ("models", "LOAD", model_name)
+        r
+        for r in audit_rows(state)
+        if (r["route"], r["method"], r["model"]) == ("models", "LOAD", model_name)
     ]
     assert len(loads) == 1, loads
     return loads[0]

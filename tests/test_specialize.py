@@ -24,7 +24,7 @@ from appliance.config import load_settings
 from appliance.registry import Manifest, load_manifests
 from appliance.training.specialize import TrainingError, read_examples
 
-from helpers import REPO, Server, add_garden, make_state, run_cli, start_server
+from helpers import REPO, Server, add_garden, audit_rows, make_state, run_cli, start_server
 
 NAME = "line-codes"
 GEMMA = "gemma-3-270m"
@@ -137,12 +137,7 @@ def test_the_specialist_learns_what_the_base_does_not_know(
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
     # The run is an audited event: who, which data, which result.
-    exported = run_cli("audit", "export", "--format", "jsonl", state=state)
-    actions = [
-        json.loads(line)["content"]
-        for line in exported.stdout.splitlines()
-        if json.loads(line)["kind"] == "admin"
-    ]
+    actions = [row["content"] for row in audit_rows(state) if row["kind"] == "admin"]
     [run] = [a for a in actions if a and a.get("action") == "specialize"]
     assert run["training_data_sha256"] == report["training_data_sha256"]
     assert run["held_out_after"] == report["held_out_after"]
