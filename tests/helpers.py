@@ -204,10 +204,12 @@ def run_cli(
 
 def audit_rows(state: Path) -> list[dict[str, Any]]:
     """Every audit record of a state directory, as `appliance audit export --format
-    jsonl` gives them (decrypted: the key is in the state directory)."""
+    jsonl` gives them (decrypted: the key is in the state directory). Records end at
+    "\n" only: a request's text may hold U+2028 or U+0085, which str.splitlines() would
+    take for line ends."""
     exported = run_cli("audit", "export", "--format", "jsonl", state=state)
     assert exported.returncode == 0, exported.stderr
-    return [json.loads(line) for line in exported.stdout.splitlines() if line]
+    return [json.loads(line) for line in exported.stdout.split("\n") if line]
 
 
 def admin_token(state: Path) -> str:

@@ -72,6 +72,19 @@ def sign_in(page: Page, server: Server, name: str) -> None:
     page.wait_for_selector("#model option", state="attached")
 
 
+def bound_answers(page: Page, max_tokens: int) -> None:
+    """Every question the page sends asks for at most ``max_tokens``: for the tests that
+    are not about an answer's length. Left to the server, a sampled answer may run to the
+    site's max_tokens (2048), over a minute on a slow 2-core host, and a pretrained base
+    (gemma-3-270m) always does, never ending its turn."""
+
+    def bounded(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "max_tokens": max_tokens}))
+
+    page.route("**/v1/chat/completions", bounded)
+
+
 def questions_sent(page: Page) -> list[dict[str, Any]]:
     """The bodies of the chat completions the page sends, as it sends them."""
     bodies: list[dict[str, Any]] = []
@@ -196,6 +209,7 @@ def test_stop_stops_the_stream(browser: Browser, web: Server, model_name: str) -
 def test_keyboard_only(browser: Browser, web: Server) -> None:
     context = browser.new_context()
     page = context.new_page()
+    bound_answers(page, 48)
     page.goto(f"{web.url}/login")
     # The name field takes the focus by itself (autofocus): type once it has it.
     assert wait_for(lambda: page.evaluate("document.activeElement.id") == "username", 10)
@@ -276,14 +290,7 @@ def test_the_picker_offers_chat_models_and_says_which_load_on_first_use(
     answers."""
     context = browser.new_context()
     page = context.new_page()
-
-    def short(route: Route) -> None:
-        # gemma-3-270m is a pretrained base: it never ends a turn, so left alone it
-        # writes to the site's max_tokens (2048), over a minute on a slow 2-core host.
-        body = json.loads(route.request.post_data or "{}")
-        route.continue_(post_data=json.dumps({**body, "max_tokens": 24}))
-
-    page.route("**/v1/chat/completions", short)
+    bound_answers(page, 24)
     sign_in(page, web, "nurse.cy")
     options = page.locator("#model option").all_inner_texts()
     assert not any("minilm" in o for o in options), options
@@ -354,6 +361,7 @@ def test_the_caution_and_the_icon(browser: Browser, web: Server) -> None:
     page = browser.new_context().new_page()
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    bound_answers(page, 24)
     sign_in(page, web, "nurse.cy")
     wording = Settings.__dataclass_fields__["answer_caution"].default
     assert page.inner_text("#caution-text") == wording

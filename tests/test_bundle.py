@@ -18,7 +18,10 @@ import pytest
 
 from helpers import REPO, provision
 
-pytestmark = pytest.mark.server
+# Building bundles (twice), installing them and qemu's emulation take minutes on a 2-core
+# host (Haswell's emulation alone 190-210 s): past pytest's 300 s on a slower one. The
+# subprocesses' own limits are the ones that say what ran too long.
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1200)]
 
 
 def install(bundle: Path, public_key: Path, root: Path) -> subprocess.CompletedProcess[str]:

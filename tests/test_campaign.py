@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from campaign import crash_loop, from_schema
 from helpers import MINILM, REPO, ServerFactory, add_garden, audit_rows, make_state, run_cli
 
-pytestmark = pytest.mark.server
+# Twenty kill -9 cycles, 5,000 fuzzed requests: ~100 s each on a 2-core Xeon.
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 
 def test_kill_9_under_load_loses_no_answered_request(

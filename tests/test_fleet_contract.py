@@ -129,7 +129,7 @@ def test_sigterm_flips_readiness_first_then_stops_accepting(
     server_factory: ServerFactory, state_dir: Path
 ) -> None:
     server = server_factory(
-        state_dir, env={"APPLIANCE_DRAIN_SECONDS": "3", "APPLIANCE_SHUTDOWN_GRACE": "120"}
+        state_dir, env={"APPLIANCE_DRAIN_SECONDS": "6", "APPLIANCE_SHUTDOWN_GRACE": "120"}
     )
     client = httpx.Client(
         headers={"Authorization": f"Bearer {server.token}"}, timeout=60
@@ -158,7 +158,7 @@ def test_sigterm_flips_readiness_first_then_stops_accepting(
     stopping = next(
         r for r in server.log_records() if r.get("msg") == "draining: /readyz answers 404"
     )
-    assert stopping["drain_seconds"] == 3
+    assert stopping["drain_seconds"] == 6
     ids = [late.headers["X-Request-Id"]]
     audit_pairs(server_state(server), ids)
 

@@ -61,19 +61,66 @@ def test_named_variant_must_exist_and_run_here() -> None:
         choose("auto", [Variant("zen4", P, 0, amx=False)], cpu_amx=False)
 
 
+# ggml's x86 CPU variants (ggml/src/CMakeLists.txt) with the features each needs, and
+# the weight ggml's score gives each feature (ggml-cpu/arch/x86/cpu-feats.cpp), as
+# /proc/cpuinfo names them: the expectation is read from the CPU, not from the build.
+_FEATURES = {
+    "FMA": (1, {"fma"}),
+    "F16C": (1 << 1, {"f16c"}),
+    "SSE42": (1 << 2, {"sse4_2"}),
+    "BMI2": (1 << 3, {"bmi2"}),
+    "AVX": (1 << 4, {"avx"}),
+    "AVX2": (1 << 5, {"avx2"}),
+    "AVX_VNNI": (1 << 6, {"avx_vnni"}),
+    "AVX512": (1 << 7, {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}),
+    "AVX512_VBMI": (1 << 8, {"avx512vbmi"}),
+    "AVX512_BF16": (1 << 9, {"avx512_bf16"}),
+    "AVX512_VNNI": (1 << 10, {"avx512_vnni"}),
+}
+_HASWELL = "SSE42 AVX F16C FMA AVX2 BMI2"
+_VARIANTS = {  # every variant but the AMX one (sapphirerapids), which auto never picks
+    "x64": "",
+    "sse42": "SSE42",
+    "sandybridge": "SSE42 AVX",
+    "ivybridge": "SSE42 AVX F16C",
+    "piledriver": "SSE42 AVX F16C FMA",
+    "haswell": _HASWELL,
+    "skylakex": f"{_HASWELL} AVX512",
+    "cannonlake": f"{_HASWELL} AVX512 AVX512_VBMI",
+    "cascadelake": f"{_HASWELL} AVX512 AVX512_VNNI",
+    "icelake": f"{_HASWELL} AVX512 AVX512_VBMI AVX512_VNNI",
+    "cooperlake": f"{_HASWELL} AVX512 AVX512_VNNI AVX512_BF16",
+    "zen4": f"{_HASWELL} AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16",
+    "alderlake": f"{_HASWELL} AVX_VNNI",
+}
+
+
 def _expected_variant(flags: set[str]) -> str:
-    """What a reader of /proc/cpuinfo expects ggml's best non-AMX variant to be."""
-    if {"avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16"} <= flags:
-        return "zen4"
-    if {"avx512f", "avx512vbmi", "avx512_vnni"} <= flags:
-        return "icelake"
-    if {"avx512f", "avx512_vnni"} <= flags:
-        return "cascadelake"
-    if "avx512f" in flags:
-        return "skylakex"
-    if "avx_vnni" in flags:
-        return "alderlake"
-    return "haswell" if "avx2" in flags else "sse42"
+    """What a reader of /proc/cpuinfo expects ggml's best non-AMX variant to be: the
+    highest score among the variants whose features the CPU has (ties: by name)."""
+    scores = {
+        name: 1 + sum(_FEATURES[f][0] for f in needs.split())
+        for name, needs in _VARIANTS.items()
+        if all(_FEATURES[f][1] <= flags for f in needs.split())
+    }
+    return min(scores, key=lambda name: (-scores[name], name))
+
+
+def test_the_expected_variant_follows_ggml_s_features() -> None:
+    """The expectation above, on the CPUs the CI hosts have been and a few more."""
+    haswell = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+    avx512 = haswell | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+    zen4 = avx512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"}
+    assert _expected_variant(zen4 | {"amx_int8", "amx_tile", "avx_vnni"}) == "zen4"
+    assert _expected_variant(avx512 | {"avx512_vnni", "avx512_bf16"}) == "cooperlake"
+    assert _expected_variant(avx512 | {"avx512_vnni"}) == "cascadelake"
+    assert _expected_variant(avx512 | {"avx512vbmi"}) == "cannonlake"
+    assert _expected_variant(avx512) == "skylakex"
+    assert _expected_variant(haswell | {"avx_vnni"}) == "alderlake"
+    assert _expected_variant(haswell) == "haswell"
+    assert _expected_variant({"sse4_2", "avx", "f16c"}) == "ivybridge"
+    assert _expected_variant({"sse4_2"}) == "sse42"
+    assert _expected_variant(set()) == "x64"
 
 
 def test_the_build_is_split_into_cpu_variants() -> None:

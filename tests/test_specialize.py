@@ -26,6 +26,10 @@ from appliance.training.specialize import TrainingError, read_examples
 
 from helpers import REPO, Server, add_garden, audit_rows, make_state, run_cli, start_server
 
+# The module's training (two `appliance specialize` runs) took 135-145 s on 2-core
+# hosts; its subprocess limits (900 s, 1,500 s) say when it ran too long, not pytest's 300.
+pytestmark = pytest.mark.timeout(2500)
+
 NAME = "line-codes"
 GEMMA = "gemma-3-270m"
 

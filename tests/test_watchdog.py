@@ -24,7 +24,15 @@ from test_systemd import Listener
 
 from appliance.systemd import FAULT_ENV
 
-from helpers import Server, ServerFactory, make_state, open_stream, start_server, wait_for
+from helpers import (
+    Server,
+    ServerFactory,
+    make_state,
+    model_state,
+    open_stream,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.server
 
@@ -207,6 +215,7 @@ def test_a_stalled_engine_loop_stops_the_pings_until_it_steps_again(
         "messages": [{"role": "user", "content": "Count from 1 to 400, one number a line."}],
         "max_tokens": 400,
         "temperature": 0,
+        "ignore_eos": True,  # still decoding when frozen, whatever this CPU's kernels say
     }
     with server.client() as client:
         ctx, lines = open_stream(server, client, body)  # an answer on its way
@@ -252,6 +261,12 @@ def test_an_engine_loop_stopped_while_idle_is_stalled_once_a_request_waits(
         raise
     asking = threading.Thread(target=ask, daemon=True)
     asking.start()
+    # The stall is counted from the request's arrival: the bounds below, from here.
+    try:
+        assert wait_for(lambda: model_state(server.url, model_name)["queued"] == 1, 10)
+    except BaseException:
+        frozen.thaw()
+        raise
     withheld_then_resumed(
         listener, server, frozen, f"model {model_name!r} has made no progress", lambda: None
     )
