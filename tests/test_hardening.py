@@ -288,6 +288,17 @@ def test_allowed_clients_admits_its_subnet_and_no_other(
         assert inside.get("/healthz").status_code == 200
 
 
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed this connection (end of file or reset), without
+    waiting or taking what it sent."""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def _cut_off(server: Server) -> list[dict[str, object]]:
     """The request log's lines of streams the server cut off (their client gone)."""
     return [r for r in server.request_logs() if r.get("client_disconnected")]
@@ -298,15 +309,21 @@ def test_slow_and_idle_clients_do_not_stall_the_server(
     tmp_path: Path, model_file: Path, model_name: str, server_factory: ServerFactory
 ) -> None:
     """http_threads + 1 connections trickling their headers, a stream whose client
-    stopped reading, and 1,000 idle sockets: /healthz and a chat request still answer
-    within seconds (a stalled server would hold them while the trickling lasts, 30 s),
-    and the unread stream is cut off and its slot freed."""
+    stopped reading, and 1,000 idle sockets: one address gets a quarter of the threads
+    for reading headers (the rest of its tricklers are closed at once, the one kept is
+    cut off at client_timeout), /healthz and a chat request still answer within seconds
+    (idle sockets that each held a thread for gthread's 5 s wait would take minutes to
+    get through), and the unread stream is cut off and its slot freed."""
     state = make_state(tmp_path / "state", model_file)
     server = server_factory(state, "--http-threads", "4", "--client-timeout", "3")
     stop = threading.Event()
     tricklers = [_connect(server.port, "127.0.0.3") for _ in range(5)]
     for sock in tricklers:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\n")
+    # reading_per_client is 4 threads // 4 = 1: four are closed as they are read, well
+    # before the fifth's 3 s header deadline.
+    assert wait_for(lambda: sum(map(_closed_by_server, tricklers)) == 4, 2)
+    assert sum(map(_closed_by_server, tricklers)) == 4
 
     def trickle() -> None:
         for _ in range(60):  # bounded: 30 s at most
@@ -324,6 +341,9 @@ def test_slow_and_idle_clients_do_not_stall_the_server(
             "stream": True,
             "max_tokens": 2000,
             "ignore_eos": True,
+            # ~2.5 KB an event: the buffers fill in ~50 tokens, seconds even on a slow host
+            "logprobs": True,
+            "top_logprobs": 20,
             "messages": [{"role": "user", "content": "Tell a very long story."}],
         }
     ).encode()
@@ -354,11 +374,10 @@ def test_slow_and_idle_clients_do_not_stall_the_server(
             },
             timeout=8,
         )
-        # Well inside the 30 s a stalled server would take, with room for a slow host.
         assert answer.status_code == 200 and time.monotonic() - started < 8
-        # The stream nobody reads fills the buffers (~600 tokens' events, 22 s on a
-        # 2-core Xeon), then is cut off: its slot frees, short of its 2,000 tokens.
-        assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 90)
+        # The stream nobody reads fills the buffers, then is cut off: its slot frees,
+        # short of its 2,000 tokens.
+        assert wait_for(lambda: model_state(server.url, model_name)["running"] == 0, 60)
         assert wait_for(lambda: _cut_off(server), 10), server.request_logs()
         [deaf_line] = _cut_off(server)
         assert deaf_line["finish_reason"] == "cancelled", deaf_line

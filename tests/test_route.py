@@ -626,6 +626,7 @@ def test_the_page_says_who_answered_a_route(
     # The route's own temperature (its calibration's, greedy), not one the page picks.
     assert sent[-1]["model"] == ROUTE and "temperature" not in sent[-1]
     # A specialist answers with its own sampling (defects: temperature 0, 8 tokens).
+    page.unroute("**/v1/chat/completions")  # its own bound, not the one above
     page.click("#clear")
     page.select_option("#model", "defects")
     page.fill("#question", IN_DOMAIN)
