@@ -72,17 +72,18 @@ def sign_in(page: Page, server: Server, name: str) -> None:
     page.wait_for_selector("#model option", state="attached")
 
 
-def bound_answers(page: Page, max_tokens: int) -> None:
-    """Every question the page sends asks for at most ``max_tokens``: for the tests that
-    are not about an answer's length. Left to the server, a sampled answer may run to the
+def questions_with(page: Page, **fields: Any) -> None:
+    """Every question the page sends goes out with ``fields`` set over its own body: a
+    long answer to watch or stop, a greedy one, or a short one for the tests that are
+    not about an answer's length. Left to the server, a sampled answer may run to the
     site's max_tokens (2048), over a minute on a slow 2-core host, and a pretrained base
     (gemma-3-270m) always does, never ending its turn."""
 
-    def bounded(route: Route) -> None:
+    def rewritten(route: Route) -> None:
         body = json.loads(route.request.post_data or "{}")
-        route.continue_(post_data=json.dumps({**body, "max_tokens": max_tokens}))
+        route.continue_(post_data=json.dumps({**body, **fields}))
 
-    page.route("**/v1/chat/completions", bounded)
+    page.route("**/v1/chat/completions", rewritten)
 
 
 def questions_sent(page: Page) -> list[dict[str, Any]]:
@@ -118,12 +119,7 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
             else None
         ),
     )
-
-    def eighty_tokens(route: Route) -> None:  # long enough to watch it grow, every time
-        body = json.loads(route.request.post_data or "{}")
-        route.continue_(post_data=json.dumps({**body, "max_tokens": 80, "ignore_eos": True}))
-
-    page.route("**/v1/chat/completions", eighty_tokens)
+    questions_with(page, max_tokens=80, ignore_eos=True)  # long enough to watch it grow
     sign_in(page, web, "nurse.ana")
     assert page.inner_text("#notice") == "Processed on this appliance. Nothing leaves the site."
     assert "nurse.ana" in page.inner_text("#user")
@@ -179,12 +175,7 @@ def test_sign_in_ask_stream_multi_turn_and_sign_out(browser: Browser, web: Serve
 def test_stop_stops_the_stream(browser: Browser, web: Server, model_name: str) -> None:
     context = browser.new_context()
     page = context.new_page()
-
-    def long_answer(route: Route) -> None:  # a long answer, so there is something to stop
-        body = json.loads(route.request.post_data or "{}")
-        route.continue_(post_data=json.dumps({**body, "max_tokens": 1500, "ignore_eos": True}))
-
-    page.route("**/v1/chat/completions", long_answer)
+    questions_with(page, max_tokens=1500, ignore_eos=True)  # something to stop
     sign_in(page, web, "nurse.ben")
     page.fill("#question", "Write a very long story.")
     page.click("#ask")
@@ -209,7 +200,7 @@ def test_stop_stops_the_stream(browser: Browser, web: Server, model_name: str) -
 def test_keyboard_only(browser: Browser, web: Server) -> None:
     context = browser.new_context()
     page = context.new_page()
-    bound_answers(page, 48)
+    questions_with(page, max_tokens=48)
     page.goto(f"{web.url}/login")
     # The name field takes the focus by itself (autofocus): type once it has it.
     assert wait_for(lambda: page.evaluate("document.activeElement.id") == "username", 10)
@@ -290,7 +281,7 @@ def test_the_picker_offers_chat_models_and_says_which_load_on_first_use(
     answers."""
     context = browser.new_context()
     page = context.new_page()
-    bound_answers(page, 24)
+    questions_with(page, max_tokens=24)
     sign_in(page, web, "nurse.cy")
     options = page.locator("#model option").all_inner_texts()
     assert not any("minilm" in o for o in options), options
@@ -361,7 +352,7 @@ def test_the_caution_and_the_icon(browser: Browser, web: Server) -> None:
     page = browser.new_context().new_page()
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    bound_answers(page, 24)
+    questions_with(page, max_tokens=24)
     sign_in(page, web, "nurse.cy")
     wording = Settings.__dataclass_fields__["answer_caution"].default
     assert page.inner_text("#caution-text") == wording

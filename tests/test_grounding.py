@@ -17,8 +17,8 @@ import httpx
 import pytest
 from openai import OpenAI
 from pdfs import write_pdf
-from playwright.sync_api import Browser, Route
-from test_browser import add_user, sign_in
+from playwright.sync_api import Browser
+from test_browser import add_user, questions_sent, questions_with, sign_in
 
 from appliance.audit.reader import records
 from appliance.audit.store import AuditStore
@@ -259,14 +259,8 @@ def test_the_page_shows_the_sources_and_opens_their_text(
 ) -> None:
     server, _, _, _ = library
     page = browser.new_context().new_page()
-    sent: list[dict[str, Any]] = []
-
-    def short_and_greedy(route: Route) -> None:  # the page's request, made deterministic
-        body = json.loads(route.request.post_data or "{}")
-        sent.append(body)
-        route.continue_(post_data=json.dumps({**body, "max_tokens": 40, "temperature": 0}))
-
-    page.route("**/v1/chat/completions", short_and_greedy)
+    sent = questions_sent(page)
+    questions_with(page, max_tokens=40, temperature=0)  # the page's request, deterministic
     sign_in(page, server, "nurse.eve")
     page.locator("#sources option[value=protocols]").wait_for(state="attached")
     assert page.locator("#sources option[value=plant]").count() == 0  # not hers to read

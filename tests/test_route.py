@@ -26,7 +26,7 @@ import pytest
 from openai import OpenAI
 from playwright.sync_api import Browser
 from test_adapters import adapter_toml, specialist_toml
-from test_browser import add_user, bound_answers, questions_sent, sign_in
+from test_browser import add_user, questions_sent, questions_with, sign_in
 
 from appliance.audit.reader import records
 from appliance.audit.store import AuditStore
@@ -613,7 +613,7 @@ def test_the_page_says_who_answered_a_route(
     set_thresholds(state, specialist_confidence=1.01, generalist_confidence=1.01)
     page = browser.new_context().new_page()
     sent = questions_sent(page)  # as the page sends them, before the bound below
-    bound_answers(page, 64)  # the generalist's greedy answer, left alone, may run long
+    questions_with(page, max_tokens=64)  # the generalist's greedy answer, left alone, may run long
     sign_in(page, server, "tech.ida")
     page.select_option("#model", ROUTE)
     page.fill("#question", IN_DOMAIN)
